@@ -1,0 +1,640 @@
+//! The TOML configuration: parsed and validated once, at start, into a [`Config`] that is then
+//! passed explicitly to whoever needs it (never a global).
+//!
+//! Every error this module returns is one line that names the file, the line and the key, so that
+//! an operator can fix it without reading the source. This module never touches the broker; it
+//! only checks that the broker URL is well formed.
+
+use std::fmt;
+use std::fs;
+use std::ops::Range;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Where the configuration is read from when neither `--config` nor `WARREN_CONFIG` names it.
+pub const DEFAULT_PATH: &str = "/etc/warren/warren.toml";
+
+/// The environment variable that overrides `broker.url`, so that the password can live outside
+/// the file (for example in a systemd `EnvironmentFile`).
+pub const BROKER_URL_ENV: &str = "WARREN_BROKER_URL";
+
+/// A configuration error: one line naming the file, the line and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn at(path: &Path, source: &str, span: Option<Range<usize>>, message: &str) -> ConfigError {
+        let location = match span {
+            Some(span) => {
+                let line = source[..span.start.min(source.len())].matches('\n').count() + 1;
+                match key_at(source, span.start) {
+                    Some(key) => format!("{}:{line}: {key}", path.display()),
+                    None => format!("{}:{line}", path.display()),
+                }
+            }
+            None => path.display().to_string(),
+        };
+        ConfigError(format!("{location}: {}", one_line(message)))
+    }
+}
+
+/// The validated configuration of one warren process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this configuration was read from, for messages.
+    pub path: PathBuf,
+    pub broker: Broker,
+    pub queue: Queue,
+    pub workers: Workers,
+    pub handler: Handler,
+    pub shutdown: Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub struct Broker {
+    pub url: BrokerUrl,
+    /// Heartbeat interval in whole seconds; 0 disables heartbeats.
+    pub heartbeat: u16,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Queue {
+    pub name: String,
+    #[serde(default = "yes")]
+    pub durable: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workers {
+    #[serde(default = "default_count", deserialize_with = "positive")]
+    pub count: usize,
+    #[serde(default = "default_prefetch", deserialize_with = "prefetch")]
+    pub prefetch: u16,
+}
+
+/// What runs for each message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handler {
+    /// The tutorial's handler: sleep one second per `.` in the body.
+    Dots,
+    /// Run a program per message, body on stdin. `argv[0]` is the program.
+    Command { argv: Vec<String> },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shutdown {
+    #[serde(default = "default_grace", deserialize_with = "duration")]
+    pub grace: Duration,
+}
+
+/// A parsed `amqp://` URL. Its `Display` masks the password, so it is safe to log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    url: url::Url,
+}
+
+impl BrokerUrl {
+    pub fn parse(text: &str) -> Result<BrokerUrl, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("invalid URL: {e}"))?;
+        match url.scheme() {
+            "amqp" => {}
+            "amqps" => return Err("amqps:// (TLS) is not supported yet; use amqp://".into()),
+            other => return Err(format!("unsupported scheme {other:?}; use amqp://")),
+        }
+        if url.host_str().unwrap_or("").is_empty() {
+            return Err("the URL has no host".into());
+        }
+        if url.path_segments().is_some_and(|mut s| s.nth(1).is_some()) {
+            return Err("the URL path must be a single vhost, such as /%2f".into());
+        }
+        if url.query().is_some() {
+            return Err("URL query parameters are not supported; use the [broker] keys".into());
+        }
+        Ok(BrokerUrl { url })
+    }
+
+    pub fn host(&self) -> &str {
+        self.url.host_str().unwrap_or("localhost")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.url.port().unwrap_or(5672)
+    }
+
+    /// `host:port`, for messages.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host(), self.port())
+    }
+
+    pub fn username(&self) -> String {
+        match decode(self.url.username()) {
+            user if user.is_empty() => "guest".to_string(),
+            user => user,
+        }
+    }
+
+    pub fn password(&self) -> String {
+        self.url
+            .password()
+            .map(decode)
+            .unwrap_or_else(|| "guest".into())
+    }
+
+    /// The virtual host; an empty path means the default vhost `/`.
+    pub fn vhost(&self) -> String {
+        match self.url.path().trim_start_matches('/') {
+            "" => "/".to_string(),
+            vhost => decode(vhost),
+        }
+    }
+
+    /// Replaces every occurrence of this URL's password in `text` with `***`. Used on error texts
+    /// that come from libraries, which may print the whole URL.
+    pub fn redact(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        if let Some(raw) = self.url.password() {
+            for secret in [raw.to_string(), decode(raw)] {
+                if !secret.is_empty() {
+                    text = text.replace(&secret, "***");
+                }
+            }
+        }
+        text
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shown = self.url.clone();
+        if shown.password().is_some() {
+            // Setting a password only fails for URLs that cannot have one, and this one has one.
+            let _ = shown.set_password(Some("***"));
+        }
+        f.write_str(shown.as_str())
+    }
+}
+
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUrl({self})")
+    }
+}
+
+fn decode(text: &str) -> String {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+impl Config {
+    /// Reads and validates the file at `path`. `broker_url_env` is the value of
+    /// `WARREN_BROKER_URL`, if set; it overrides `broker.url`.
+    ///
+    /// This does not check that a `command` handler's program exists: a host that only runs
+    /// `warren publish` need not have it. [`Config::check_handler`] does that for `warren run`.
+    pub fn load(path: &Path, broker_url_env: Option<String>) -> Result<Config, ConfigError> {
+        let source = fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        Config::parse(path, &source, broker_url_env)
+    }
+
+    /// Like [`Config::load`], from text already read.
+    pub fn parse(
+        path: &Path,
+        source: &str,
+        broker_url_env: Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let file: File = toml::from_str(source)
+            .map_err(|e| ConfigError::at(path, source, e.span(), e.message()))?;
+        let err =
+            |span: Range<usize>, message: &str| ConfigError::at(path, source, Some(span), message);
+
+        let broker = file.broker.unwrap_or_default();
+        let url = match broker_url_env {
+            Some(env) => BrokerUrl::parse(&env).map_err(|e| {
+                ConfigError(format!(
+                    "{BROKER_URL_ENV} (overriding broker.url in {}): {e}",
+                    path.display()
+                ))
+            })?,
+            None => match broker.url {
+                Some(url) => BrokerUrl::parse(url.get_ref()).map_err(|e| err(url.span(), &e))?,
+                None => BrokerUrl::parse(DEFAULT_URL).expect("invariant: the default URL parses"),
+            },
+        };
+
+        let Some(queue) = file.queue else {
+            return Err(ConfigError(format!(
+                "{}: queue.name: missing; add a [queue] section with name = \"...\"",
+                path.display()
+            )));
+        };
+        if queue.get_ref().name.is_empty() {
+            return Err(err(queue.span(), "queue.name must not be empty"));
+        }
+
+        let Some(section) = file.handler else {
+            return Err(ConfigError(format!(
+                "{}: handler.kind: missing; add a [handler] section with kind = \"dots\" or \"command\"",
+                path.display()
+            )));
+        };
+        let handler = match (section.kind, section.command) {
+            (Kind::Dots, None) => Handler::Dots,
+            (Kind::Dots, Some(command)) => {
+                return Err(err(command.span(), "only kind = \"command\" takes a command"))
+            }
+            (Kind::Command, None) => {
+                return Err(ConfigError(format!(
+                    "{}: handler.command: missing; kind = \"command\" needs command = [\"/path/to/program\", ...]",
+                    path.display()
+                )))
+            }
+            (Kind::Command, Some(command)) => {
+                let span = command.span();
+                let argv = command.into_inner();
+                if argv.is_empty() || argv[0].is_empty() {
+                    return Err(err(span, "the command must name a program"));
+                }
+                Handler::Command { argv }
+            }
+        };
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            broker: Broker {
+                url,
+                heartbeat: broker.heartbeat,
+                connect_timeout: broker.connect_timeout,
+            },
+            queue: queue.into_inner(),
+            workers: file.workers.unwrap_or_default(),
+            handler,
+            shutdown: file.shutdown.unwrap_or_default(),
+        })
+    }
+
+    /// Checks that a `command` handler's program exists and is executable, as `warren run` needs.
+    pub fn check_handler(&self) -> Result<(), ConfigError> {
+        let Handler::Command { argv } = &self.handler else {
+            return Ok(());
+        };
+        match resolve_program(&argv[0]) {
+            Ok(_) => Ok(()),
+            Err(problem) => {
+                let source = fs::read_to_string(&self.path).unwrap_or_default();
+                let span = find_key(&source, "handler", "command");
+                Err(ConfigError::at(&self.path, &source, span, &problem))
+            }
+        }
+    }
+}
+
+/// Finds `program` the way `execvp` would and checks that it can be executed.
+pub fn resolve_program(program: &str) -> Result<PathBuf, String> {
+    let candidates: Vec<PathBuf> = if program.contains('/') {
+        vec![PathBuf::from(program)]
+    } else {
+        std::env::var_os("PATH")
+            .map(|path| {
+                std::env::split_paths(&path)
+                    .map(|dir| dir.join(program))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for candidate in &candidates {
+        if let Ok(meta) = fs::metadata(candidate) {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate.clone());
+            }
+            if program.contains('/') {
+                return Err(format!("program {program} is not an executable file"));
+            }
+        }
+    }
+    if program.contains('/') {
+        Err(format!("program {program} does not exist"))
+    } else {
+        Err(format!("program {program} was not found in PATH"))
+    }
+}
+
+const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The file as written, before cross-key validation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    broker: Option<BrokerSection>,
+    queue: Option<Spanned<Queue>>,
+    workers: Option<Workers>,
+    handler: Option<HandlerSection>,
+    shutdown: Option<Shutdown>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BrokerSection {
+    url: Option<Spanned<String>>,
+    #[serde(default = "default_heartbeat", deserialize_with = "heartbeat")]
+    heartbeat: u16,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    connect_timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HandlerSection {
+    kind: Kind,
+    command: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum Kind {
+    Dots,
+    Command,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        BrokerSection {
+            url: None,
+            heartbeat: default_heartbeat(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Workers {
+            count: default_count(),
+            prefetch: default_prefetch(),
+        }
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            grace: default_grace(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_count() -> usize {
+    4
+}
+fn default_prefetch() -> u16 {
+    1
+}
+fn default_heartbeat() -> u16 {
+    30
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        de::Error::custom(format!(
+            "invalid duration {text:?} ({e}); write it like \"250ms\", \"30s\" or \"10m\""
+        ))
+    })
+}
+
+fn heartbeat<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    let text = String::deserialize(d)?;
+    let invalid = |why: &str| {
+        de::Error::custom(format!(
+            "invalid heartbeat {text:?}: {why}; write whole seconds like \"30s\", or \"0\" to disable"
+        ))
+    };
+    if text.trim() == "0" {
+        return Ok(0);
+    }
+    let duration = humantime::parse_duration(&text).map_err(|e| invalid(&e.to_string()))?;
+    if duration.subsec_nanos() != 0 {
+        return Err(invalid("the broker counts heartbeats in whole seconds"));
+    }
+    u16::try_from(duration.as_secs()).map_err(|_| invalid("at most 65535s"))
+}
+
+fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match i64::deserialize(d)? {
+        n if n >= 1 => usize::try_from(n).map_err(de::Error::custom),
+        n => Err(de::Error::custom(format!("must be at least 1, not {n}"))),
+    }
+}
+
+fn prefetch<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    match i64::deserialize(d)? {
+        n @ 1..=65535 => Ok(n as u16),
+        n => Err(de::Error::custom(format!(
+            "must be between 1 and 65535, not {n} (0 would let the broker send without limit)"
+        ))),
+    }
+}
+
+/// The dotted key whose line holds byte `offset`: the nearest `[table]` header above it, joined
+/// with the key on that line. `None` when the offset is not on a `key = value` line.
+fn key_at(source: &str, offset: usize) -> Option<String> {
+    let before = &source[..offset.min(source.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = source[line_start..].lines().next().unwrap_or("");
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let key = match line.split_once('=') {
+        Some((key, _)) if !line.trim_start().starts_with('[') => key.trim().trim_matches('"'),
+        _ => return table,
+    };
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+/// The span of `key = ...` inside `[table]`, for errors found after parsing.
+fn find_key(source: &str, table: &str, key: &str) -> Option<Range<usize>> {
+    let mut offset = 0;
+    let mut current = String::new();
+    for line in source.split_inclusive('\n') {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            current = trimmed
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string();
+        } else if current == table {
+            if let Some((k, _)) = trimmed.split_once('=') {
+                if k.trim() == key {
+                    return Some(offset..offset + line.len());
+                }
+            }
+        }
+        offset += line.len();
+    }
+    None
+}
+
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(Path::new("w.toml"), text, None).map_err(|e| e.to_string())
+    }
+
+    const MINIMAL: &str = "[queue]\nname = \"jobs\"\n[handler]\nkind = \"dots\"\n";
+
+    #[test]
+    fn a_minimal_file_takes_every_default() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.queue.name, "jobs");
+        assert!(config.queue.durable);
+        assert_eq!(config.workers.count, 4);
+        assert_eq!(config.workers.prefetch, 1);
+        assert_eq!(config.broker.heartbeat, 30);
+        assert_eq!(config.broker.connect_timeout, Duration::from_secs(5));
+        assert_eq!(config.shutdown.grace, Duration::from_secs(30));
+        assert_eq!(config.broker.url.vhost(), "/");
+        assert_eq!(config.handler, Handler::Dots);
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_key() {
+        let text = format!("{MINIMAL}[workers]\ncount = 0\n");
+        assert_eq!(
+            parse(&text).unwrap_err(),
+            "w.toml:6: workers.count: must be at least 1, not 0"
+        );
+        let text = format!("{MINIMAL}[workers]\nprefetch = 0\n");
+        assert!(parse(&text)
+            .unwrap_err()
+            .starts_with("w.toml:6: workers.prefetch: must be between 1 and 65535"));
+        let text = format!("{MINIMAL}[workers]\ncolour = 3\n");
+        assert!(parse(&text)
+            .unwrap_err()
+            .starts_with("w.toml:6: workers.colour: unknown field `colour`"));
+        let text = format!("{MINIMAL}[shutdown]\ngrace = \"soon\"\n");
+        assert!(parse(&text)
+            .unwrap_err()
+            .starts_with("w.toml:6: shutdown.grace: invalid duration \"soon\""));
+        let text = format!("{MINIMAL}[workers]\ncount = \"four\"\n");
+        assert!(parse(&text)
+            .unwrap_err()
+            .starts_with("w.toml:6: workers.count: invalid type"));
+    }
+
+    #[test]
+    fn heartbeat_is_whole_seconds_or_zero() {
+        let with = |hb: &str| parse(&format!("[broker]\nheartbeat = \"{hb}\"\n{MINIMAL}"));
+        assert_eq!(with("10s").unwrap().broker.heartbeat, 10);
+        assert_eq!(with("0").unwrap().broker.heartbeat, 0);
+        assert_eq!(with("1m").unwrap().broker.heartbeat, 60);
+        assert!(with("1500ms")
+            .unwrap_err()
+            .contains("broker.heartbeat: invalid heartbeat"));
+        assert!(with("forever").is_err());
+    }
+
+    #[test]
+    fn queue_and_handler_are_required() {
+        assert!(parse("[handler]\nkind = \"dots\"\n")
+            .unwrap_err()
+            .contains("queue.name: missing"));
+        assert!(parse("[queue]\nname = \"q\"\n")
+            .unwrap_err()
+            .contains("handler.kind: missing"));
+        let err = parse("[queue]\nname = \"q\"\n[handler]\nkind = \"command\"\n").unwrap_err();
+        assert!(err.contains("handler.command: missing"), "{err}");
+        let err = parse("[queue]\nname = \"q\"\n[handler]\nkind = \"command\"\ncommand = []\n")
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "w.toml:5: handler.command: the command must name a program"
+        );
+    }
+
+    #[test]
+    fn the_url_is_validated_and_its_password_never_shown() {
+        let text =
+            format!("[broker]\nurl = \"amqp://app:s%40cret@rabbit.example:5673/prod\"\n{MINIMAL}");
+        let url = parse(&text).unwrap().broker.url;
+        assert_eq!(url.to_string(), "amqp://app:***@rabbit.example:5673/prod");
+        assert_eq!(
+            format!("{url:?}"),
+            "BrokerUrl(amqp://app:***@rabbit.example:5673/prod)"
+        );
+        assert_eq!(url.password(), "s@cret");
+        assert_eq!(url.username(), "app");
+        assert_eq!(url.vhost(), "prod");
+        assert_eq!(url.address(), "rabbit.example:5673");
+        assert_eq!(
+            url.redact("failed: amqp://app:s%40cret@x and s@cret"),
+            "failed: amqp://app:***@x and ***"
+        );
+
+        let text = format!("[broker]\nurl = \"http://x\"\n{MINIMAL}");
+        assert!(parse(&text)
+            .unwrap_err()
+            .starts_with("w.toml:2: broker.url: unsupported scheme"));
+    }
+
+    #[test]
+    fn the_environment_overrides_the_broker_url() {
+        let config = Config::parse(
+            Path::new("w.toml"),
+            MINIMAL,
+            Some("amqp://u:p@h:1/v".into()),
+        )
+        .unwrap();
+        assert_eq!(config.broker.url.address(), "h:1");
+        let err = Config::parse(Path::new("w.toml"), MINIMAL, Some("nope".into())).unwrap_err();
+        assert!(err.to_string().starts_with("WARREN_BROKER_URL"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_program_names_the_command_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        fs::write(&path, "[queue]\nname = \"q\"\n[handler]\nkind = \"command\"\ncommand = [\"/nonexistent/job\"]\n").unwrap();
+        let config = Config::load(&path, None).unwrap();
+        let err = config.check_handler().unwrap_err().to_string();
+        assert!(
+            err.ends_with(":5: handler.command: program /nonexistent/job does not exist"),
+            "{err}"
+        );
+        assert!(resolve_program("sh").is_ok());
+        assert!(resolve_program("/etc/hostname")
+            .unwrap_err()
+            .contains("not an executable"));
+    }
+}

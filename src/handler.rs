@@ -1,0 +1,348 @@
+//! What runs for each message: the [`Handler`] trait, and the handlers a configuration can name
+//! (`dots` and `command`).
+//!
+//! A handler decides an [`Outcome`]; it never acks, nacks or talks to the broker, which is the
+//! worker's job. A handler must return promptly once its [`Abort`] fires (the shutdown grace has
+//! run out), so it waits on that signal rather than sleeping or blocking blind.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, select, Receiver};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::config;
+
+/// One message, as a handler sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Task<'a> {
+    pub body: &'a [u8],
+    /// The `message_id` property, if the publisher set one.
+    pub message_id: Option<&'a str>,
+    /// True when the broker delivered this message before, to this or another consumer.
+    pub redelivered: bool,
+    pub queue: &'a str,
+    /// The worker running the task, 1…N.
+    pub worker: usize,
+}
+
+/// What the worker does with the message once the handler returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The work is done: ack.
+    Done,
+    /// The work failed: requeue the message so that it runs again. The text says why.
+    Failed(String),
+    /// The shutdown grace ran out and the work was abandoned: requeue it, unprocessed.
+    Aborted,
+}
+
+/// Runs tasks. Each worker owns its own handler, made by a [`HandlerFactory`], so a handler may
+/// keep state (such as a long-lived child process) without locks.
+pub trait Handler: Send {
+    fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome;
+}
+
+/// Makes the handler of worker `n` (1…N). Called again when a worker is restarted.
+pub type HandlerFactory = Arc<dyn Fn(usize) -> Box<dyn Handler> + Send + Sync>;
+
+/// Fires when the shutdown grace has run out and tasks in flight must be abandoned. It fires by
+/// its sender being dropped, so it reaches every clone at once.
+#[derive(Clone)]
+pub struct Abort(Receiver<std::convert::Infallible>);
+
+impl Abort {
+    pub fn new(receiver: Receiver<std::convert::Infallible>) -> Abort {
+        Abort(receiver)
+    }
+
+    /// An abort signal that never fires, for running a handler outside a pool.
+    pub fn never() -> Abort {
+        let (sender, receiver) = bounded(0);
+        // Leaking the sender keeps the channel open for the life of the process.
+        std::mem::forget(sender);
+        Abort(receiver)
+    }
+
+    pub fn receiver(&self) -> &Receiver<std::convert::Infallible> {
+        &self.0
+    }
+
+    /// Sleeps for `duration` unless the abort fires first. Returns false if it fired.
+    pub fn sleep(&self, duration: Duration) -> bool {
+        self.0.recv_timeout(duration).is_err_and(|e| e.is_timeout())
+    }
+}
+
+/// The factory for the configured handler.
+pub fn from_config(handler: &config::Handler, queue: &str) -> HandlerFactory {
+    match handler {
+        config::Handler::Dots => Arc::new(|_| Box::new(Dots)),
+        config::Handler::Command { argv } => {
+            let argv = argv.clone();
+            let queue = queue.to_string();
+            Arc::new(move |_| {
+                Box::new(CommandHandler {
+                    argv: argv.clone(),
+                    queue: queue.clone(),
+                })
+            })
+        }
+    }
+}
+
+/// The tutorial's handler: one second of "work" per `.` in the body.
+pub struct Dots;
+
+impl Handler for Dots {
+    fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome {
+        let dots = task.body.iter().filter(|&&b| b == b'.').count() as u32;
+        if abort.sleep(Duration::from_secs(1) * dots) {
+            Outcome::Done
+        } else {
+            Outcome::Aborted
+        }
+    }
+}
+
+/// Runs a program per message, with the body on stdin and never through a shell.
+pub struct CommandHandler {
+    argv: Vec<String>,
+    queue: String,
+}
+
+/// Longest line of a child's output that goes to the log as one line; longer lines are split.
+const MAX_LOG_LINE: usize = 4096;
+
+/// How long to wait, after a child exits, for its output to be logged. A grandchild that keeps
+/// the pipes open must not hold up the worker.
+const OUTPUT_DRAIN: Duration = Duration::from_millis(250);
+
+impl Handler for CommandHandler {
+    fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome {
+        let worker = format!("worker-{}", task.worker);
+        let mut child = match Command::new(&self.argv[0])
+            .args(&self.argv[1..])
+            .env("WARREN_MESSAGE_ID", task.message_id.unwrap_or(""))
+            .env("WARREN_QUEUE", &self.queue)
+            .env(
+                "WARREN_REDELIVERED",
+                if task.redelivered { "1" } else { "0" },
+            )
+            .env("WARREN_WORKER", task.worker.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group: a Ctrl+C at the terminal does not reach the task, which
+            // should finish within the grace, and a kill reaches all of its descendants.
+            .process_group(0)
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => return Outcome::Failed(format!("cannot start {}: {e}", self.argv[0])),
+        };
+
+        let (logged_tx, logged) = bounded::<()>(2);
+        for (stream, pipe) in [
+            (
+                "stdout",
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            ),
+            (
+                "stderr",
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            ),
+        ] {
+            let (Some(pipe), prefix, done) =
+                (pipe, format!("{worker} {stream}:"), logged_tx.clone())
+            else {
+                continue;
+            };
+            let spawned = thread::Builder::new()
+                .name(format!("{worker}-{stream}"))
+                .spawn(move || {
+                    log_lines(pipe, &prefix);
+                    drop(done);
+                });
+            if let Err(e) = spawned {
+                log::warn!("{worker}: cannot start a thread to log the task's {stream}: {e}");
+            }
+        }
+        drop(logged_tx);
+
+        let pid = Pid::from_raw(child.id() as i32);
+        let status = match feed_and_wait(child, task.body.to_vec(), &worker) {
+            Ok(exited) => {
+                select! {
+                    recv(exited) -> status => status.ok(),
+                    recv(abort.receiver()) -> _ => {
+                        // The grace is over: kill the task and everything it started.
+                        let _ = killpg(pid, Signal::SIGKILL);
+                        let _ = exited.recv();
+                        return Outcome::Aborted;
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = killpg(pid, Signal::SIGKILL);
+                return Outcome::Failed(format!("cannot run {}: {e}", self.argv[0]));
+            }
+        };
+        // Both loggers end when the pipes close; wait briefly so that the task's output comes
+        // before its "done" line.
+        let _ = logged.recv_timeout(OUTPUT_DRAIN);
+        let _ = logged.recv_timeout(OUTPUT_DRAIN);
+
+        match status {
+            Some(Ok(status)) if status.success() => Outcome::Done,
+            Some(Ok(status)) => Outcome::Failed(describe(status)),
+            Some(Err(e)) => Outcome::Failed(format!("cannot wait for {}: {e}", self.argv[0])),
+            None => Outcome::Failed("the task's waiter thread died".into()),
+        }
+    }
+}
+
+/// Writes `body` to the child's stdin and waits for it to exit, on a thread of its own, so that
+/// the worker can give up on it when the abort fires.
+fn feed_and_wait(
+    mut child: Child,
+    body: Vec<u8>,
+    worker: &str,
+) -> io::Result<Receiver<io::Result<ExitStatus>>> {
+    let (sender, receiver) = bounded(1);
+    thread::Builder::new()
+        .name(format!("{worker}-task"))
+        .spawn(move || {
+            if let Some(mut stdin) = child.stdin.take() {
+                // A program may exit or close stdin without reading it all; that is its choice,
+                // and its exit status says whether it succeeded.
+                match stdin.write_all(&body) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                    Err(e) => log::warn!("cannot write the message body to the task's stdin: {e}"),
+                }
+            }
+            let _ = sender.send(child.wait());
+        })?;
+    Ok(receiver)
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => match Signal::try_from(signal) {
+            Ok(name) => format!("killed by signal {signal} ({name})"),
+            Err(_) => format!("killed by signal {signal}"),
+        },
+        _ => status.to_string(),
+    }
+}
+
+/// Logs each line of `pipe` with `prefix`, splitting lines longer than [`MAX_LOG_LINE`].
+fn log_lines(pipe: Box<dyn Read + Send>, prefix: &str) {
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut reader)
+            .take(MAX_LOG_LINE as u64)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) => return,
+            Ok(_) => {
+                let text = line.strip_suffix(b"\n").unwrap_or(&line);
+                log::info!("{prefix} {}", String::from_utf8_lossy(text));
+            }
+            Err(e) => {
+                log::warn!("{prefix} cannot read: {e}");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(body: &[u8]) -> Task<'_> {
+        Task {
+            body,
+            message_id: Some("m-1"),
+            redelivered: false,
+            queue: "q",
+            worker: 3,
+        }
+    }
+
+    fn command(argv: &[&str]) -> CommandHandler {
+        CommandHandler {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            queue: "q".into(),
+        }
+    }
+
+    #[test]
+    fn dots_sleeps_one_second_per_dot_until_aborted() {
+        let (sender, receiver) = bounded(0);
+        let abort = Abort::new(receiver);
+        assert_eq!(Dots.handle(&task(b"no dots"), &abort), Outcome::Done);
+        drop(sender);
+        assert_eq!(Dots.handle(&task(b"many....."), &abort), Outcome::Aborted);
+    }
+
+    #[test]
+    fn a_command_exit_status_decides_the_outcome() {
+        let never = Abort::never();
+        assert_eq!(command(&["true"]).handle(&task(b""), &never), Outcome::Done);
+        assert_eq!(
+            command(&["sh", "-c", "exit 3"]).handle(&task(b""), &never),
+            Outcome::Failed("exit status 3".into())
+        );
+        assert_eq!(
+            command(&["sh", "-c", "kill -9 $$"]).handle(&task(b""), &never),
+            Outcome::Failed("killed by signal 9 (SIGKILL)".into())
+        );
+        let missing = command(&["/nonexistent/warren-job"]).handle(&task(b""), &never);
+        assert!(
+            matches!(missing, Outcome::Failed(ref why) if why.starts_with("cannot start /nonexistent/warren-job"))
+        );
+    }
+
+    #[test]
+    fn a_command_that_ignores_stdin_still_succeeds() {
+        let body = vec![b'x'; 1 << 20];
+        assert_eq!(
+            command(&["true"]).handle(&task(&body), &Abort::never()),
+            Outcome::Done
+        );
+    }
+
+    #[test]
+    fn an_aborted_command_is_killed_with_its_process_group() {
+        let (sender, receiver) = bounded(0);
+        let abort = Abort::new(receiver);
+        let killer = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(200));
+            drop(sender);
+        });
+        let started = std::time::Instant::now();
+        let outcome =
+            command(&["sh", "-c", "sleep 30 & sleep 30; wait"]).handle(&task(b""), &abort);
+        killer.join().unwrap();
+        assert_eq!(outcome, Outcome::Aborted);
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}

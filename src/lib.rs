@@ -1,0 +1,168 @@
+//! warren runs background tasks from a RabbitMQ work queue, N at a time, acknowledging each one
+//! only after its work is done.
+//!
+//! This crate root wires the modules into the two commands, [`daemon`] (`warren run`) and
+//! [`publish_messages`] (`warren publish`), and sorts every way they can fail into a
+//! [`Failure`] that carries its sysexits code. It parses no command line and installs no signal
+//! handler: `main.rs` does both, so that tests can drive the library directly.
+
+pub mod amqp;
+pub mod config;
+pub mod handler;
+pub mod pool;
+pub mod publish;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError};
+use crate::pool::{Pool, Report, Stopper};
+
+/// Exit codes, from sysexits.h where one fits.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// The pool stopped, but the grace ran out and tasks were requeued unfinished.
+    pub const ABANDONED: u8 = 1;
+    pub const USAGE: u8 = 64;
+    pub const UNAVAILABLE: u8 = 69;
+    pub const SOFTWARE: u8 = 70;
+    pub const TEMPFAIL: u8 = 75;
+    pub const CONFIG: u8 = 78;
+    /// A second Ctrl+C: 128 + SIGINT, as shells report it.
+    pub const INTERRUPTED: u8 = 130;
+}
+
+/// Why a command failed. Each variant is one exit code; the text is one line for the log.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The broker refused something that only a configuration change can fix.
+    #[error("{0}")]
+    Refused(amqp::AmqpError),
+    #[error("{0}")]
+    Unavailable(amqp::AmqpError),
+    #[error("{0}")]
+    TempFail(String),
+    #[error("{0}")]
+    Software(String),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) => exit::USAGE,
+            Failure::Config(_) | Failure::Refused(_) => exit::CONFIG,
+            Failure::Unavailable(_) => exit::UNAVAILABLE,
+            Failure::TempFail(_) => exit::TEMPFAIL,
+            Failure::Software(_) => exit::SOFTWARE,
+        }
+    }
+}
+
+/// The configuration file to read: `--config`, else `WARREN_CONFIG`, else the default path.
+pub fn config_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("WARREN_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+}
+
+/// Loads the configuration at `path`, applying `WARREN_BROKER_URL`.
+pub fn load_config(path: &Path) -> Result<Config, Failure> {
+    let url = std::env::var(config::BROKER_URL_ENV).ok();
+    Ok(Config::load(path, url)?)
+}
+
+/// `warren run`: starts the pool and waits for it to end. `on_start` receives the pool's
+/// [`Stopper`] before any worker connects, for the caller's signal handler.
+pub fn daemon(
+    mut config: Config,
+    workers: Option<usize>,
+    on_start: impl FnOnce(Stopper),
+) -> Result<u8, Failure> {
+    if let Some(workers) = workers {
+        if workers == 0 {
+            return Err(Failure::Usage("--workers must be at least 1".into()));
+        }
+        config.workers.count = workers;
+    }
+    config.check_handler()?;
+    let factory = handler::from_config(&config.handler, &config.queue.name);
+    log::info!(
+        "warren {} starting {} workers on queue {} at {} (handler {}, prefetch {})",
+        env!("CARGO_PKG_VERSION"),
+        config.workers.count,
+        config.queue.name,
+        config.broker.url,
+        match &config.handler {
+            config::Handler::Dots => "dots".to_string(),
+            config::Handler::Command { argv } => format!("command {argv:?}"),
+        },
+        config.workers.prefetch,
+    );
+    let pool = Pool::start(Arc::new(config), factory)
+        .map_err(|e| Failure::Software(format!("cannot start the supervisor thread: {e}")))?;
+    on_start(pool.stopper());
+    match pool.wait() {
+        Report::Clean => {
+            log::info!("stopped cleanly");
+            Ok(exit::OK)
+        }
+        Report::Abandoned { requeued, stuck } => {
+            let mut parts = Vec::new();
+            if !requeued.is_empty() {
+                parts.push(format!(
+                    "requeued unfinished messages: {}",
+                    requeued.join(", ")
+                ));
+            }
+            if !stuck.is_empty() {
+                let names: Vec<_> = stuck.iter().map(|w| format!("worker-{w}")).collect();
+                parts.push(format!(
+                    "{} did not stop; the broker requeues what they held",
+                    names.join(", ")
+                ));
+            }
+            log::error!(
+                "stopped after the shutdown grace ran out; {}",
+                parts.join("; ")
+            );
+            Ok(exit::ABANDONED)
+        }
+        Report::Interrupted => Ok(exit::INTERRUPTED),
+        Report::Fatal(e) => Err(Failure::Refused(e)),
+    }
+}
+
+/// `warren publish`: publishes `messages` with confirms and logs a summary line.
+pub fn publish_messages(
+    config: &Config,
+    options: &publish::Options,
+    messages: impl Iterator<Item = std::io::Result<Vec<u8>>>,
+) -> Result<publish::Summary, Failure> {
+    let summary = publish::publish(config, options, messages).map_err(|e| match e {
+        publish::PublishError::Unavailable(e) if e.is_fatal() => Failure::Refused(e),
+        publish::PublishError::Unavailable(e) => Failure::Unavailable(e),
+        publish::PublishError::NotConfirmed(why) => Failure::TempFail(why),
+        publish::PublishError::Input(e) => {
+            Failure::Software(format!("cannot read standard input: {e}"))
+        }
+    })?;
+    let skipped = match summary.skipped_empty {
+        0 => String::new(),
+        n => format!(" ({n} empty lines skipped)"),
+    };
+    log::info!(
+        " [x] published {} messages to queue {}, all confirmed{skipped}",
+        summary.confirmed,
+        options.queue
+    );
+    Ok(summary)
+}
+
+/// Parses a human duration such as "30s" for a command-line flag.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}

@@ -1,0 +1,130 @@
+//! The `warren` binary: parses the command line, starts logging, installs the Ctrl+C / SIGTERM
+//! handler, calls into the library, and maps the result to a sysexits exit code. Nothing else
+//! lives here.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use warren::{exit, Failure};
+
+/// Runs background tasks from a RabbitMQ work queue, N at a time, and never loses one.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: consume the queue and run the handler for each message.
+    Run {
+        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Worker threads, overriding workers.count.
+        #[arg(long, value_name = "N")]
+        workers: Option<usize>,
+    },
+    /// Publish persistent messages to the queue, with publisher confirms.
+    Publish {
+        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// The queue to publish to, overriding queue.name.
+        #[arg(long, value_name = "NAME")]
+        queue: Option<String>,
+        /// Publish each line of standard input as one message.
+        #[arg(long, conflicts_with = "message")]
+        stdin: bool,
+        /// Do not declare the queue; for producers that may not configure queues.
+        #[arg(long)]
+        no_declare: bool,
+        /// How long to wait for the broker to confirm messages.
+        #[arg(long, value_name = "DUR", default_value = "30s", value_parser = warren::parse_duration)]
+        confirm_timeout: Duration,
+        /// The message, its words joined with spaces [default: hello]
+        message: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            log::error!("{failure}");
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<u8, Failure> {
+    match cli.command {
+        Command::Run { config, workers } => {
+            let config = warren::load_config(&warren::config_path(config))?;
+            let code = warren::daemon(config, workers, |stopper| {
+                if let Err(e) = ctrlc::set_handler(move || stopper.stop()) {
+                    log::warn!("cannot handle Ctrl+C and SIGTERM: {e}");
+                }
+                if std::io::stderr().is_terminal() {
+                    log::info!(" [*] Waiting for messages. To exit press CTRL+C");
+                }
+            })?;
+            if code == exit::INTERRUPTED {
+                // A second Ctrl+C: leave now, without waiting for workers. The broker requeues
+                // every unacked message when their connections drop.
+                std::process::exit(code.into());
+            }
+            Ok(code)
+        }
+        Command::Publish {
+            config,
+            queue,
+            stdin,
+            no_declare,
+            confirm_timeout,
+            message,
+        } => {
+            let config = warren::load_config(&warren::config_path(config))?;
+            let options = warren::publish::Options {
+                queue: queue.unwrap_or_else(|| config.queue.name.clone()),
+                declare: !no_declare,
+                confirm_timeout,
+            };
+            if stdin {
+                let input = std::io::stdin().lock();
+                warren::publish_messages(&config, &options, warren::publish::lines(input))?;
+            } else {
+                let body = match message.join(" ") {
+                    body if body.is_empty() => "hello".to_string(),
+                    body => body,
+                };
+                log::info!(" [x] Sent {body}");
+                warren::publish_messages(
+                    &config,
+                    &options,
+                    std::iter::once(Ok(body.into_bytes())),
+                )?;
+            }
+            Ok(exit::OK)
+        }
+    }
+}

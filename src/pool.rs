@@ -1,0 +1,651 @@
+//! The worker pool: N worker threads, each with its own connection and channel, and the
+//! supervisor thread that starts them, restarts them when they fail, and stops them.
+//!
+//! The supervisor is a `match` loop over a closed [`Event`] enum received on one crossbeam
+//! channel; it owns all pool state, so nothing here is shared or locked. Workers never restart
+//! themselves and never decide to exit the process: they report how they ended and the
+//! supervisor decides. A worker acks a message only after its handler succeeded, on the channel
+//! that delivered it; any other ending leaves the message to be requeued.
+
+use std::any::Any;
+use std::convert::Infallible;
+use std::io;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+
+use crate::amqp::{AmqpError, Next, Session};
+use crate::config::Config;
+use crate::handler::{Abort, HandlerFactory, Outcome, Task};
+
+/// The first restart delay; it doubles per consecutive failure up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A worker that stayed connected this long has its restart backoff reset.
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+/// After the grace has run out and tasks were told to abort, how long to wait for workers to
+/// report before giving up on them. The broker requeues whatever they held when we exit.
+const ABORT_WAIT: Duration = Duration::from_secs(5);
+/// How many bytes of a body the log shows.
+const PREVIEW_BYTES: usize = 64;
+
+/// Everything the supervisor reacts to. Workers and the signal handler send these.
+#[derive(Debug)]
+pub enum Event {
+    /// Ctrl+C or SIGTERM: stop gracefully; a second one stops at once.
+    Signal,
+    /// A worker is connected and consuming.
+    Ready { worker: usize },
+    /// A worker thread has ended, and how.
+    Exited { worker: usize, exit: Exit },
+}
+
+/// How a worker ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// It stopped because the pool is stopping. `requeued` names the messages whose tasks were
+    /// abandoned at the end of the grace and put back on the queue.
+    Stopped { requeued: Vec<String> },
+    /// It could not connect (or was refused, if the error is fatal).
+    ConnectFailed(AmqpError),
+    /// Its connection or channel was lost after it had connected.
+    Lost(AmqpError),
+    /// The broker refused something retrying cannot fix, such as a queue declare.
+    Fatal(AmqpError),
+    /// The handler (or warren) panicked on this worker's thread.
+    Panicked(String),
+}
+
+/// How the pool ended. The binary maps it to an exit code.
+#[derive(Debug)]
+pub enum Report {
+    /// Every task in flight finished within the grace.
+    Clean,
+    /// The grace ran out: these messages were requeued unfinished, and these workers did not
+    /// even report back (the broker requeues what they held when the process exits).
+    Abandoned {
+        requeued: Vec<String>,
+        stuck: Vec<usize>,
+    },
+    /// A second signal arrived: stop now.
+    Interrupted,
+    /// A worker hit an error that retrying cannot fix.
+    Fatal(AmqpError),
+}
+
+/// Sends the stop signal to a pool, from any thread (the Ctrl+C handler holds one).
+#[derive(Clone)]
+pub struct Stopper(Sender<Event>);
+
+impl Stopper {
+    /// Asks the pool to stop gracefully; the second call asks it to stop at once.
+    pub fn stop(&self) {
+        // The supervisor may already have ended, in which case there is nothing to stop.
+        let _ = self.0.send(Event::Signal);
+    }
+}
+
+/// A running pool.
+pub struct Pool {
+    events: Sender<Event>,
+    supervisor: JoinHandle<Report>,
+}
+
+impl Pool {
+    /// Starts the supervisor, which starts the workers.
+    pub fn start(config: Arc<Config>, factory: HandlerFactory) -> io::Result<Pool> {
+        let (events, inbox) = unbounded();
+        let supervisor = Supervisor::new(config, factory, events.clone(), inbox);
+        let supervisor = thread::Builder::new()
+            .name("supervisor".into())
+            .spawn(move || supervisor.run())?;
+        Ok(Pool { events, supervisor })
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.events.clone())
+    }
+
+    /// Waits for the pool to end.
+    pub fn wait(self) -> Report {
+        drop(self.events);
+        self.supervisor.join().unwrap_or_else(|payload| {
+            panic::resume_unwind(payload);
+        })
+    }
+}
+
+/// What a worker thread needs. The receivers fire by their senders being dropped, which the
+/// supervisor alone holds.
+struct Worker {
+    id: usize,
+    config: Arc<Config>,
+    factory: HandlerFactory,
+    events: Sender<Event>,
+    stop: Receiver<Infallible>,
+    abort: Abort,
+}
+
+impl Worker {
+    fn name(&self) -> String {
+        format!("worker-{}", self.id)
+    }
+
+    /// Connects, consumes and handles messages until stopped or until something fails.
+    fn run(&self) -> Exit {
+        let config = &self.config;
+        let name = self.name();
+        let connection_name = format!("warren {name} pid {}", std::process::id());
+        let session = match Session::open(&config.broker, &connection_name) {
+            Ok(session) => session,
+            Err(e) if e.is_fatal() => return Exit::Fatal(e),
+            Err(e) => return Exit::ConnectFailed(e),
+        };
+        let subscription = match session
+            .declare(&config.queue)
+            .and_then(|()| session.subscribe(&config.queue.name, config.workers.prefetch))
+        {
+            Ok(subscription) => subscription,
+            Err(e) => return lost_or_fatal(e),
+        };
+        let _ = self.events.send(Event::Ready { worker: self.id });
+        let mut handler = (self.factory)(self.id);
+        let mut requeued = Vec::new();
+
+        loop {
+            let delivery = match subscription.next(&self.stop) {
+                Next::Delivery(delivery) => delivery,
+                Next::Stop => break,
+                Next::Ended(e) => return Exit::Lost(e),
+            };
+            let id = delivery.message_id().unwrap_or("-").to_string();
+            log::info!(
+                "{name} received {id}{} {}",
+                if delivery.redelivered() {
+                    " (redelivered)"
+                } else {
+                    ""
+                },
+                preview(delivery.body())
+            );
+            let started = Instant::now();
+            let task = Task {
+                body: delivery.body(),
+                message_id: delivery.message_id(),
+                redelivered: delivery.redelivered(),
+                queue: &config.queue.name,
+                worker: self.id,
+            };
+            let outcome = handler.handle(&task, &self.abort);
+            let took = started.elapsed();
+            let settled = match &outcome {
+                Outcome::Done => {
+                    log::info!("{name} done {id} in {took:.2?}");
+                    subscription.ack(delivery)
+                }
+                Outcome::Failed(why) => {
+                    log::warn!("{name} failed {id} after {took:.2?}: {why}; requeued");
+                    subscription.requeue(delivery)
+                }
+                Outcome::Aborted => {
+                    log::warn!("{name} abandoned {id} after {took:.2?}: the shutdown grace ran out; requeued");
+                    requeued.push(id.clone());
+                    subscription.requeue(delivery)
+                }
+            };
+            if let Err(e) = settled {
+                // The broker requeues the message of a lost channel by itself; the task may run
+                // again, which at-least-once allows.
+                log::warn!("{name} could not settle {id}: {e}");
+                return Exit::Lost(e);
+            }
+            if outcome == Outcome::Aborted {
+                break;
+            }
+        }
+
+        // Stop taking messages. A delivery that arrived between the last ack and the cancel goes
+        // back to the queue unprocessed.
+        match subscription.cancel() {
+            Ok(stragglers) => {
+                for delivery in stragglers {
+                    let id = delivery.message_id().unwrap_or("-").to_string();
+                    log::info!("{name} returned {id} to the queue unprocessed");
+                    if let Err(e) = subscription.requeue(delivery) {
+                        log::warn!("{name} could not return {id}: {e}");
+                    }
+                }
+            }
+            Err(e) => log::warn!("{name} could not cancel its consumer: {e}"),
+        }
+        drop(subscription);
+        if let Err(e) = session.close() {
+            log::warn!("{name} could not close its connection cleanly: {e}");
+        }
+        log::debug!("{name} stopped");
+        Exit::Stopped { requeued }
+    }
+}
+
+fn lost_or_fatal(e: AmqpError) -> Exit {
+    if e.is_fatal() {
+        Exit::Fatal(e)
+    } else {
+        Exit::Lost(e)
+    }
+}
+
+/// The first bytes of a body, escaped, for the log. Never the whole body.
+pub fn preview(body: &[u8]) -> String {
+    let shown = &body[..body.len().min(PREVIEW_BYTES)];
+    let more = if body.len() > PREVIEW_BYTES {
+        format!("… ({} bytes)", body.len())
+    } else {
+        String::new()
+    };
+    format!("\"{}\"{more}", shown.escape_ascii())
+}
+
+/// The restart delay after `failures` consecutive failures: exponential, capped, with jitter so
+/// that workers (and hosts) that failed together do not retry together.
+pub fn backoff(failures: u32) -> Duration {
+    let ceiling = MIN_BACKOFF
+        .saturating_mul(1 << failures.min(16))
+        .min(MAX_BACKOFF);
+    ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0)
+}
+
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// One worker slot, as the supervisor sees it.
+#[derive(Default)]
+struct Slot {
+    thread: Option<JoinHandle<()>>,
+    /// When its current thread reported ready.
+    ready_since: Option<Instant>,
+    /// Consecutive failures, for its restart backoff.
+    failures: u32,
+    /// When to restart it, if it is waiting out a backoff.
+    restart_at: Option<Instant>,
+    /// Waiting for the broker to come back.
+    parked: bool,
+}
+
+/// Whether the broker is reachable, as far as the supervisor knows. While it is not, one worker
+/// at a time probes it, so that the log gets one line per round and the broker is not hit by
+/// every worker of every host at once when it returns.
+enum Broker {
+    Up,
+    Down {
+        rounds: u32,
+        since: Instant,
+        next_probe: Option<Instant>,
+        probe: Option<usize>,
+    },
+}
+
+enum Phase {
+    Running,
+    /// The stop signal has fired; tasks in flight have until the deadline.
+    Stopping {
+        deadline: Instant,
+    },
+    /// The grace ran out and the abort has fired.
+    Aborting {
+        deadline: Instant,
+    },
+}
+
+struct Supervisor {
+    config: Arc<Config>,
+    factory: HandlerFactory,
+    events: Sender<Event>,
+    inbox: Receiver<Event>,
+    /// This is the only sender of the stop channel, so dropping it tells every worker to stop
+    /// taking messages.
+    stop: Option<Sender<Infallible>>,
+    stop_signal: Receiver<Infallible>,
+    /// This is the only sender of the abort channel, so dropping it tells every handler to
+    /// abandon its task.
+    abort: Option<Sender<Infallible>>,
+    abort_signal: Receiver<Infallible>,
+    slots: Vec<Slot>,
+    broker: Broker,
+    phase: Phase,
+    requeued: Vec<String>,
+    fatal: Option<AmqpError>,
+}
+
+impl Supervisor {
+    fn new(
+        config: Arc<Config>,
+        factory: HandlerFactory,
+        events: Sender<Event>,
+        inbox: Receiver<Event>,
+    ) -> Supervisor {
+        let (stop, stop_signal) = bounded(0);
+        let (abort, abort_signal) = bounded(0);
+        let slots = (0..config.workers.count).map(|_| Slot::default()).collect();
+        Supervisor {
+            config,
+            factory,
+            events,
+            inbox,
+            stop: Some(stop),
+            stop_signal,
+            abort: Some(abort),
+            abort_signal,
+            slots,
+            broker: Broker::Up,
+            phase: Phase::Running,
+            requeued: Vec::new(),
+            fatal: None,
+        }
+    }
+
+    fn run(mut self) -> Report {
+        for id in 1..=self.slots.len() {
+            self.spawn(id);
+        }
+        loop {
+            let event = match self.next_deadline() {
+                Some(deadline) => match self.inbox.recv_deadline(deadline) {
+                    Ok(event) => Some(event),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        unreachable!("the supervisor holds a sender")
+                    }
+                },
+                None => Some(
+                    self.inbox
+                        .recv()
+                        .expect("invariant: the supervisor holds a sender"),
+                ),
+            };
+            match event {
+                Some(Event::Signal) => {
+                    if !matches!(self.phase, Phase::Running) {
+                        log::warn!(
+                            "second stop signal: exiting now; the broker requeues unacked messages"
+                        );
+                        return Report::Interrupted;
+                    }
+                    log::info!(
+                        "stopping: no new messages; tasks in flight have {:?} to finish (press Ctrl+C again to exit now)",
+                        self.config.shutdown.grace
+                    );
+                    self.begin_stop();
+                }
+                Some(Event::Ready { worker }) => self.on_ready(worker),
+                Some(Event::Exited { worker, exit }) => self.on_exit(worker, exit),
+                None => {}
+            }
+            self.fire_timers();
+            if !matches!(self.phase, Phase::Running)
+                && self.slots.iter().all(|s| s.thread.is_none())
+            {
+                return self.report(Vec::new());
+            }
+            if let Phase::Aborting { deadline } = self.phase {
+                if Instant::now() >= deadline {
+                    let stuck = (1..=self.slots.len())
+                        .filter(|&id| self.slots[id - 1].thread.is_some())
+                        .collect();
+                    return self.report(stuck);
+                }
+            }
+        }
+    }
+
+    fn report(&mut self, stuck: Vec<usize>) -> Report {
+        if let Some(fatal) = self.fatal.take() {
+            return Report::Fatal(fatal);
+        }
+        if self.requeued.is_empty() && stuck.is_empty() {
+            Report::Clean
+        } else {
+            Report::Abandoned {
+                requeued: std::mem::take(&mut self.requeued),
+                stuck,
+            }
+        }
+    }
+
+    fn spawn(&mut self, id: usize) {
+        let worker = Worker {
+            id,
+            config: Arc::clone(&self.config),
+            factory: Arc::clone(&self.factory),
+            events: self.events.clone(),
+            stop: self.stop_signal.clone(),
+            abort: Abort::new(self.abort_signal.clone()),
+        };
+        let slot = &mut self.slots[id - 1];
+        slot.restart_at = None;
+        slot.parked = false;
+        slot.ready_since = None;
+        let spawned = thread::Builder::new().name(worker.name()).spawn(move || {
+            let exit = match panic::catch_unwind(AssertUnwindSafe(|| worker.run())) {
+                Ok(exit) => exit,
+                Err(payload) => Exit::Panicked(panic_message(payload)),
+            };
+            let _ = worker.events.send(Event::Exited { worker: id, exit });
+        });
+        match spawned {
+            Ok(handle) => slot.thread = Some(handle),
+            Err(e) => {
+                // Out of threads or memory: try again later rather than give up on the worker.
+                slot.failures += 1;
+                let delay = backoff(slot.failures);
+                log::error!("cannot start worker-{id}: {e}; retrying in {delay:.1?}");
+                slot.restart_at = Some(Instant::now() + delay);
+            }
+        }
+    }
+
+    fn on_ready(&mut self, worker: usize) {
+        self.slots[worker - 1].ready_since = Some(Instant::now());
+        log::debug!(
+            "worker-{worker} is consuming queue {}",
+            self.config.queue.name
+        );
+        if let Broker::Down { rounds, since, .. } = self.broker {
+            self.broker = Broker::Up;
+            let parked: Vec<usize> = (1..=self.slots.len())
+                .filter(|&id| self.slots[id - 1].parked)
+                .collect();
+            log::info!(
+                "broker at {} is reachable again after {:.1?} ({rounds} rounds); starting {} more workers",
+                self.config.broker.url,
+                since.elapsed(),
+                parked.len()
+            );
+            if matches!(self.phase, Phase::Running) {
+                for id in parked {
+                    self.spawn(id);
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, worker: usize, exit: Exit) {
+        let slot = &mut self.slots[worker - 1];
+        if let Some(thread) = slot.thread.take() {
+            // The thread sent its last event; joining only reaps it.
+            let _ = thread.join();
+        }
+        if slot
+            .ready_since
+            .is_some_and(|t| t.elapsed() >= HEALTHY_AFTER)
+        {
+            slot.failures = 0;
+        }
+        if !matches!(self.phase, Phase::Running) {
+            match exit {
+                Exit::Stopped { requeued } => self.requeued.extend(requeued),
+                Exit::Fatal(e) => log::error!("worker-{worker}: {e}"),
+                other => log::info!("worker-{worker} ended while stopping: {other:?}"),
+            }
+            return;
+        }
+        match exit {
+            Exit::ConnectFailed(e) => self.on_unreachable(worker, e),
+            Exit::Fatal(e) => {
+                log::error!("{e}; stopping");
+                self.fatal = Some(e);
+                self.begin_stop();
+            }
+            Exit::Lost(e) => self.schedule_restart(worker, &format!("worker-{worker}: {e}")),
+            Exit::Panicked(message) => self.schedule_restart(
+                worker,
+                &format!("worker-{worker} panicked ({message}); its unacked message returns to the queue"),
+            ),
+            Exit::Stopped { .. } => self.schedule_restart(worker, &format!("worker-{worker} stopped unexpectedly")),
+        }
+    }
+
+    fn schedule_restart(&mut self, worker: usize, why: &str) {
+        let slot = &mut self.slots[worker - 1];
+        let delay = backoff(slot.failures);
+        slot.failures += 1;
+        slot.restart_at = Some(Instant::now() + delay);
+        log::warn!("{why}; restarting it in {delay:.1?}");
+    }
+
+    fn on_unreachable(&mut self, worker: usize, e: AmqpError) {
+        self.slots[worker - 1].parked = true;
+        match &mut self.broker {
+            Broker::Up => {
+                let delay = backoff(0);
+                log::warn!("{e}; retrying in {delay:.1?}");
+                self.broker = Broker::Down {
+                    rounds: 1,
+                    since: Instant::now(),
+                    next_probe: Some(Instant::now() + delay),
+                    probe: None,
+                };
+            }
+            Broker::Down {
+                rounds,
+                next_probe,
+                probe,
+                ..
+            } => {
+                if *probe == Some(worker) {
+                    let delay = backoff(*rounds);
+                    *rounds += 1;
+                    *probe = None;
+                    *next_probe = Some(Instant::now() + delay);
+                    log::warn!("{e} (round {rounds}); retrying in {delay:.1?}");
+                } else {
+                    log::debug!("worker-{worker} waits for the broker: {e}");
+                }
+            }
+        }
+    }
+
+    fn begin_stop(&mut self) {
+        self.stop = None;
+        self.phase = Phase::Stopping {
+            deadline: Instant::now() + self.config.shutdown.grace,
+        };
+        for slot in &mut self.slots {
+            slot.restart_at = None;
+            slot.parked = false;
+        }
+        self.broker = Broker::Up;
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let restarts = self.slots.iter().filter_map(|s| s.restart_at);
+        let probe = match self.broker {
+            Broker::Down { next_probe, .. } => next_probe,
+            Broker::Up => None,
+        };
+        let phase = match self.phase {
+            Phase::Running => None,
+            Phase::Stopping { deadline } | Phase::Aborting { deadline } => Some(deadline),
+        };
+        restarts.chain(probe).chain(phase).min()
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        match self.phase {
+            Phase::Stopping { deadline } if now >= deadline => {
+                let busy = self.slots.iter().filter(|s| s.thread.is_some()).count();
+                log::warn!(
+                    "the shutdown grace of {:?} ran out with {busy} workers busy; abandoning their tasks",
+                    self.config.shutdown.grace
+                );
+                self.abort = None;
+                self.phase = Phase::Aborting {
+                    deadline: now + ABORT_WAIT,
+                };
+                return;
+            }
+            Phase::Running => {}
+            _ => return,
+        }
+        for id in 1..=self.slots.len() {
+            if self.slots[id - 1].restart_at.is_some_and(|t| now >= t) {
+                self.spawn(id);
+            }
+        }
+        if let Broker::Down {
+            next_probe: Some(at),
+            ..
+        } = self.broker
+        {
+            if now >= at {
+                let first_parked = (1..=self.slots.len()).find(|&id| self.slots[id - 1].parked);
+                if let Broker::Down {
+                    next_probe, probe, ..
+                } = &mut self.broker
+                {
+                    *next_probe = None;
+                    *probe = first_parked;
+                }
+                if let Some(id) = first_parked {
+                    self.spawn(id);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_100ms_to_30s_with_jitter() {
+        for _ in 0..100 {
+            let first = backoff(0);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let third = backoff(2);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
+            let late = backoff(40);
+            assert!(late >= Duration::from_secs(15) && late <= Duration::from_secs(30));
+        }
+    }
+
+    #[test]
+    fn previews_are_short_and_escaped() {
+        assert_eq!(preview(b"Hello..."), "\"Hello...\"");
+        assert_eq!(preview(b"a\"\n\xff"), "\"a\\\"\\n\\xff\"");
+        let long = vec![b'x'; 1000];
+        let shown = preview(&long);
+        assert!(shown.starts_with(&format!("\"{}\"", "x".repeat(64))));
+        assert!(shown.ends_with("… (1000 bytes)"));
+    }
+}
