@@ -633,8 +633,9 @@ mod tests {
             "{err}"
         );
         assert!(resolve_program("sh").is_ok());
-        assert!(resolve_program("/etc/hostname")
-            .unwrap_err()
-            .contains("not an executable"));
+        let plain = dir.path().join("plain");
+        fs::write(&plain, "not a program").unwrap();
+        let err = resolve_program(plain.to_str().unwrap()).unwrap_err();
+        assert!(err.ends_with("is not an executable file"), "{err}");
     }
 }
