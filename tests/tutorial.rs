@@ -1,0 +1,93 @@
+//! The Work Queues tutorial end to end: `warren publish` the tutorial's five messages, `warren
+//! run` two workers with the `dots` handler, and check what the broker and the log saw.
+
+mod util;
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use util::{publish_ok, queue_counts, ready_and_unacked, Broker, Warren};
+
+const TUTORIAL: [&str; 5] = [
+    "First message.",
+    "Second message..",
+    "Third message...",
+    "Fourth message....",
+    "Fifth message.....",
+];
+
+#[test]
+fn the_tutorial_messages_are_all_processed_and_spread_over_both_workers() {
+    let broker = Broker::shared();
+    let queue = broker.queue("tutorial");
+    let config = broker.config(
+        &queue,
+        "[workers]\ncount = 2\n\n[handler]\nkind = \"dots\"\n",
+    );
+    publish_ok(&config, &TUTORIAL);
+    assert_eq!(
+        queue_counts(&queue).0,
+        5,
+        "all five messages wait in the queue"
+    );
+
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_for_count(" done ", 5, Duration::from_secs(30));
+    let (ready, unacked) = ready_and_unacked(&queue);
+    assert_eq!(
+        (ready, unacked),
+        (0, 0),
+        "the queue ends empty, with nothing unacked"
+    );
+
+    let done = warren.lines_with(" done ");
+    for worker in ["worker-1 done", "worker-2 done"] {
+        assert!(
+            done.iter().any(|l| l.contains(worker)),
+            "{worker} did some of the work: {done:#?}"
+        );
+    }
+    for message in TUTORIAL {
+        assert_eq!(
+            warren.lines_with(&format!("\"{message}\"")).len(),
+            1,
+            "{message} was received once"
+        );
+    }
+    warren.signal(Signal::SIGTERM);
+    assert!(warren.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn a_busy_worker_is_not_handed_a_second_message_while_another_is_free() {
+    let broker = Broker::shared();
+    let queue = broker.queue("fair");
+    let config = broker.config(
+        &queue,
+        "[workers]\ncount = 2\nprefetch = 1\n\n[handler]\nkind = \"dots\"\n",
+    );
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 2);
+
+    // A long task first; while it runs, three short ones must all go to the other worker.
+    publish_ok(&config, &["long......"]);
+    let long = warren.wait_for_log("received", Duration::from_secs(10));
+    let busy = long
+        .split_whitespace()
+        .find(|w| w.starts_with("worker-"))
+        .unwrap()
+        .to_string();
+    publish_ok(&config, &["short", "short", "short"]);
+    warren.wait_for_count("\"short\"", 3, Duration::from_secs(10));
+    warren.wait_for_count(" done ", 3, Duration::from_secs(10));
+
+    let short = warren.lines_with("\"short\"");
+    assert!(
+        short.iter().all(|l| !l.contains(&format!("{busy} "))),
+        "{busy} was busy yet got a short task: {short:#?}"
+    );
+    assert!(
+        warren.lines_with(&format!("{busy} done")).is_empty(),
+        "the long task is still running"
+    );
+}

@@ -1,0 +1,397 @@
+//! Helpers shared by the integration tests: the real broker, unique queues, config files, the
+//! `warren` binary as a child process, and waiting on conditions with deadlines.
+//!
+//! Every test talks to the RabbitMQ named by `WARREN_TEST_AMQP_URL` (default: the local guest
+//! account). A test that cannot reach it fails with a message that says so; none skip. Tests
+//! that stop the broker take the broker lock exclusively; every other test holds it shared.
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use warren::amqp::Session;
+use warren::config::Config;
+
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The broker URL the tests use.
+pub fn amqp_url() -> String {
+    std::env::var("WARREN_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_string())
+}
+
+/// A test's claim on the broker: holds the broker lock (shared, or exclusive for tests that stop
+/// the broker) and gives unique queue names that are deleted when it drops.
+pub struct Broker {
+    _lock: Flock<File>,
+    queues: Mutex<Vec<String>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// For ordinary tests, which may run in parallel with each other.
+    pub fn shared() -> Broker {
+        Broker::with_lock(FlockArg::LockShared)
+    }
+
+    /// For tests that stop or restart the broker: no other test runs meanwhile.
+    pub fn exclusive() -> Broker {
+        Broker::with_lock(FlockArg::LockExclusive)
+    }
+
+    fn with_lock(arg: FlockArg) -> Broker {
+        let path = std::env::temp_dir().join("warren-tests-broker.lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .expect("open the broker lock file");
+        let lock =
+            Flock::lock(file, arg).unwrap_or_else(|(_, e)| panic!("lock {}: {e}", path.display()));
+        // A session is opened and dropped only to fail early, and clearly, when the broker is away.
+        session();
+        Broker {
+            _lock: lock,
+            queues: Mutex::new(Vec::new()),
+            dir: tempfile::tempdir().expect("create a temporary directory"),
+        }
+    }
+
+    /// A queue name no other test uses; the queue is deleted when this `Broker` drops.
+    pub fn queue(&self, what: &str) -> String {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "warren-test-{what}-{}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            fastrand::u32(..)
+        );
+        self.queues.lock().unwrap().push(name.clone());
+        name
+    }
+
+    /// Writes a config file for `queue` with `extra` TOML (sections) appended after the
+    /// `[broker]` and `[queue]` sections, and returns its path.
+    pub fn config(&self, queue: &str, extra: &str) -> PathBuf {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = self.dir.path().join(format!(
+            "warren-{}.toml",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let text = format!(
+            "[broker]\nurl = \"{}\"\nheartbeat = \"5s\"\n\n[queue]\nname = \"{queue}\"\n\n{extra}\n",
+            amqp_url()
+        );
+        fs::write(&path, text).expect("write the config file");
+        path
+    }
+
+    /// Writes an executable script into the test's directory and returns its path.
+    pub fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write the script");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod the script");
+        path
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let queues = std::mem::take(&mut *self.queues.lock().unwrap());
+        if queues.is_empty() {
+            return;
+        }
+        if let Ok(session) = try_session() {
+            for queue in queues {
+                let _ = session.delete_queue(&queue);
+            }
+        }
+    }
+}
+
+/// A config that only carries the broker, for opening sessions from tests.
+pub fn broker_config() -> Config {
+    let text = format!(
+        "[broker]\nurl = \"{}\"\n[queue]\nname = \"unused\"\n[handler]\nkind = \"dots\"\n",
+        amqp_url()
+    );
+    Config::parse(Path::new("test.toml"), &text, None).expect("the test broker config parses")
+}
+
+pub fn try_session() -> Result<Session, warren::amqp::AmqpError> {
+    Session::open(&broker_config().broker, "warren tests")
+}
+
+/// A session with the test broker, or a panic that says how to start it.
+pub fn session() -> Session {
+    try_session().unwrap_or_else(|e| {
+        panic!(
+            "cannot reach the test broker: {e}. Start RabbitMQ (rabbitmq-server -detached && \
+             rabbitmqctl await_startup) or set WARREN_TEST_AMQP_URL"
+        )
+    })
+}
+
+/// Ready messages and consumers of `queue`, by a passive declare.
+pub fn queue_counts(queue: &str) -> (u32, u32) {
+    session()
+        .queue_counts(queue)
+        .unwrap_or_else(|e| panic!("passive declare of {queue}: {e}"))
+}
+
+/// Ready and unacknowledged messages of `queue`, as the broker reports them.
+pub fn ready_and_unacked(queue: &str) -> (u64, u64) {
+    let out = rabbitmqctl(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+    ]);
+    for line in out.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.first() == Some(&queue) && fields.len() == 3 {
+            return (fields[1].parse().unwrap(), fields[2].parse().unwrap());
+        }
+    }
+    panic!("queue {queue} is not in rabbitmqctl list_queues:\n{out}")
+}
+
+/// Runs rabbitmqctl and returns its standard output; panics if it fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl (is RabbitMQ installed?)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until `condition` holds, or panics naming `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `queue` holds exactly `ready` messages.
+pub fn wait_for_ready(queue: &str, ready: u32, timeout: Duration) {
+    wait_until(
+        timeout,
+        &format!("{queue} to hold {ready} ready messages"),
+        || queue_counts(queue).0 == ready,
+    );
+}
+
+/// The path of the `warren` binary under test.
+pub fn warren_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_warren")
+}
+
+/// Runs `warren publish` to completion and returns its exit status and log.
+pub fn publish(config: &Path, args: &[&str]) -> (ExitStatus, String) {
+    let out = Command::new(warren_bin())
+        .arg("publish")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("WARREN_BROKER_URL")
+        .output()
+        .expect("run warren publish");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Publishes each message with `warren publish` and asserts that it succeeded.
+pub fn publish_ok(config: &Path, messages: &[&str]) {
+    for message in messages {
+        let (status, log) = publish(config, &[message]);
+        assert!(
+            status.success(),
+            "warren publish {message:?} failed: {status}\n{log}"
+        );
+    }
+}
+
+/// A running `warren` process whose log is collected line by line.
+pub struct Warren {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    reader: Option<thread::JoinHandle<()>>,
+}
+
+impl Warren {
+    /// Starts `warren run --config CONFIG` with `args` appended.
+    pub fn run(config: &Path, args: &[&str]) -> Warren {
+        Warren::spawn(
+            Command::new(warren_bin())
+                .arg("run")
+                .arg("--config")
+                .arg(config)
+                .args(args),
+        )
+    }
+
+    pub fn spawn(command: &mut Command) -> Warren {
+        let mut child = command
+            .env_remove("WARREN_BROKER_URL")
+            .env_remove("WARREN_CONFIG")
+            .env(
+                "RUST_LOG",
+                std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start warren");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&log);
+        let pid = child.id();
+        let reader = thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("warren[{pid}] {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Warren {
+            child,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Every line logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Lines logged so far that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.log()
+            .into_iter()
+            .filter(|l| l.contains(needle))
+            .collect()
+    }
+
+    /// Waits until a logged line contains `needle` and returns it.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let mut found = None;
+        wait_until(timeout, &format!("warren to log {needle:?}"), || {
+            found = self.lines_with(needle).into_iter().next();
+            found.is_some()
+        });
+        found.expect("found")
+    }
+
+    /// Waits until `count` logged lines contain `needle`.
+    pub fn wait_for_count(&self, needle: &str, count: usize, timeout: Duration) {
+        wait_until(
+            timeout,
+            &format!("{count} log lines with {needle:?}"),
+            || self.lines_with(needle).len() >= count,
+        );
+    }
+
+    /// Waits until all `workers` are consuming, by the broker's consumer count.
+    pub fn wait_consuming(&self, queue: &str, workers: u32) {
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{workers} consumers on {queue}"),
+            || {
+                try_session()
+                    .ok()
+                    .and_then(|s| s.queue_counts(queue).ok())
+                    .is_some_and(|(_, consumers)| consumers == workers)
+            },
+        );
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signal warren");
+    }
+
+    /// Waits for the process to exit and for its log to be read to the end.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for warren") {
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!("warren did not exit within {timeout:?}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Warren {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Restarts the broker's app when dropped, so that a failing test does not leave it stopped.
+pub struct AppGuard;
+
+impl AppGuard {
+    pub fn stop_app() -> AppGuard {
+        rabbitmqctl(&["stop_app"]);
+        AppGuard
+    }
+}
+
+impl Drop for AppGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").arg("start_app").status();
+        let _ = Command::new("rabbitmqctl")
+            .args(["await_startup", "-t", "60"])
+            .status();
+    }
+}
+
+/// Reads the ids a recording handler wrote, one per line.
+pub fn recorded(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
