@@ -204,17 +204,25 @@ fn connect_tcp(url: &BrokerUrl, timeout: Duration) -> Result<TcpStream, String> 
     let addrs = (url.host(), url.port())
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve {}: {e}", url.host()))?;
-    let mut last = format!("{} resolved to no address", url.host());
+    let mut failures = Vec::new();
     for addr in addrs {
         match TcpStream::connect_timeout(&addr, timeout) {
             Ok(stream) => {
                 stream.set_nodelay(true).map_err(|e| e.to_string())?;
                 return Ok(stream);
             }
-            Err(e) => last = format!("{addr}: {e}"),
+            Err(e) => failures.push((addr, e)),
         }
     }
-    Err(last)
+    Err(match failures.as_slice() {
+        [] => format!("{} resolved to no address", url.host()),
+        [(_, e)] => e.to_string(),
+        many => many
+            .iter()
+            .map(|(addr, e)| format!("{addr}: {e}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
 }
 
 fn lost(url: &BrokerUrl, err: amiquip::Error) -> AmqpError {

@@ -464,7 +464,7 @@ impl Supervisor {
                 .filter(|&id| self.slots[id - 1].parked)
                 .collect();
             log::info!(
-                "broker at {} is reachable again after {:.1?} ({rounds} rounds); starting {} more workers",
+                "broker at {} is reachable again after {:.1?} ({rounds} rounds); starting the {} waiting workers",
                 self.config.broker.url,
                 since.elapsed(),
                 parked.len()

@@ -395,3 +395,115 @@ pub fn recorded(path: &Path) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// The broker connections that the process `pid` opened, as the connection process ids that
+/// `rabbitmqctl close_connection` takes. warren names each connection "warren worker-N pid P".
+pub fn connections_of(pid: Pid) -> Vec<String> {
+    let out = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ]);
+    let marker = format!(" pid {pid}\"");
+    out.lines()
+        .filter(|line| line.contains(&marker))
+        .filter_map(|line| Some(line.split_once('\t')?.0.to_string()))
+        .collect()
+}
+
+/// A loopback TCP proxy to the test broker, to make the broker appear and disappear for one
+/// client without stopping it for every test.
+pub struct Proxy {
+    pub port: u16,
+    stop: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// A free loopback port on which nothing listens yet.
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("find a free port")
+            .port()
+    }
+
+    /// Starts forwarding `port` to the test broker.
+    pub fn start(port: u16) -> Proxy {
+        use std::net::{TcpListener, TcpStream};
+        let url = url::Url::parse(&amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
+        let target = format!(
+            "{}:{}",
+            url.host_str().unwrap_or("127.0.0.1"),
+            url.port().unwrap_or(5672)
+        );
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the proxy port");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let thread = thread::spawn(move || {
+            let mut open: Vec<TcpStream> = Vec::new();
+            loop {
+                if !matches!(
+                    stopped.try_recv(),
+                    Err(crossbeam_channel::TryRecvError::Empty)
+                ) {
+                    for stream in open {
+                        let _ = stream.shutdown(std::net::Shutdown::Both);
+                    }
+                    return;
+                }
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        let Ok(server) = TcpStream::connect(&target) else {
+                            continue;
+                        };
+                        for (mut from, mut to) in [
+                            (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                            (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                        ] {
+                            thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(std::net::Shutdown::Both);
+                            });
+                        }
+                        open.push(client);
+                        open.push(server);
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Proxy {
+            port,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// The test broker's URL, through this proxy.
+    pub fn url(&self) -> String {
+        proxied_url(self.port)
+    }
+}
+
+/// The test broker's URL with its port replaced by `port`.
+pub fn proxied_url(port: u16) -> String {
+    let mut url = url::Url::parse(&amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
+    url.set_host(Some("127.0.0.1")).expect("set host");
+    url.set_port(Some(port)).expect("set port");
+    url.to_string()
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Stopping: Ctrl+C and SIGTERM let tasks in flight finish within the grace and exit 0; past the
+//! grace, tasks are killed and their messages requeued (exit 1); a second Ctrl+C exits at once
+//! (130). Nothing is acked that did not finish.
+
+mod util;
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use util::{publish_ok, ready_and_unacked, wait_for_ready, wait_until, Broker, Warren};
+
+#[test]
+fn sigterm_during_a_task_lets_it_finish_and_be_acked_then_exits_zero() {
+    let broker = Broker::shared();
+    let queue = broker.queue("term-busy");
+    let config = broker.config(
+        &queue,
+        "[workers]\ncount = 2\n\n[handler]\nkind = \"dots\"\n",
+    );
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 2);
+    publish_ok(&config, &["two seconds.."]);
+    warren.wait_for_log("received", Duration::from_secs(10));
+
+    warren.signal(Signal::SIGTERM);
+    let status = warren.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "a graceful stop exits 0");
+    assert_eq!(
+        warren.lines_with(" done ").len(),
+        1,
+        "the task in flight completed"
+    );
+    assert_eq!(ready_and_unacked(&queue), (0, 0), "and was acked");
+}
+
+#[test]
+fn sigterm_with_idle_workers_exits_in_well_under_a_second() {
+    let broker = Broker::shared();
+    let queue = broker.queue("term-idle");
+    let config = broker.config(
+        &queue,
+        "[workers]\ncount = 4\n\n[handler]\nkind = \"dots\"\n",
+    );
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 4);
+
+    let signalled = Instant::now();
+    warren.signal(Signal::SIGTERM);
+    let status = warren.wait_exit(Duration::from_secs(10));
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took < Duration::from_secs(1),
+        "idle workers took {took:?} to stop"
+    );
+}
+
+#[test]
+fn deliveries_not_yet_started_at_sigterm_are_returned_to_the_queue_unprocessed() {
+    let broker = Broker::shared();
+    let queue = broker.queue("stragglers");
+    // Prefetch 5 hands the worker messages it has not started; they must go back, not be acked.
+    let config = broker.config(
+        &queue,
+        "[workers]\ncount = 1\nprefetch = 5\n\n[handler]\nkind = \"dots\"\n",
+    );
+    publish_ok(&config, &["first.", "second", "third", "fourth", "fifth"]);
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_for_log("\"first.\"", Duration::from_secs(10));
+
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    assert_eq!(
+        warren.lines_with(" done ").len(),
+        1,
+        "only the task in flight ran"
+    );
+    assert_eq!(warren.lines_with("to the queue unprocessed").len(), 4);
+    assert_eq!(
+        ready_and_unacked(&queue),
+        (4, 0),
+        "the four others wait in the queue again"
+    );
+}
+
+#[test]
+fn a_task_still_running_after_the_grace_is_killed_and_its_message_requeued() {
+    let broker = Broker::shared();
+    let queue = broker.queue("grace");
+    let pids = broker.dir.path().join("pids");
+    // The task starts a grandchild too: the whole process group must die.
+    let script = broker.script(
+        "slow-job",
+        &format!(
+            "sleep 60 &\necho $! > {0}\necho $$ >> {0}\nwait",
+            pids.display()
+        ),
+    );
+    let config = broker.config(
+        &queue,
+        &format!(
+            "[workers]\ncount = 1\n\n[handler]\nkind = \"command\"\ncommand = [\"{}\"]\n\n[shutdown]\ngrace = \"1s\"\n",
+            script.display()
+        ),
+    );
+    publish_ok(&config, &["never finishes"]);
+    let mut warren = Warren::run(&config, &[]);
+    let received = warren.wait_for_log("received", Duration::from_secs(10));
+    let id = received
+        .split_whitespace()
+        .skip_while(|w| *w != "received")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    wait_until(
+        Duration::from_secs(10),
+        "the task to record its pids",
+        || util::recorded(&pids).len() == 2,
+    );
+
+    warren.signal(Signal::SIGTERM);
+    let status = warren.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "an abandoned task makes the exit code 1"
+    );
+    let line = warren.wait_for_log("requeued unfinished messages", Duration::from_secs(1));
+    assert!(
+        line.contains(&id),
+        "the last line names the requeued message: {line}"
+    );
+    assert!(warren.lines_with(" done ").is_empty());
+    assert_eq!(
+        ready_and_unacked(&queue),
+        (1, 0),
+        "the message is back in the queue, not acked"
+    );
+    for pid in util::recorded(&pids) {
+        let pid = Pid::from_raw(pid.parse().unwrap());
+        wait_until(
+            Duration::from_secs(5),
+            &format!("process {pid} to be killed"),
+            || kill(pid, None).is_err(),
+        );
+    }
+}
+
+#[test]
+fn a_dots_task_is_abandoned_at_the_end_of_the_grace_not_slept_out() {
+    let broker = Broker::shared();
+    let queue = broker.queue("grace-dots");
+    let config = broker.config(
+        &queue,
+        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n\n[shutdown]\ngrace = \"500ms\"\n",
+    );
+    publish_ok(
+        &config,
+        &["a minute of work............................................................"],
+    );
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_for_log("received", Duration::from_secs(10));
+
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(15)).code(), Some(1));
+    assert_eq!(ready_and_unacked(&queue), (1, 0));
+}
+
+#[test]
+fn a_second_ctrl_c_exits_at_once_with_130_and_the_broker_requeues() {
+    let broker = Broker::shared();
+    let queue = broker.queue("twice");
+    let config = broker.config(
+        &queue,
+        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
+    );
+    publish_ok(&config, &["long.........."]);
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_for_log("received", Duration::from_secs(10));
+
+    warren.signal(Signal::SIGINT);
+    warren.wait_for_log("stopping", Duration::from_secs(5));
+    warren.signal(Signal::SIGINT);
+    assert_eq!(warren.wait_exit(Duration::from_secs(5)).code(), Some(130));
+    wait_for_ready(&queue, 1, Duration::from_secs(10));
+}
