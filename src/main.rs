@@ -26,8 +26,8 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
         /// Worker threads, overriding workers.count.
-        #[arg(long, value_name = "N")]
-        workers: Option<usize>,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        workers: Option<u16>,
     },
     /// Publish persistent messages to the queue, with publisher confirms.
     Publish {
@@ -64,7 +64,14 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    // amiquip's own warnings repeat, less clearly, what warren logs about the same event, so
+    // they are hidden unless RUST_LOG asks for amiquip by name.
+    let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    if !filter.contains("amiquip") {
+        filter.push_str(",amiquip=error");
+    }
+    env_logger::Builder::new()
+        .parse_filters(&filter)
         .format_target(false)
         .init();
     match run(cli) {
@@ -80,7 +87,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
         Command::Run { config, workers } => {
             let config = warren::load_config(&warren::config_path(config))?;
-            let code = warren::daemon(config, workers, |stopper| {
+            let code = warren::daemon(config, workers.map(usize::from), |stopper| {
                 if let Err(e) = ctrlc::set_handler(move || stopper.stop()) {
                     log::warn!("cannot handle Ctrl+C and SIGTERM: {e}");
                 }

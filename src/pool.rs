@@ -492,7 +492,8 @@ impl Supervisor {
         if !matches!(self.phase, Phase::Running) {
             match exit {
                 Exit::Stopped { requeued } => self.requeued.extend(requeued),
-                Exit::Fatal(e) => log::error!("worker-{worker}: {e}"),
+                // The first fatal error is the one reported; the others are usually the same.
+                Exit::Fatal(e) => log::debug!("worker-{worker}: {e}"),
                 other => log::info!("worker-{worker} ended while stopping: {other:?}"),
             }
             return;
@@ -500,7 +501,7 @@ impl Supervisor {
         match exit {
             Exit::ConnectFailed(e) => self.on_unreachable(worker, e),
             Exit::Fatal(e) => {
-                log::error!("{e}; stopping");
+                log::warn!("worker-{worker} hit an error that retrying cannot fix; stopping");
                 self.fatal = Some(e);
                 self.begin_stop();
             }

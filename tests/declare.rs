@@ -1,0 +1,41 @@
+//! The queue declare: warren declares its queue at start, and a queue that already exists with
+//! other parameters stops warren with one line and exit 78, as the tutorial warns ("RabbitMQ
+//! does not allow redefining an existing queue with different parameters").
+
+mod util;
+
+use std::time::Duration;
+
+use util::{publish_ok, queue_counts, Broker, Warren};
+
+#[test]
+fn a_queue_declared_with_other_parameters_stops_warren_with_exit_78() {
+    let broker = Broker::shared();
+    let queue = broker.queue("mismatch");
+    let durable = broker.config(&queue, "[handler]\nkind = \"dots\"\n");
+    publish_ok(&durable, &["waits"]);
+
+    let transient = broker
+        .config(&queue, "[handler]\nkind = \"dots\"\n")
+        .with_extension("");
+    let text = std::fs::read_to_string(&durable).unwrap();
+    std::fs::write(
+        &transient,
+        text.replace("name = ", "durable = false\nname = "),
+    )
+    .unwrap();
+    let mut warren = Warren::run(&transient, &[]);
+    assert_eq!(warren.wait_exit(Duration::from_secs(20)).code(), Some(78));
+    let errors = warren.lines_with("ERROR");
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains(&format!("queue {queue:?}")) && l.contains("PRECONDITION_FAILED")),
+        "one line names the queue and the broker's reason: {errors:#?}"
+    );
+    assert_eq!(
+        queue_counts(&queue).0,
+        1,
+        "the message already queued is untouched"
+    );
+}
