@@ -155,8 +155,9 @@ pub fn publish_messages(
         n => format!(" ({n} empty lines skipped)"),
     };
     log::info!(
-        " [x] published {} messages to queue {}, all confirmed{skipped}",
+        " [x] published {} message{} to queue {}, all confirmed{skipped}",
         summary.confirmed,
+        if summary.confirmed == 1 { "" } else { "s" },
         options.queue
     );
     Ok(summary)

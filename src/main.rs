@@ -124,7 +124,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     body if body.is_empty() => "hello".to_string(),
                     body => body,
                 };
-                log::info!(" [x] Sent {body}");
+                log::info!(" [x] Sent {}", warren::pool::preview(body.as_bytes()));
                 warren::publish_messages(
                     &config,
                     &options,
