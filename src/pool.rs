@@ -280,6 +280,26 @@ struct Slot {
     parked: bool,
 }
 
+impl Slot {
+    /// Notes that the worker's thread ended at `now`. A worker that had been healthy for a while
+    /// failed for a new reason, so its backoff starts again from the shortest delay.
+    fn ended(&mut self, now: Instant) {
+        if self
+            .ready_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= HEALTHY_AFTER)
+        {
+            self.failures = 0;
+        }
+    }
+
+    /// The delay before the next restart, counting this failure.
+    fn next_delay(&mut self) -> Duration {
+        let delay = backoff(self.failures);
+        self.failures += 1;
+        delay
+    }
+}
+
 /// Whether the broker is reachable, as far as the supervisor knows. While it is not, one worker
 /// at a time probes it, so that the log gets one line per round and the broker is not hit by
 /// every worker of every host at once when it returns.
@@ -444,8 +464,7 @@ impl Supervisor {
             Ok(handle) => slot.thread = Some(handle),
             Err(e) => {
                 // Out of threads or memory: try again later rather than give up on the worker.
-                slot.failures += 1;
-                let delay = backoff(slot.failures);
+                let delay = slot.next_delay();
                 log::error!("cannot start worker-{id}: {e}; retrying in {delay:.1?}");
                 slot.restart_at = Some(Instant::now() + delay);
             }
@@ -483,12 +502,7 @@ impl Supervisor {
             // The thread sent its last event; joining only reaps it.
             let _ = thread.join();
         }
-        if slot
-            .ready_since
-            .is_some_and(|t| t.elapsed() >= HEALTHY_AFTER)
-        {
-            slot.failures = 0;
-        }
+        slot.ended(Instant::now());
         if !matches!(self.phase, Phase::Running) {
             match exit {
                 Exit::Stopped { requeued } => self.requeued.extend(requeued),
@@ -516,8 +530,7 @@ impl Supervisor {
 
     fn schedule_restart(&mut self, worker: usize, why: &str) {
         let slot = &mut self.slots[worker - 1];
-        let delay = backoff(slot.failures);
-        slot.failures += 1;
+        let delay = slot.next_delay();
         slot.restart_at = Some(Instant::now() + delay);
         log::warn!("{why}; restarting it in {delay:.1?}");
     }
@@ -638,6 +651,28 @@ mod tests {
             let late = backoff(40);
             assert!(late >= Duration::from_secs(15) && late <= Duration::from_secs(30));
         }
+    }
+
+    #[test]
+    fn restart_backoff_grows_with_failures_and_resets_after_a_healthy_minute() {
+        let now = Instant::now();
+        let mut slot = Slot::default();
+        let delays: Vec<Duration> = (0..4).map(|_| slot.next_delay()).collect();
+        assert!(delays[3] >= Duration::from_millis(400), "{delays:?}");
+
+        slot.ready_since = Some(now - Duration::from_secs(10));
+        slot.ended(now);
+        assert!(
+            slot.next_delay() >= Duration::from_millis(800),
+            "a short run keeps the backoff"
+        );
+
+        slot.ready_since = Some(now - HEALTHY_AFTER);
+        slot.ended(now);
+        assert!(
+            slot.next_delay() <= MIN_BACKOFF,
+            "a healthy minute resets it"
+        );
     }
 
     #[test]
