@@ -76,7 +76,9 @@ fn drain(run: usize, workers: usize, n: usize) -> (f64, f64) {
         })
     };
     let started = Instant::now();
-    let pool = Pool::start(Arc::new(config.clone()), factory).expect("start the pool");
+    let pool = Pool::new(Arc::new(config.clone()), factory)
+        .start()
+        .expect("start the pool");
     let ended = finish
         .recv_timeout(Duration::from_secs(300))
         .expect("drained in time");

@@ -59,8 +59,9 @@ pub struct Session {
 }
 
 impl Session {
-    /// Connects to the broker and opens a channel. `name` is shown as the connection's client
-    /// property `connection_name` in `rabbitmqctl list_connections` and the management UI.
+    /// Connects to the broker and opens a channel. `name` is sent as the client property
+    /// `information`, shown by `rabbitmqctl list_connections client_properties` and the
+    /// management UI.
     pub fn open(broker: &Broker, name: &str) -> Result<Session, AmqpError> {
         let url = &broker.url;
         let unreachable = |reason: String| AmqpError::Unreachable {

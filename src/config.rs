@@ -52,7 +52,9 @@ pub struct Config {
     pub broker: Broker,
     pub queue: Queue,
     pub workers: Workers,
-    pub handler: Handler,
+    /// Required by `warren run` (see [`Config::handler`]), not by `warren publish`, so that a
+    /// producer's file needs only `[broker]` and `[queue]`.
+    pub handler: Option<Handler>,
     pub shutdown: Shutdown,
 }
 
@@ -200,8 +202,8 @@ impl Config {
     /// Reads and validates the file at `path`. `broker_url_env` is the value of
     /// `WARREN_BROKER_URL`, if set; it overrides `broker.url`.
     ///
-    /// This does not check that a `command` handler's program exists: a host that only runs
-    /// `warren publish` need not have it. [`Config::check_handler`] does that for `warren run`.
+    /// This does not require a handler, nor check that a `command` handler's program exists: a
+    /// host that only runs `warren publish` need not have it. [`Config::handler`] does both.
     pub fn load(path: &Path, broker_url_env: Option<String>) -> Result<Config, ConfigError> {
         let source = fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
@@ -243,32 +245,34 @@ impl Config {
             return Err(err(queue.span(), "queue.name must not be empty"));
         }
 
-        let Some(section) = file.handler else {
-            return Err(ConfigError(format!(
-                "{}: handler.kind: missing; add a [handler] section with kind = \"dots\" or \"command\"",
-                path.display()
-            )));
-        };
-        let handler = match (section.kind, section.command) {
-            (Kind::Dots, None) => Handler::Dots,
+        let handler = file.handler.map(|section| match (section.kind, section.command) {
+            (Kind::Dots, None) => Ok(Handler::Dots),
             (Kind::Dots, Some(command)) => {
-                return Err(err(command.span(), "only kind = \"command\" takes a command"))
+                Err(err(command.span(), "only kind = \"command\" takes a command"))
             }
-            (Kind::Command, None) => {
-                return Err(ConfigError(format!(
-                    "{}: handler.command: missing; kind = \"command\" needs command = [\"/path/to/program\", ...]",
-                    path.display()
-                )))
-            }
+            (Kind::Command, None) => Err(ConfigError(format!(
+                "{}: handler.command: missing; kind = \"command\" needs command = [\"/path/to/program\", ...]",
+                path.display()
+            ))),
             (Kind::Command, Some(command)) => {
                 let span = command.span();
                 let argv = command.into_inner();
                 if argv.is_empty() || argv[0].is_empty() {
                     return Err(err(span, "the command must name a program"));
                 }
-                Handler::Command { argv }
+                Ok(Handler::Command { argv })
             }
-        };
+        });
+        let handler = handler.transpose()?;
+        if broker.connect_timeout.is_zero() {
+            let span = find_key(source, "broker", "connect_timeout");
+            return Err(ConfigError::at(
+                path,
+                source,
+                span,
+                "must be longer than 0s",
+            ));
+        }
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -284,13 +288,20 @@ impl Config {
         })
     }
 
-    /// Checks that a `command` handler's program exists and is executable, as `warren run` needs.
-    pub fn check_handler(&self) -> Result<(), ConfigError> {
-        let Handler::Command { argv } = &self.handler else {
-            return Ok(());
+    /// The handler, as `warren run` needs it: configured, and if it is a command, with a program
+    /// that exists and is executable.
+    pub fn handler(&self) -> Result<&Handler, ConfigError> {
+        let handler = self.handler.as_ref().ok_or_else(|| {
+            ConfigError(format!(
+                "{}: handler.kind: missing; add a [handler] section with kind = \"dots\" or \"command\"",
+                self.path.display()
+            ))
+        })?;
+        let Handler::Command { argv } = handler else {
+            return Ok(handler);
         };
         match resolve_program(&argv[0]) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(handler),
             Err(problem) => {
                 let source = fs::read_to_string(&self.path).unwrap_or_default();
                 let span = find_key(&source, "handler", "command");
@@ -461,14 +472,9 @@ fn key_at(source: &str, offset: usize) -> Option<String> {
     let before = &source[..offset.min(source.len())];
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = source[line_start..].lines().next().unwrap_or("");
-    let table = before[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('[') && l.ends_with(']'))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let table = before[..line_start].lines().rev().find_map(table_header);
     let key = match line.split_once('=') {
-        Some((key, _)) if !line.trim_start().starts_with('[') => key.trim().trim_matches('"'),
+        Some((key, _)) if table_header(line).is_none() => key.trim().trim_matches('"'),
         _ => return table,
     };
     Some(match table {
@@ -483,11 +489,8 @@ fn find_key(source: &str, table: &str, key: &str) -> Option<Range<usize>> {
     let mut current = String::new();
     for line in source.split_inclusive('\n') {
         let trimmed = line.trim();
-        if trimmed.starts_with('[') {
-            current = trimmed
-                .trim_matches(|c| c == '[' || c == ']')
-                .trim()
-                .to_string();
+        if let Some(header) = table_header(line) {
+            current = header;
         } else if current == table {
             if let Some((k, _)) = trimmed.split_once('=') {
                 if k.trim() == key {
@@ -498,6 +501,17 @@ fn find_key(source: &str, table: &str, key: &str) -> Option<Range<usize>> {
         offset += line.len();
     }
     None
+}
+
+/// The table a `[table]` header line opens (a trailing comment allowed), or `None`.
+fn table_header(line: &str) -> Option<String> {
+    let line = line.split('#').next().unwrap_or("").trim();
+    let name = line.strip_prefix('[')?.strip_suffix(']')?;
+    Some(
+        name.trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_string(),
+    )
 }
 
 fn one_line(message: &str) -> String {
@@ -525,7 +539,7 @@ mod tests {
         assert_eq!(config.broker.connect_timeout, Duration::from_secs(5));
         assert_eq!(config.shutdown.grace, Duration::from_secs(30));
         assert_eq!(config.broker.url.vhost(), "/");
-        assert_eq!(config.handler, Handler::Dots);
+        assert_eq!(config.handler, Some(Handler::Dots));
     }
 
     #[test]
@@ -554,6 +568,26 @@ mod tests {
     }
 
     #[test]
+    fn a_comment_after_a_table_header_does_not_hide_the_table() {
+        let text = format!("{MINIMAL}[workers] # how many at once\ncount = 0\n");
+        assert_eq!(
+            parse(&text).unwrap_err(),
+            "w.toml:6: workers.count: must be at least 1, not 0"
+        );
+        let source = "[handler] # what runs\nkind = \"command\"\ncommand = [\"x\"]\n";
+        assert_eq!(find_key(source, "handler", "command"), Some(39..55));
+    }
+
+    #[test]
+    fn a_zero_connect_timeout_is_refused() {
+        let text = format!("[broker]\nconnect_timeout = \"0s\"\n{MINIMAL}");
+        assert_eq!(
+            parse(&text).unwrap_err(),
+            "w.toml:2: broker.connect_timeout: must be longer than 0s"
+        );
+    }
+
+    #[test]
     fn heartbeat_is_whole_seconds_or_zero() {
         let with = |hb: &str| parse(&format!("[broker]\nheartbeat = \"{hb}\"\n{MINIMAL}"));
         assert_eq!(with("10s").unwrap().broker.heartbeat, 10);
@@ -570,9 +604,9 @@ mod tests {
         assert!(parse("[handler]\nkind = \"dots\"\n")
             .unwrap_err()
             .contains("queue.name: missing"));
-        assert!(parse("[queue]\nname = \"q\"\n")
-            .unwrap_err()
-            .contains("handler.kind: missing"));
+        let producer = parse("[queue]\nname = \"q\"\n").unwrap();
+        let err = producer.handler().unwrap_err().to_string();
+        assert!(err.contains("handler.kind: missing"), "{err}");
         let err = parse("[queue]\nname = \"q\"\n[handler]\nkind = \"command\"\n").unwrap_err();
         assert!(err.contains("handler.command: missing"), "{err}");
         let err = parse("[queue]\nname = \"q\"\n[handler]\nkind = \"command\"\ncommand = []\n")
@@ -627,7 +661,7 @@ mod tests {
         let path = dir.path().join("w.toml");
         fs::write(&path, "[queue]\nname = \"q\"\n[handler]\nkind = \"command\"\ncommand = [\"/nonexistent/job\"]\n").unwrap();
         let config = Config::load(&path, None).unwrap();
-        let err = config.check_handler().unwrap_err().to_string();
+        let err = config.handler().unwrap_err().to_string();
         assert!(
             err.ends_with(":5: handler.command: program /nonexistent/job does not exist"),
             "{err}"

@@ -135,6 +135,8 @@ impl Handler for CommandHandler {
                 if task.redelivered { "1" } else { "0" },
             )
             .env("WARREN_WORKER", task.worker.to_string())
+            // It may hold the broker password; tasks have no business with it.
+            .env_remove(config::BROKER_URL_ENV)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -187,10 +189,13 @@ impl Handler for CommandHandler {
                 select! {
                     recv(exited) -> status => status.ok(),
                     recv(abort.receiver()) -> _ => {
-                        // The grace is over: kill the task and everything it started.
+                        // The grace is over: kill the task and everything it started. A task
+                        // that exited successfully just before the kill landed did its work.
                         let _ = killpg(pid, Signal::SIGKILL);
-                        let _ = exited.recv();
-                        return Outcome::Aborted;
+                        match exited.recv() {
+                            Ok(Ok(status)) if status.success() => Some(Ok(status)),
+                            _ => return Outcome::Aborted,
+                        }
                     }
                 }
             }
@@ -199,9 +204,9 @@ impl Handler for CommandHandler {
                 return Outcome::Failed(format!("cannot run {}: {e}", self.argv[0]));
             }
         };
-        // Both loggers end when the pipes close; wait briefly so that the task's output comes
-        // before its "done" line.
-        let _ = logged.recv_timeout(OUTPUT_DRAIN);
+        // Each logger holds a sender and drops it when its pipe closes, which disconnects the
+        // channel; wait for that, briefly, so that the task's output comes before its "done"
+        // line.
         let _ = logged.recv_timeout(OUTPUT_DRAIN);
 
         match status {

@@ -76,7 +76,7 @@ pub fn load_config(path: &Path) -> Result<Config, Failure> {
 }
 
 /// `warren run`: starts the pool and waits for it to end. `on_start` receives the pool's
-/// [`Stopper`] before any worker connects, for the caller's signal handler.
+/// [`Stopper`] before any thread starts, for the caller's signal handler.
 pub fn daemon(
     mut config: Config,
     workers: Option<usize>,
@@ -88,23 +88,25 @@ pub fn daemon(
         }
         config.workers.count = workers;
     }
-    config.check_handler()?;
-    let factory = handler::from_config(&config.handler, &config.queue.name);
+    let handler = config.handler()?;
+    let factory = handler::from_config(handler, &config.queue.name);
     log::info!(
         "warren {} starting {} workers on queue {} at {} (handler {}, prefetch {})",
         env!("CARGO_PKG_VERSION"),
         config.workers.count,
         config.queue.name,
         config.broker.url,
-        match &config.handler {
+        match handler {
             config::Handler::Dots => "dots".to_string(),
             config::Handler::Command { argv } => format!("command {argv:?}"),
         },
         config.workers.prefetch,
     );
-    let pool = Pool::start(Arc::new(config), factory)
-        .map_err(|e| Failure::Software(format!("cannot start the supervisor thread: {e}")))?;
+    let pool = Pool::new(Arc::new(config), factory);
     on_start(pool.stopper());
+    let pool = pool
+        .start()
+        .map_err(|e| Failure::Software(format!("cannot start the supervisor thread: {e}")))?;
     match pool.wait() {
         Report::Clean => {
             log::info!("stopped cleanly");

@@ -29,6 +29,10 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 /// After the grace has run out and tasks were told to abort, how long to wait for workers to
 /// report before giving up on them. The broker requeues whatever they held when we exit.
 const ABORT_WAIT: Duration = Duration::from_secs(5);
+/// The longest pause before a failed task's message is requeued.
+const MAX_FAILURE_PAUSE: Duration = Duration::from_secs(5);
+/// After a second stop signal, how long to wait for handlers to kill their tasks before exiting.
+const KILL_WAIT: Duration = Duration::from_secs(1);
 /// How many bytes of a body the log shows.
 const PREVIEW_BYTES: usize = 64;
 
@@ -88,23 +92,42 @@ impl Stopper {
     }
 }
 
-/// A running pool.
+/// A pool that has not started yet: take its [`Stopper`] (for a signal handler) first, so that
+/// no signal can arrive before something is ready to hear it.
 pub struct Pool {
+    supervisor: Supervisor,
+}
+
+impl Pool {
+    pub fn new(config: Arc<Config>, factory: HandlerFactory) -> Pool {
+        let (events, inbox) = unbounded();
+        Pool {
+            supervisor: Supervisor::new(config, factory, events, inbox),
+        }
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.supervisor.events.clone())
+    }
+
+    /// Starts the supervisor, which starts the workers.
+    pub fn start(self) -> io::Result<RunningPool> {
+        let events = self.supervisor.events.clone();
+        let supervisor = self.supervisor;
+        let supervisor = thread::Builder::new()
+            .name("supervisor".into())
+            .spawn(move || supervisor.run())?;
+        Ok(RunningPool { events, supervisor })
+    }
+}
+
+/// A running pool.
+pub struct RunningPool {
     events: Sender<Event>,
     supervisor: JoinHandle<Report>,
 }
 
-impl Pool {
-    /// Starts the supervisor, which starts the workers.
-    pub fn start(config: Arc<Config>, factory: HandlerFactory) -> io::Result<Pool> {
-        let (events, inbox) = unbounded();
-        let supervisor = Supervisor::new(config, factory, events.clone(), inbox);
-        let supervisor = thread::Builder::new()
-            .name("supervisor".into())
-            .spawn(move || supervisor.run())?;
-        Ok(Pool { events, supervisor })
-    }
-
+impl RunningPool {
     pub fn stopper(&self) -> Stopper {
         Stopper(self.events.clone())
     }
@@ -153,7 +176,8 @@ impl Worker {
         };
         let _ = self.events.send(Event::Ready { worker: self.id });
         let mut handler = (self.factory)(self.id);
-        let mut requeued = Vec::new();
+        let mut abandoned = None;
+        let mut failures = 0;
 
         loop {
             let delivery = match subscription.next(&self.stop) {
@@ -181,19 +205,29 @@ impl Worker {
             };
             let outcome = handler.handle(&task, &self.abort);
             let took = started.elapsed();
-            let settled = match &outcome {
+            let settled = match outcome {
                 Outcome::Done => {
+                    failures = 0;
                     log::info!("{name} done {id} in {took:.2?}");
                     subscription.ack(delivery)
                 }
                 Outcome::Failed(why) => {
-                    log::warn!("{name} failed {id} after {took:.2?}: {why}; requeued");
+                    let pause = backoff(failures).min(MAX_FAILURE_PAUSE);
+                    failures += 1;
+                    log::warn!(
+                        "{name} failed {id} after {took:.2?}: {why}; requeued in {pause:.1?}"
+                    );
+                    // Without a pause, a handler that fails at once would spin on the message,
+                    // which the broker hands straight back. A stop cuts the pause short.
+                    let _ = self.stop.recv_timeout(pause);
                     subscription.requeue(delivery)
                 }
                 Outcome::Aborted => {
                     log::warn!("{name} abandoned {id} after {took:.2?}: the shutdown grace ran out; requeued");
-                    requeued.push(id.clone());
-                    subscription.requeue(delivery)
+                    // Requeued after the consumer is cancelled, or the broker would hand it
+                    // straight back to this consumer.
+                    abandoned = Some((id, delivery));
+                    break;
                 }
             };
             if let Err(e) = settled {
@@ -201,9 +235,6 @@ impl Worker {
                 // again, which at-least-once allows.
                 log::warn!("{name} could not settle {id}: {e}");
                 return Exit::Lost(e);
-            }
-            if outcome == Outcome::Aborted {
-                break;
             }
         }
 
@@ -220,6 +251,14 @@ impl Worker {
                 }
             }
             Err(e) => log::warn!("{name} could not cancel its consumer: {e}"),
+        }
+        let mut requeued = Vec::new();
+        if let Some((id, delivery)) = abandoned {
+            if let Err(e) = subscription.requeue(delivery) {
+                // Closing the connection requeues it all the same.
+                log::warn!("{name} could not requeue {id}: {e}");
+            }
+            requeued.push(id);
         }
         drop(subscription);
         if let Err(e) = session.close() {
@@ -394,9 +433,8 @@ impl Supervisor {
             match event {
                 Some(Event::Signal) => {
                     if !matches!(self.phase, Phase::Running) {
-                        log::warn!(
-                            "second stop signal: exiting now; the broker requeues unacked messages"
-                        );
+                        log::warn!("second stop signal: killing tasks in flight and exiting now; the broker requeues unacked messages");
+                        self.kill_tasks();
                         return Report::Interrupted;
                     }
                     log::info!(
@@ -426,8 +464,29 @@ impl Supervisor {
         }
     }
 
+    /// Fires the abort, so that handlers kill their tasks (a command's whole process group),
+    /// and waits briefly for the workers to requeue them and close.
+    fn kill_tasks(&mut self) {
+        self.abort = None;
+        let deadline = Instant::now() + KILL_WAIT;
+        while self.slots.iter().any(|s| s.thread.is_some()) {
+            match self.inbox.recv_deadline(deadline) {
+                Ok(Event::Exited { worker, .. }) => {
+                    if let Some(thread) = self.slots[worker - 1].thread.take() {
+                        let _ = thread.join();
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
     fn report(&mut self, stuck: Vec<usize>) -> Report {
         if let Some(fatal) = self.fatal.take() {
+            if !self.requeued.is_empty() {
+                log::error!("requeued unfinished messages: {}", self.requeued.join(", "));
+            }
             return Report::Fatal(fatal);
         }
         if self.requeued.is_empty() && stuck.is_empty() {
@@ -507,7 +566,8 @@ impl Supervisor {
             match exit {
                 Exit::Stopped { requeued } => self.requeued.extend(requeued),
                 // The first fatal error is the one reported; the others are usually the same.
-                Exit::Fatal(e) => log::debug!("worker-{worker}: {e}"),
+                Exit::Fatal(e) if self.fatal.is_some() => log::debug!("worker-{worker}: {e}"),
+                Exit::Fatal(e) => self.fatal = Some(e),
                 other => log::info!("worker-{worker} ended while stopping: {other:?}"),
             }
             return;

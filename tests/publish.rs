@@ -1,0 +1,318 @@
+//! `warren publish` against the real broker: each message is persistent `text/plain` with a
+//! message id of its own, its body is the arguments joined by spaces (or "hello"); `--stdin`
+//! publishes one message per line, bytes as they are, skipping empty lines and saying how many
+//! it skipped; `--no-declare` publishes to an existing queue, and a message nothing can route is
+//! reported as unroutable with exit 75; and an unreachable broker exits 69 without printing the
+//! password. Messages are read back with amiquip directly, to see what the broker stored.
+
+mod util;
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use amiquip::{Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery};
+use util::{publish, queue_counts, Broker};
+
+/// A connection and channel of the test's own, straight through amiquip.
+fn open_channel() -> (Connection, Channel) {
+    let mut connection =
+        Connection::insecure_open(&util::amqp_url()).expect("connect to the test broker");
+    let channel = connection.open_channel(None).expect("open a channel");
+    (connection, channel)
+}
+
+/// Takes the next message of `queue` off the broker (auto-ack), or panics if there is none.
+fn get(channel: &Channel, queue: &str) -> Delivery {
+    channel
+        .basic_get(queue, true)
+        .expect("basic.get")
+        .unwrap_or_else(|| panic!("{queue} holds no message"))
+        .delivery
+}
+
+/// Consumes exactly `count` messages from `queue` (auto-ack), in queue order.
+fn consume(channel: &Channel, queue: &str, count: usize) -> Vec<Delivery> {
+    let consumer = channel
+        .basic_consume(
+            queue,
+            ConsumerOptions {
+                no_ack: true,
+                ..ConsumerOptions::default()
+            },
+        )
+        .expect("basic.consume");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut deliveries = Vec::with_capacity(count);
+    while deliveries.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match consumer.receiver().recv_timeout(left) {
+            Ok(ConsumerMessage::Delivery(delivery)) => deliveries.push(delivery),
+            Ok(other) => panic!("the consumer ended: {other:?}"),
+            Err(_) => panic!(
+                "received {} of {count} messages from {queue} in time",
+                deliveries.len()
+            ),
+        }
+    }
+    consumer.cancel().expect("basic.cancel");
+    deliveries
+}
+
+/// Runs `warren publish --config CONFIG --stdin` with `input` on its standard input and returns
+/// its exit status and log.
+fn publish_stdin(config: &Path, input: Vec<u8>) -> (ExitStatus, String) {
+    let mut child = Command::new(util::warren_bin())
+        .arg("publish")
+        .arg("--config")
+        .arg(config)
+        .arg("--stdin")
+        .env_remove("WARREN_BROKER_URL")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start warren publish");
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let writer = thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().expect("wait for warren publish");
+    writer
+        .join()
+        .expect("the stdin writer")
+        .expect("write warren's stdin");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether the broker has a queue named `queue`, by a passive declare.
+fn queue_exists(queue: &str) -> bool {
+    util::session().queue_counts(queue).is_ok()
+}
+
+fn body(delivery: &Delivery) -> String {
+    String::from_utf8_lossy(&delivery.body).into_owned()
+}
+
+#[test]
+fn a_message_is_persistent_plain_text_with_an_id_and_its_body_is_the_arguments_or_hello() {
+    let broker = Broker::shared();
+    let queue = broker.queue("one");
+    let config = broker.config(&queue, "[handler]\nkind = \"dots\"\n");
+    let (status, log) = publish(&config, &["Hello", "big  world", "..."]);
+    assert!(status.success(), "warren publish failed: {status}\n{log}");
+    let (status, log) = publish(&config, &[]);
+    assert!(status.success(), "warren publish failed: {status}\n{log}");
+    assert_eq!(queue_counts(&queue).0, 2, "two messages wait in the queue");
+
+    let (connection, channel) = open_channel();
+    let first = get(&channel, &queue);
+    let second = get(&channel, &queue);
+    assert_eq!(
+        body(&first),
+        "Hello big  world ...",
+        "the body is the arguments joined by single spaces"
+    );
+    assert_eq!(
+        body(&second),
+        "hello",
+        "with no arguments the body is hello"
+    );
+    let mut ids = HashSet::new();
+    for message in [&first, &second] {
+        let properties = &message.properties;
+        assert_eq!(
+            *properties.delivery_mode(),
+            Some(2),
+            "the message is persistent"
+        );
+        assert_eq!(properties.content_type().as_deref(), Some("text/plain"));
+        let id = properties
+            .message_id()
+            .clone()
+            .expect("the message has a message_id");
+        assert!(!id.trim().is_empty(), "the message_id is not blank");
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 2, "each message has an id of its own: {ids:?}");
+    connection.close().expect("close the connection");
+
+    let durable =
+        util::rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name", "durable"]);
+    assert!(
+        durable
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [queue.as_str(), "true"]),
+        "publish declared {queue} durable:\n{durable}"
+    );
+}
+
+#[test]
+fn stdin_publishes_each_line_byte_for_byte_and_skips_empty_lines() {
+    let broker = Broker::shared();
+    let queue = broker.queue("stdin");
+    let config = broker.config(&queue, "[handler]\nkind = \"dots\"\n");
+    let binary: &[u8] = b"caf\xe9 \xff\xfe\x00 not UTF-8 \x80";
+    let mut lines: Vec<Vec<u8>> = (0..10_000)
+        .map(|i| format!("task {i} of 10000.{}", ".".repeat(i % 4)).into_bytes())
+        .collect();
+    lines.insert(5_000, binary.to_vec());
+    let mut input = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        input.extend_from_slice(line);
+        input.push(b'\n');
+        if i == 0 || i == 7_777 {
+            input.push(b'\n');
+        }
+    }
+    input.push(b'\n');
+
+    let (status, log) = publish_stdin(&config, input);
+    assert!(
+        status.success(),
+        "warren publish --stdin failed: {status}\n{log}"
+    );
+    let summary = log
+        .lines()
+        .find(|l| l.contains(" [x] published "))
+        .unwrap_or_else(|| panic!("no summary line in the log:\n{log}"));
+    assert!(
+        summary.ends_with(&format!(
+            "published 10001 messages to queue {queue}, all confirmed (3 empty lines skipped)"
+        )),
+        "the summary counts the messages and the skipped empty lines: {summary}"
+    );
+    assert_eq!(
+        queue_counts(&queue).0,
+        10_001,
+        "one message per non-empty line"
+    );
+
+    let (connection, channel) = open_channel();
+    let deliveries = consume(&channel, &queue, lines.len());
+    let mut ids = HashSet::new();
+    for (i, (delivery, line)) in deliveries.iter().zip(&lines).enumerate() {
+        assert!(
+            delivery.body == *line,
+            "message {i} is {:?}, not the line {:?}",
+            delivery.body.escape_ascii().to_string(),
+            line.escape_ascii().to_string()
+        );
+        assert_eq!(*delivery.properties.delivery_mode(), Some(2));
+        let id = delivery
+            .properties
+            .message_id()
+            .clone()
+            .unwrap_or_else(|| panic!("message {i} has no message_id"));
+        assert!(ids.insert(id.clone()), "message {i} repeats the id {id}");
+    }
+    assert!(
+        channel
+            .basic_get(&queue, true)
+            .expect("basic.get")
+            .is_none(),
+        "no message beyond the 10001 lines"
+    );
+    connection.close().expect("close the connection");
+}
+
+#[test]
+fn an_unroutable_message_exits_75_and_says_so() {
+    let broker = Broker::shared();
+    let configured = broker.queue("configured");
+    let absent = broker.queue("absent");
+    let config = broker.config(&configured, "[handler]\nkind = \"dots\"\n");
+    let (status, log) = publish(
+        &config,
+        &["--no-declare", "--queue", &absent, "lost", "message"],
+    );
+    assert_eq!(
+        status.code(),
+        Some(75),
+        "an unroutable message exits 75 (EX_TEMPFAIL): {status}\n{log}"
+    );
+    let error = log
+        .lines()
+        .find(|l| l.contains("ERROR"))
+        .unwrap_or_else(|| panic!("no error line:\n{log}"));
+    assert!(
+        error.contains("unroutable") && error.contains(&absent),
+        "the error names the problem and the queue: {error}"
+    );
+    assert!(
+        !log.contains("all confirmed"),
+        "no success summary is logged:\n{log}"
+    );
+    assert!(!queue_exists(&absent), "--no-declare declared no queue");
+    assert!(
+        !queue_exists(&configured),
+        "--queue overrides queue.name, which was not declared either"
+    );
+}
+
+#[test]
+fn an_unreachable_broker_exits_69_without_showing_the_password() {
+    let broker = Broker::shared();
+    let queue = broker.queue("unreachable");
+    let config: PathBuf = broker.dir.path().join("unreachable.toml");
+    fs::write(
+        &config,
+        format!(
+            "[broker]\nurl = \"amqp://warren:s3cr3t-pw@127.0.0.1:1/%2f\"\nconnect_timeout = \
+             \"2s\"\n\n[queue]\nname = \"{queue}\"\n\n[handler]\nkind = \"dots\"\n"
+        ),
+    )
+    .expect("write the config file");
+    let started = Instant::now();
+    let (status, log) = publish(&config, &["nobody", "hears", "this"]);
+    assert_eq!(
+        status.code(),
+        Some(69),
+        "an unreachable broker exits 69 (EX_UNAVAILABLE): {status}\n{log}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "gave up within the connect timeout, not after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !log.contains("s3cr3t-pw"),
+        "the log shows the password:\n{log}"
+    );
+    let error = log
+        .lines()
+        .find(|l| l.contains("ERROR"))
+        .unwrap_or_else(|| panic!("no error line:\n{log}"));
+    assert!(
+        error.contains("127.0.0.1:1"),
+        "the error names the broker's address: {error}"
+    );
+}
+
+#[test]
+fn no_declare_publishes_to_an_existing_queue() {
+    let broker = Broker::shared();
+    let queue = broker.queue("existing");
+    let config = broker.config(&queue, "[handler]\nkind = \"dots\"\n");
+    util::session()
+        .declare(&warren::config::Queue {
+            name: queue.clone(),
+            durable: true,
+        })
+        .expect("declare the queue");
+
+    let (status, log) = publish(&config, &["--no-declare", "declared", "elsewhere"]);
+    assert!(
+        status.success(),
+        "warren publish --no-declare failed: {status}\n{log}"
+    );
+    let (connection, channel) = open_channel();
+    assert_eq!(body(&get(&channel, &queue)), "declared elsewhere");
+    connection.close().expect("close the connection");
+}
