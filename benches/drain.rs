@@ -2,7 +2,7 @@
 //! the real broker (`WARREN_TEST_AMQP_URL`, default the local guest account). Also reports the
 //! rate of `warren publish --stdin`'s path (publish with asynchronous confirms).
 //!
-//! Run: `cargo bench --bench drain` (optional args: MESSAGES RUNS). Each configuration runs
+//! Run: `cargo bench --bench drain` (optional args: MESSAGES RUNS PREFETCH). Each configuration runs
 //! RUNS times, interleaved, and the median is reported, with the 4-worker/1-worker ratio, because
 //! on a shared 2-core machine one absolute time is noise.
 
@@ -34,11 +34,11 @@ impl Handler for NoOp {
     }
 }
 
-fn config(queue: &str, workers: usize) -> Config {
+fn config(queue: &str, workers: usize, prefetch: u16) -> Config {
     let url = std::env::var("WARREN_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let text = format!(
-        "[broker]\nurl = \"{url}\"\n[queue]\nname = \"{queue}\"\n[workers]\ncount = {workers}\n[handler]\nkind = \"dots\"\n"
+        "[broker]\nurl = \"{url}\"\n[queue]\nname = \"{queue}\"\n[workers]\ncount = {workers}\nprefetch = {prefetch}\n[handler]\nkind = \"dots\"\n"
     );
     Config::parse(Path::new("bench.toml"), &text, None).expect("bench config")
 }
@@ -58,9 +58,9 @@ fn fill(config: &Config, n: usize) -> f64 {
 }
 
 /// Drains a queue of `n` messages with `workers` workers and returns messages per second.
-fn drain(run: usize, workers: usize, n: usize) -> (f64, f64) {
+fn drain(run: usize, workers: usize, n: usize, prefetch: u16) -> (f64, f64) {
     let queue = format!("warren-bench-{}-{run}-{workers}", std::process::id());
-    let config = config(&queue, workers);
+    let config = config(&queue, workers, prefetch);
     let published = fill(&config, n);
 
     let done = Arc::new(AtomicUsize::new(0));
@@ -107,12 +107,13 @@ fn main() {
         .collect();
     let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let runs: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    let prefetch: u16 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1);
     let (mut one, mut four, mut publish) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
-        let (rate, published) = drain(run, 1, n);
+        let (rate, published) = drain(run, 1, n, prefetch);
         one.push(rate);
         publish.push(published);
-        let (rate, published) = drain(run, 4, n);
+        let (rate, published) = drain(run, 4, n, prefetch);
         four.push(rate);
         publish.push(published);
         println!(
@@ -121,7 +122,7 @@ fn main() {
         );
     }
     let (one, four, publish) = (median(one), median(four), median(publish));
-    println!("{n} no-op messages, median of {runs} runs:");
+    println!("{n} no-op messages, prefetch {prefetch}, median of {runs} runs:");
     println!("  drain, 1 worker:  {one:.0} msg/s");
     println!(
         "  drain, 4 workers: {four:.0} msg/s ({:.2}x one worker)",
