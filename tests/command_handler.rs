@@ -330,3 +330,38 @@ fn the_programs_stdout_and_stderr_appear_in_the_log_prefixed_with_the_worker() {
     );
     stop(warren);
 }
+
+#[test]
+fn the_broker_url_from_the_environment_is_used_but_never_shown_to_the_program() {
+    let broker = Broker::shared();
+    let queue = broker.queue("env-url");
+    let script = script_in_dir(
+        &broker,
+        "env-dump",
+        "cat > /dev/null\nenv > \"$DIR/$WARREN_MESSAGE_ID.env\"",
+    );
+    let config = command_config(&broker, &queue, 1, &script);
+    // The file's URL leads nowhere; WARREN_BROKER_URL, which overrides it, is the real broker.
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(
+        &config,
+        text.replace(&util::amqp_url(), "amqp://guest:guest@127.0.0.1:1/%2f"),
+    )
+    .unwrap();
+    publish_bodies(&queue, &[("env-url-1", b"x")]);
+
+    let warren = Warren::spawn(
+        std::process::Command::new("env")
+            .arg(format!("WARREN_BROKER_URL={}", util::amqp_url()))
+            .args([util::warren_bin(), "run", "--config"])
+            .arg(&config),
+    );
+    warren.wait_for_log(" done env-url-1 ", WAIT);
+    let env = fs::read_to_string(broker.dir.path().join("env-url-1.env")).unwrap();
+    assert!(env.contains(&format!("WARREN_QUEUE={queue}")), "{env}");
+    assert!(
+        !env.contains("WARREN_BROKER_URL"),
+        "the task saw the broker URL: {env}"
+    );
+    stop(warren);
+}

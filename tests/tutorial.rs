@@ -91,3 +91,26 @@ fn a_busy_worker_is_not_handed_a_second_message_while_another_is_free() {
         "the long task is still running"
     );
 }
+
+#[test]
+fn on_a_terminal_warren_says_it_is_waiting_for_messages() {
+    let broker = Broker::shared();
+    let queue = broker.queue("terminal");
+    let config = broker.config(
+        &queue,
+        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
+    );
+    // script(1) runs warren on a pseudo-terminal and copies what it prints to our stderr pipe.
+    let command = format!("{} run --config {}", util::warren_bin(), config.display());
+    let warren = Warren::spawn(std::process::Command::new("sh").args([
+        "-c",
+        "exec script -qfec \"$0\" /dev/null >&2",
+        &command,
+    ]));
+    warren.wait_for_log(
+        " [*] Waiting for messages. To exit press CTRL+C",
+        Duration::from_secs(10),
+    );
+    warren.wait_consuming(&queue, 1);
+    // Dropping `warren` kills script(1); warren then gets SIGHUP from its terminal and stops.
+}
