@@ -29,6 +29,11 @@ pub const BROKER_URL_ENV: &str = "WARREN_BROKER_URL";
 pub struct ConfigError(String);
 
 impl ConfigError {
+    /// An error about something other than the file, such as an environment variable.
+    pub fn new(message: String) -> ConfigError {
+        ConfigError(message)
+    }
+
     fn at(path: &Path, source: &str, span: Option<Range<usize>>, message: &str) -> ConfigError {
         let location = match span {
             Some(span) => {

@@ -38,7 +38,8 @@ pub enum Outcome {
     Done,
     /// The work failed: requeue the message so that it runs again. The text says why.
     Failed(String),
-    /// The shutdown grace ran out and the work was abandoned: requeue it, unprocessed.
+    /// The [`Abort`] fired (the shutdown grace ran out, or a second stop signal came) and the
+    /// work was abandoned: requeue it, unprocessed.
     Aborted,
 }
 

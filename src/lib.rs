@@ -71,7 +71,16 @@ pub fn config_path(flag: Option<PathBuf>) -> PathBuf {
 
 /// Loads the configuration at `path`, applying `WARREN_BROKER_URL`.
 pub fn load_config(path: &Path) -> Result<Config, Failure> {
-    let url = std::env::var(config::BROKER_URL_ENV).ok();
+    let url = match std::env::var(config::BROKER_URL_ENV) {
+        Ok(url) => Some(url),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(Failure::Config(ConfigError::new(format!(
+                "{}: not valid UTF-8",
+                config::BROKER_URL_ENV
+            ))))
+        }
+    };
     Ok(Config::load(path, url)?)
 }
 

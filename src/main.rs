@@ -66,7 +66,10 @@ fn main() -> ExitCode {
     };
     // amiquip's own warnings repeat, less clearly, what warren logs about the same event, so
     // they are hidden unless RUST_LOG asks for amiquip by name.
-    let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let mut filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| !f.trim().is_empty())
+        .unwrap_or_else(|| "info".into());
     if !filter.contains("amiquip") {
         filter.push_str(",amiquip=error");
     }
@@ -96,7 +99,8 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 }
             })?;
             if code == exit::INTERRUPTED {
-                // A second Ctrl+C: leave now, without waiting for workers. The broker requeues
+                // A second Ctrl+C: the supervisor has killed the tasks in flight (waiting a second
+                // at most for them); leave now, without joining worker threads. The broker requeues
                 // every unacked message when their connections drop.
                 std::process::exit(code.into());
             }

@@ -223,7 +223,7 @@ impl Worker {
                     subscription.requeue(delivery)
                 }
                 Outcome::Aborted => {
-                    log::warn!("{name} abandoned {id} after {took:.2?}: the shutdown grace ran out; requeued");
+                    log::warn!("{name} abandoned {id} after {took:.2?}: warren is stopping and cannot wait for it; requeued");
                     // Requeued after the consumer is cancelled, or the broker would hand it
                     // straight back to this consumer.
                     abandoned = Some((id, delivery));
@@ -382,6 +382,9 @@ struct Supervisor {
     phase: Phase,
     requeued: Vec<String>,
     fatal: Option<AmqpError>,
+    /// A stop signal has arrived; the next one stops at once. A stop for a fatal error does not
+    /// count, so that the operator's first Ctrl+C during it still waits for the grace.
+    signalled: bool,
 }
 
 impl Supervisor {
@@ -408,6 +411,7 @@ impl Supervisor {
             phase: Phase::Running,
             requeued: Vec::new(),
             fatal: None,
+            signalled: false,
         }
     }
 
@@ -431,17 +435,20 @@ impl Supervisor {
                 ),
             };
             match event {
+                Some(Event::Signal) if self.signalled => {
+                    log::warn!("second stop signal: killing tasks in flight and exiting now; the broker requeues unacked messages");
+                    self.kill_tasks();
+                    return Report::Interrupted;
+                }
                 Some(Event::Signal) => {
-                    if !matches!(self.phase, Phase::Running) {
-                        log::warn!("second stop signal: killing tasks in flight and exiting now; the broker requeues unacked messages");
-                        self.kill_tasks();
-                        return Report::Interrupted;
-                    }
+                    self.signalled = true;
                     log::info!(
                         "stopping: no new messages; tasks in flight have {:?} to finish (press Ctrl+C again to exit now)",
                         self.config.shutdown.grace
                     );
-                    self.begin_stop();
+                    if matches!(self.phase, Phase::Running) {
+                        self.begin_stop();
+                    }
                 }
                 Some(Event::Ready { worker }) => self.on_ready(worker),
                 Some(Event::Exited { worker, exit }) => self.on_exit(worker, exit),
@@ -486,6 +493,9 @@ impl Supervisor {
         if let Some(fatal) = self.fatal.take() {
             if !self.requeued.is_empty() {
                 log::error!("requeued unfinished messages: {}", self.requeued.join(", "));
+            }
+            for worker in stuck {
+                log::error!("worker-{worker} did not stop; the broker requeues what it held");
             }
             return Report::Fatal(fatal);
         }

@@ -185,3 +185,45 @@ fn a_second_ctrl_c_exits_at_once_with_130_and_the_broker_requeues() {
     assert_eq!(warren.wait_exit(Duration::from_secs(5)).code(), Some(130));
     wait_for_ready(&queue, 1, Duration::from_secs(10));
 }
+
+#[test]
+fn a_second_ctrl_c_kills_a_running_command_with_its_process_group() {
+    let broker = Broker::shared();
+    let queue = broker.queue("twice-command");
+    let pids = broker.dir.path().join("pids");
+    let script = broker.script(
+        "stubborn-job",
+        &format!(
+            "sleep 60 &\necho $! > {0}\necho $$ >> {0}\nwait",
+            pids.display()
+        ),
+    );
+    let config = broker.config(
+        &queue,
+        &format!(
+            "[workers]\ncount = 1\n\n[handler]\nkind = \"command\"\ncommand = [\"{}\"]\n",
+            script.display()
+        ),
+    );
+    publish_ok(&config, &["takes a minute"]);
+    let mut warren = Warren::run(&config, &[]);
+    wait_until(
+        Duration::from_secs(10),
+        "the task to record its pids",
+        || util::recorded(&pids).len() == 2,
+    );
+
+    warren.signal(Signal::SIGINT);
+    warren.wait_for_log("stopping", Duration::from_secs(5));
+    warren.signal(Signal::SIGINT);
+    assert_eq!(warren.wait_exit(Duration::from_secs(5)).code(), Some(130));
+    for pid in util::recorded(&pids) {
+        let pid = Pid::from_raw(pid.parse().unwrap());
+        wait_until(
+            Duration::from_secs(5),
+            &format!("process {pid} to be killed"),
+            || kill(pid, None).is_err(),
+        );
+    }
+    wait_for_ready(&queue, 1, Duration::from_secs(10));
+}
