@@ -86,7 +86,7 @@ fn drain(run: usize, workers: usize, n: usize, prefetch: u16) -> (f64, f64) {
     pool.stopper().stop();
     pool.wait();
 
-    let session = Session::open(&config.broker, "warren bench").expect("connect");
+    let session = Session::open(&config.broker, 0, "warren bench").expect("connect");
     let (ready, _) = session.queue_counts(&queue).expect("count");
     assert_eq!(ready, 0, "the queue is empty after the drain");
     session

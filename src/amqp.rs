@@ -11,8 +11,9 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use amiquip::{
-    AmqpProperties, Auth, Channel, Confirm, Connection, ConnectionOptions, ConnectionTuning,
-    ConsumerMessage, ConsumerOptions, Publish, QueueDeclareOptions, QueueDeleteOptions,
+    AmqpProperties, AmqpValue, Auth, Channel, Confirm, Connection, ConnectionBlockedNotification,
+    ConnectionOptions, ConnectionTuning, ConsumerMessage, ConsumerOptions, FieldTable, Publish,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use crossbeam_channel::{select, Receiver, TryRecvError};
 
@@ -20,6 +21,7 @@ use crate::config::{Broker, BrokerUrl};
 
 /// The AMQP reply codes that warren branches on.
 const CONNECTION_FORCED: u16 = 320;
+const PRECONDITION_FAILED: u16 = 406;
 const NOT_ALLOWED: u16 = 530;
 
 /// Why a broker operation failed, sorted by what the caller should do about it.
@@ -53,17 +55,42 @@ impl AmqpError {
 /// One connection with one channel: what each worker owns, and what `warren publish` uses.
 pub struct Session {
     url: BrokerUrl,
+    blocked: Receiver<ConnectionBlockedNotification>,
     // Field order matters: the channel must close before its connection.
     channel: Channel,
     connection: Connection,
 }
 
+/// A queue argument value, as warren uses them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arg {
+    Str(String),
+    Int(i64),
+}
+
+/// A queue to declare: its name, durability and `x-` arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    pub name: String,
+    pub durable: bool,
+    pub arguments: Vec<(String, Arg)>,
+}
+
+/// A message header as warren reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Header {
+    Int(i64),
+    Str(String),
+    /// Any other AMQP type, described for a log line.
+    Other(String),
+}
+
 impl Session {
-    /// Connects to the broker and opens a channel. `name` is sent as the client property
-    /// `information`, shown by `rabbitmqctl list_connections client_properties` and the
-    /// management UI.
-    pub fn open(broker: &Broker, name: &str) -> Result<Session, AmqpError> {
-        let url = &broker.url;
+    /// Connects to node `node` (modulo their number) of the broker and opens a channel. `name`
+    /// is sent as the client property `information`, shown by `rabbitmqctl list_connections
+    /// client_properties` and the management UI.
+    pub fn open(broker: &Broker, node: usize, name: &str) -> Result<Session, AmqpError> {
+        let url = &broker.urls[node % broker.urls.len()];
         let unreachable = |reason: String| AmqpError::Unreachable {
             address: url.address(),
             reason: url.redact(&reason),
@@ -101,24 +128,54 @@ impl Session {
                     },
                     other => unreachable(other.to_string()),
                 })?;
+        let blocked = connection
+            .listen_for_connection_blocked()
+            .map_err(|e| lost(url, e))?;
         let channel = connection.open_channel(None).map_err(|e| lost(url, e))?;
         Ok(Session {
             url: url.clone(),
+            blocked,
             channel,
             connection,
         })
     }
 
-    /// Declares `queue` as warren declares it everywhere (durable unless configured otherwise).
-    pub fn declare(&self, queue: &crate::config::Queue) -> Result<(), AmqpError> {
+    /// `host:port` of the node this session is connected to.
+    pub fn address(&self) -> String {
+        self.url.address()
+    }
+
+    /// Declares a queue. A queue that exists with other arguments is a fatal
+    /// [`AmqpError::Rejected`] whose text names the queue, the argument, what exists and what
+    /// was asked for.
+    pub fn declare(&self, spec: &QueueSpec) -> Result<(), AmqpError> {
+        let mut arguments = FieldTable::new();
+        for (key, value) in &spec.arguments {
+            let value = match value {
+                Arg::Str(s) => AmqpValue::LongString(s.clone()),
+                Arg::Int(i) => AmqpValue::LongLongInt(*i),
+            };
+            arguments.insert(key.clone(), value);
+        }
         let options = QueueDeclareOptions {
-            durable: queue.durable,
+            durable: spec.durable,
+            arguments,
             ..QueueDeclareOptions::default()
         };
         self.channel
-            .queue_declare(queue.name.as_str(), options)
+            .queue_declare(spec.name.as_str(), options)
             .map(drop)
-            .map_err(|e| self.channel_error(e, format!("the declare of queue {:?}", queue.name)))
+            .map_err(|e| match e {
+                amiquip::Error::ServerClosedChannel {
+                    code: PRECONDITION_FAILED,
+                    ref message,
+                    ..
+                } if message.contains("inequivalent arg") => AmqpError::Rejected {
+                    what: format!("the declare of queue {:?}", spec.name),
+                    reason: describe_inequivalent(message),
+                },
+                other => self.channel_error(other, format!("the declare of queue {:?}", spec.name)),
+            })
     }
 
     /// Sets the prefetch limit and starts consuming `queue` with manual acks.
@@ -136,7 +193,9 @@ impl Session {
         })
     }
 
-    /// Enables publisher confirms and returns of unroutable messages.
+    /// Enables publisher confirms and returns of unroutable messages. Publish on a session of its
+    /// own, not on a consumer's: the broker blocks a connection that publishes during a memory or
+    /// disk alarm, and acks must not wait for that.
     pub fn publisher(&self) -> Result<Publisher<'_>, AmqpError> {
         let returns = self
             .channel
@@ -155,6 +214,56 @@ impl Session {
             returns,
             next_tag: 1,
         })
+    }
+
+    /// Publishes `body` to `queue` through the default exchange without confirms; for tests and
+    /// tools that need a message with particular headers.
+    pub fn publish_raw(
+        &self,
+        queue: &str,
+        body: &[u8],
+        headers: Vec<(String, Header)>,
+    ) -> Result<(), AmqpError> {
+        let mut table = FieldTable::new();
+        for (key, value) in headers {
+            let value = match value {
+                Header::Int(i) => AmqpValue::LongLongInt(i),
+                Header::Str(s) | Header::Other(s) => AmqpValue::LongString(s),
+            };
+            table.insert(key, value);
+        }
+        let properties = AmqpProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(table);
+        self.channel
+            .basic_publish("", Publish::with_properties(body, queue, properties))
+            .map_err(|e| lost(&self.url, e))
+    }
+
+    /// Takes one message from `queue` and acks it, for tests and tools: its body, message id and
+    /// headers, or `None` if the queue is empty.
+    pub fn get(&self, queue: &str) -> Result<Option<Fetched>, AmqpError> {
+        let Some(got) = self
+            .channel
+            .basic_get(queue, true)
+            .map_err(|e| self.channel_error(e, format!("basic.get from queue {queue:?}")))?
+        else {
+            return Ok(None);
+        };
+        let delivery = Delivery(got.delivery);
+        let headers = delivery
+            .0
+            .properties
+            .headers()
+            .iter()
+            .flat_map(|table| table.iter())
+            .map(|(k, v)| (k.clone(), header(v)))
+            .collect();
+        Ok(Some(Fetched {
+            body: delivery.0.body.clone(),
+            message_id: delivery.message_id().map(str::to_string),
+            headers,
+        }))
     }
 
     /// The number of ready messages and of consumers of `queue`, by a passive declare.
@@ -183,10 +292,22 @@ impl Session {
             url,
             channel,
             connection,
+            ..
         } = self;
         let channel_result = channel.close();
         connection.close().map_err(|e| lost(&url, e))?;
         channel_result.map_err(|e| lost(&url, e))
+    }
+
+    fn blocked_now(&self) -> Option<Option<String>> {
+        let mut last = None;
+        while let Ok(notification) = self.blocked.try_recv() {
+            last = Some(match notification {
+                ConnectionBlockedNotification::Blocked(reason) => Some(reason),
+                ConnectionBlockedNotification::Unblocked => None,
+            });
+        }
+        last
     }
 
     fn channel_error(&self, err: amiquip::Error, what: String) -> AmqpError {
@@ -197,6 +318,95 @@ impl Session {
             },
             other => lost(&self.url, other),
         }
+    }
+}
+
+/// A message taken with [`Session::get`].
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub headers: Vec<(String, Header)>,
+}
+
+impl Fetched {
+    pub fn header(&self, name: &str) -> Option<&Header> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+}
+
+fn header(value: &AmqpValue) -> Header {
+    match value {
+        AmqpValue::ShortShortInt(i) => Header::Int((*i).into()),
+        AmqpValue::ShortShortUInt(i) => Header::Int((*i).into()),
+        AmqpValue::ShortInt(i) => Header::Int((*i).into()),
+        AmqpValue::ShortUInt(i) => Header::Int((*i).into()),
+        AmqpValue::LongInt(i) => Header::Int((*i).into()),
+        AmqpValue::LongUInt(i) => Header::Int((*i).into()),
+        AmqpValue::LongLongInt(i) => Header::Int(*i),
+        AmqpValue::LongString(s) => Header::Str(s.clone()),
+        other => Header::Other(format!("{other:?}")),
+    }
+}
+
+/// Turns the broker's "inequivalent arg 'durable' for queue 'q' in vhost '/': received 'false'
+/// but current is 'true'" (or "received the value 'quorum' of type 'longstr' but current is
+/// none") into a sentence that says what exists, what the config wants, and what to do.
+fn describe_inequivalent(message: &str) -> String {
+    fn value(text: &str) -> String {
+        let text = text.trim();
+        if text == "none" {
+            return "(not set)".into();
+        }
+        match text.split('\'').nth(1) {
+            Some("") => "\"\"".into(),
+            Some(value) => value.to_string(),
+            None => text.to_string(),
+        }
+    }
+    let parsed = message
+        .split_once(": received ")
+        .and_then(|(head, values)| {
+            let arg = head.split('\'').nth(1)?;
+            let (wanted, existing) = values.split_once(" but current is ")?;
+            Some((arg, value(wanted), value(existing)))
+        });
+    match parsed {
+        Some((arg, wanted, existing)) => format!(
+            "it exists with {arg} = {existing}, but the config wants {arg} = {wanted}; \
+             RabbitMQ does not allow redefining an existing queue with different parameters: \
+             change the config back, or delete the queue (and its messages) first"
+        ),
+        None => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_inequivalent;
+
+    #[test]
+    fn a_declare_mismatch_names_the_argument_what_exists_and_what_is_wanted() {
+        let said = |m: &str| {
+            describe_inequivalent(m)
+                .split(';')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            said("PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q' in vhost '/': received 'false' but current is 'true'"),
+            "it exists with durable = true, but the config wants durable = false"
+        );
+        assert_eq!(
+            said("PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received the value 'quorum' of type 'longstr' but current is none"),
+            "it exists with x-queue-type = (not set), but the config wants x-queue-type = quorum"
+        );
+        assert_eq!(
+            said("PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-exchange' for queue 'q' in vhost '/': received the value '' of type 'longstr' but current is none"),
+            "it exists with x-dead-letter-exchange = (not set), but the config wants x-dead-letter-exchange = \"\""
+        );
+        assert_eq!(describe_inequivalent("something else"), "something else");
     }
 }
 
@@ -260,6 +470,11 @@ impl Delivery {
     /// True when the broker has delivered this message before (to any consumer).
     pub fn redelivered(&self) -> bool {
         self.0.redelivered
+    }
+
+    /// The header `name`, if the message has it.
+    pub fn header(&self, name: &str) -> Option<Header> {
+        self.0.properties.headers().as_ref()?.get(name).map(header)
     }
 }
 
@@ -358,14 +573,36 @@ impl Subscription<'_> {
 pub enum PublishEvent {
     /// The broker took responsibility for the messages with tags up to `tag` (if `multiple`), or
     /// for `tag` alone.
-    Ack { tag: u64, multiple: bool },
+    Ack {
+        tag: u64,
+        multiple: bool,
+    },
     /// The broker could not take the messages; they were not stored.
-    Nack { tag: u64, multiple: bool },
+    Nack {
+        tag: u64,
+        multiple: bool,
+    },
     /// A `mandatory` message could not be routed to any queue. The broker still acks it.
     Returned {
         message_id: Option<String>,
         reason: String,
     },
+    /// The broker stopped reading from the connection (a memory or disk alarm): confirms will
+    /// wait until it is unblocked.
+    Blocked {
+        reason: String,
+    },
+    Unblocked,
+}
+
+/// What became of one message published with [`Publisher::publish_and_wait`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Confirmed {
+    Stored,
+    /// Nacked by the broker, or returned as unroutable.
+    Refused(String),
+    /// No answer within the timeout (time spent blocked by an alarm does not count).
+    TimedOut,
 }
 
 /// A channel in confirm mode. Tags count from 1 in publish order, as the broker counts them.
@@ -389,6 +626,76 @@ impl Publisher<'_> {
             .with_delivery_mode(2)
             .with_content_type("text/plain".to_string())
             .with_message_id(message_id.to_string());
+        self.send(queue, body, properties)
+    }
+
+    /// Publishes a copy of `delivery` to `queue`: the same body and properties (persistent even
+    /// if the original was not), with `headers` added or replaced, and waits for the broker's
+    /// confirm.
+    pub fn republish_and_wait(
+        &mut self,
+        delivery: &Delivery,
+        queue: &str,
+        headers: Vec<(String, Header)>,
+        timeout: Duration,
+    ) -> Result<Confirmed, AmqpError> {
+        let original = &delivery.0.properties;
+        let mut table = original.headers().clone().unwrap_or_default();
+        for (key, value) in headers {
+            let value = match value {
+                Header::Int(i) => AmqpValue::LongLongInt(i),
+                Header::Str(s) | Header::Other(s) => AmqpValue::LongString(s),
+            };
+            table.insert(key, value);
+        }
+        let properties = original.clone().with_delivery_mode(2).with_headers(table);
+        let tag = self.send(queue, &delivery.0.body, properties)?;
+        self.wait_for(tag, timeout)
+    }
+
+    /// Waits for the confirm of `tag`, the only message outstanding.
+    fn wait_for(&self, tag: u64, timeout: Duration) -> Result<Confirmed, AmqpError> {
+        let mut deadline = std::time::Instant::now() + timeout;
+        let mut returned = None;
+        let mut blocked = false;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.next_event(left)? {
+                Some(PublishEvent::Ack { tag: t, multiple })
+                    if t == tag || (multiple && t > tag) =>
+                {
+                    return Ok(match returned {
+                        Some(reason) => Confirmed::Refused(reason),
+                        None => Confirmed::Stored,
+                    })
+                }
+                Some(PublishEvent::Nack { tag: t, multiple })
+                    if t == tag || (multiple && t > tag) =>
+                {
+                    return Ok(Confirmed::Refused("nacked by the broker".into()))
+                }
+                Some(PublishEvent::Returned { reason, .. }) => {
+                    returned = Some(format!("returned as unroutable: {reason}"))
+                }
+                Some(PublishEvent::Blocked { .. }) => blocked = true,
+                Some(PublishEvent::Unblocked) => {
+                    blocked = false;
+                    deadline = std::time::Instant::now() + timeout;
+                }
+                Some(_) => {}
+                None if blocked => deadline = std::time::Instant::now() + timeout,
+                None if std::time::Instant::now() >= deadline => return Ok(Confirmed::TimedOut),
+                None => {}
+            }
+        }
+    }
+
+    fn send(
+        &mut self,
+        queue: &str,
+        body: &[u8],
+        properties: AmqpProperties,
+    ) -> Result<u64, AmqpError> {
         let mut publish = Publish::with_properties(body, queue, properties);
         publish.mandatory = true;
         self.session
@@ -400,9 +707,23 @@ impl Publisher<'_> {
         Ok(tag)
     }
 
-    /// Waits up to `timeout` for the next confirm or return. Returns come first: the broker sends
-    /// a message's return before its ack.
+    /// Waits up to `timeout` for the next confirm, return or alarm. Returns come first: the
+    /// broker sends a message's return before its ack. A blocked connection is logged once, here,
+    /// for every publisher.
     pub fn next_event(&self, timeout: Duration) -> Result<Option<PublishEvent>, AmqpError> {
+        if let Some(change) = self.session.blocked_now() {
+            let address = self.session.address();
+            return Ok(Some(match change {
+                Some(reason) => {
+                    log::warn!("the broker at {address} blocked publishing ({reason}): waiting until it lifts the alarm");
+                    PublishEvent::Blocked { reason }
+                }
+                None => {
+                    log::info!("the broker at {address} unblocked publishing");
+                    PublishEvent::Unblocked
+                }
+            }));
+        }
         if let Ok(returned) = self.returns.try_recv() {
             return Ok(Some(returned_event(returned)));
         }
@@ -414,6 +735,17 @@ impl Publisher<'_> {
             recv(self.confirms) -> confirm => match confirm {
                 Ok(Confirm::Ack(p)) => Ok(Some(PublishEvent::Ack { tag: p.delivery_tag, multiple: p.multiple })),
                 Ok(Confirm::Nack(p)) => Ok(Some(PublishEvent::Nack { tag: p.delivery_tag, multiple: p.multiple })),
+                Err(_) => Err(self.closed()),
+            },
+            recv(self.session.blocked) -> notification => match notification {
+                Ok(ConnectionBlockedNotification::Blocked(reason)) => {
+                    log::warn!("the broker at {} blocked publishing ({reason}): waiting until it lifts the alarm", self.session.address());
+                    Ok(Some(PublishEvent::Blocked { reason }))
+                }
+                Ok(ConnectionBlockedNotification::Unblocked) => {
+                    log::info!("the broker at {} unblocked publishing", self.session.address());
+                    Ok(Some(PublishEvent::Unblocked))
+                }
                 Err(_) => Err(self.closed()),
             },
             default(timeout) => Ok(None),

@@ -60,23 +60,84 @@ pub struct Config {
     /// Required by `warren run` (see [`Config::handler`]), not by `warren publish`, so that a
     /// producer's file needs only `[broker]` and `[queue]`.
     pub handler: Option<Handler>,
+    pub retry: Retry,
     pub shutdown: Shutdown,
 }
 
 #[derive(Debug, Clone)]
 pub struct Broker {
-    pub url: BrokerUrl,
+    /// The nodes of the broker (one, or the nodes of a cluster). Never empty.
+    pub urls: Vec<BrokerUrl>,
     /// Heartbeat interval in whole seconds; 0 disables heartbeats.
     pub heartbeat: u16,
     pub connect_timeout: Duration,
+    /// The broker's `consumer_timeout`: it closes a channel whose delivery stays unacked longer.
+    /// warren does not set it; it refuses a handler timeout that could outlast it.
+    pub consumer_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl Broker {
+    /// The URLs, masked, for messages.
+    pub fn describe(&self) -> String {
+        let urls: Vec<String> = self.urls.iter().map(ToString::to_string).collect();
+        urls.join(", ")
+    }
+}
+
+/// The work queue and the queues warren declares around it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queue {
     pub name: String,
-    #[serde(default = "yes")]
     pub durable: bool,
+    pub kind: QueueType,
+    /// Where messages go after their last attempt, or when the handler rejects them.
+    pub dead_letter: String,
+}
+
+impl Queue {
+    /// A durable classic queue named `name`, with the default dead-letter queue.
+    pub fn classic(name: &str) -> Queue {
+        Queue {
+            name: name.to_string(),
+            durable: true,
+            kind: QueueType::Classic,
+            dead_letter: format!("{name}.dead"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    /// Replicated over a cluster's nodes; the broker counts deliveries (`x-delivery-count`) and
+    /// dead-letters a message delivered too often, even one that crashes warren each time.
+    Quorum,
+}
+
+/// Bounded retries: a failed message is held back in a retry queue, then tried again, until
+/// `max_attempts`; then it goes to the dead-letter queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    #[serde(default = "default_max_attempts", deserialize_with = "attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_retry_delay", deserialize_with = "duration")]
+    pub delay: Duration,
+    #[serde(default = "default_retry_max_delay", deserialize_with = "duration")]
+    pub max_delay: Duration,
+}
+
+impl Retry {
+    /// How long a message waits after failing its `attempt`-th attempt: `delay` doubled per
+    /// attempt after the first, at most `max_delay`, in whole milliseconds (the broker's unit).
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let delay = self
+            .delay
+            .saturating_mul(1 << attempt.saturating_sub(1).min(30))
+            .min(self.max_delay);
+        Duration::from_millis(delay.as_millis() as u64)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -88,9 +149,18 @@ pub struct Workers {
     pub prefetch: u16,
 }
 
-/// What runs for each message.
+/// What runs for each message, and for how long at most.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Handler {
+pub struct Handler {
+    pub kind: HandlerKind,
+    /// A task that runs longer fails (and is retried). A command gets SIGTERM, then SIGKILL
+    /// after `kill_grace`.
+    pub timeout: Duration,
+    pub kill_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerKind {
     /// The tutorial's handler: sleep one second per `.` in the body.
     Dots,
     /// Run a program per message, body on stdin. `argv[0]` is the program.
@@ -227,48 +297,40 @@ impl Config {
             |span: Range<usize>, message: &str| ConfigError::at(path, source, Some(span), message);
 
         let broker = file.broker.unwrap_or_default();
-        let url = match broker_url_env {
-            Some(env) => BrokerUrl::parse(&env).map_err(|e| {
-                ConfigError(format!(
-                    "{BROKER_URL_ENV} (overriding broker.url in {}): {e}",
-                    path.display()
-                ))
-            })?,
-            None => match broker.url {
-                Some(url) => BrokerUrl::parse(url.get_ref()).map_err(|e| err(url.span(), &e))?,
-                None => BrokerUrl::parse(DEFAULT_URL).expect("invariant: the default URL parses"),
+        let urls = match broker_url_env {
+            Some(env) => env
+                .split(',')
+                .map(|url| BrokerUrl::parse(url.trim()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    ConfigError(format!(
+                        "{BROKER_URL_ENV} (overriding broker.url in {}): {e}",
+                        path.display()
+                    ))
+                })?,
+            None => match (broker.url, broker.urls) {
+                (Some(_), Some(urls)) => {
+                    return Err(err(urls.span(), "set broker.url or broker.urls, not both"))
+                }
+                (Some(url), None) => {
+                    vec![BrokerUrl::parse(url.get_ref()).map_err(|e| err(url.span(), &e))?]
+                }
+                (None, Some(urls)) => {
+                    let span = urls.span();
+                    let urls = urls.into_inner();
+                    if urls.is_empty() {
+                        return Err(err(span, "name at least one node"));
+                    }
+                    urls.iter()
+                        .map(|url| BrokerUrl::parse(url))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| err(span, &e))?
+                }
+                (None, None) => {
+                    vec![BrokerUrl::parse(DEFAULT_URL).expect("invariant: the default URL parses")]
+                }
             },
         };
-
-        let Some(queue) = file.queue else {
-            return Err(ConfigError(format!(
-                "{}: queue.name: missing; add a [queue] section with name = \"...\"",
-                path.display()
-            )));
-        };
-        if queue.get_ref().name.is_empty() {
-            return Err(err(queue.span(), "queue.name must not be empty"));
-        }
-
-        let handler = file.handler.map(|section| match (section.kind, section.command) {
-            (Kind::Dots, None) => Ok(Handler::Dots),
-            (Kind::Dots, Some(command)) => {
-                Err(err(command.span(), "only kind = \"command\" takes a command"))
-            }
-            (Kind::Command, None) => Err(ConfigError(format!(
-                "{}: handler.command: missing; kind = \"command\" needs command = [\"/path/to/program\", ...]",
-                path.display()
-            ))),
-            (Kind::Command, Some(command)) => {
-                let span = command.span();
-                let argv = command.into_inner();
-                if argv.is_empty() || argv[0].is_empty() {
-                    return Err(err(span, "the command must name a program"));
-                }
-                Ok(Handler::Command { argv })
-            }
-        });
-        let handler = handler.transpose()?;
         if broker.connect_timeout.is_zero() {
             let span = find_key(source, "broker", "connect_timeout");
             return Err(ConfigError::at(
@@ -279,16 +341,107 @@ impl Config {
             ));
         }
 
+        let Some(section) = file.queue else {
+            return Err(ConfigError(format!(
+                "{}: queue.name: missing; add a [queue] section with name = \"...\"",
+                path.display()
+            )));
+        };
+        let span = section.span();
+        let section = section.into_inner();
+        if section.name.is_empty() {
+            return Err(err(span, "queue.name must not be empty"));
+        }
+        if section.kind == QueueType::Quorum && !section.durable {
+            return Err(err(
+                span,
+                "a quorum queue is always durable; remove durable = false",
+            ));
+        }
+        let dead_letter = section
+            .dead_letter
+            .unwrap_or_else(|| format!("{}.dead", section.name));
+        if dead_letter == section.name || dead_letter.is_empty() {
+            return Err(err(span, "queue.dead_letter must name another queue"));
+        }
+        let queue = Queue {
+            name: section.name,
+            durable: section.durable,
+            kind: section.kind,
+            dead_letter,
+        };
+
+        let handler = file.handler.map(|section| {
+            let span = section.span();
+            let section = section.into_inner();
+            let kind = match (section.kind, section.command) {
+                (Kind::Dots, None) => HandlerKind::Dots,
+                (Kind::Dots, Some(command)) => {
+                    return Err(err(command.span(), "only kind = \"command\" takes a command"))
+                }
+                (Kind::Command, None) => return Err(ConfigError(format!(
+                    "{}: handler.command: missing; kind = \"command\" needs command = [\"/path/to/program\", ...]",
+                    path.display()
+                ))),
+                (Kind::Command, Some(command)) => {
+                    let span = command.span();
+                    let argv = command.into_inner();
+                    if argv.is_empty() || argv[0].is_empty() {
+                        return Err(err(span, "the command must name a program"));
+                    }
+                    HandlerKind::Command { argv }
+                }
+            };
+            if section.timeout.is_zero() {
+                let span = find_key(source, "handler", "timeout").unwrap_or(span);
+                return Err(err(span, "must be longer than 0s"));
+            }
+            // The broker closes the channel of a delivery unacked for longer than its
+            // consumer_timeout; a task must end (and be killed) well before that.
+            if section.timeout + section.kill_grace >= broker.consumer_timeout {
+                let span = find_key(source, "handler", "timeout").unwrap_or(span);
+                return Err(err(
+                    span,
+                    &format!(
+                        "handler.timeout ({}) plus handler.kill_grace ({}) must be shorter than broker.consumer_timeout ({}), or the broker closes the channel first",
+                        humantime::format_duration(section.timeout),
+                        humantime::format_duration(section.kill_grace),
+                        humantime::format_duration(broker.consumer_timeout)
+                    ),
+                ));
+            }
+            Ok(Handler {
+                kind,
+                timeout: section.timeout,
+                kill_grace: section.kill_grace,
+            })
+        });
+        let handler = handler.transpose()?;
+
+        let retry = file.retry.unwrap_or_default();
+        if retry.delay.is_zero() || retry.max_delay < retry.delay {
+            let span = find_key(source, "retry", "max_delay")
+                .or_else(|| find_key(source, "retry", "delay"));
+            return Err(ConfigError::at(
+                path,
+                source,
+                span,
+                "retry.delay must be longer than 0s and retry.max_delay at least as long",
+            ));
+        }
+
         Ok(Config {
             path: path.to_path_buf(),
             broker: Broker {
-                url,
+                urls,
                 heartbeat: broker.heartbeat,
                 connect_timeout: broker.connect_timeout,
+                consumer_timeout: broker.consumer_timeout,
             },
-            queue: queue.into_inner(),
+            queue,
             workers: file.workers.unwrap_or_default(),
             handler,
+            retry,
             shutdown: file.shutdown.unwrap_or_default(),
         })
     }
@@ -302,7 +455,7 @@ impl Config {
                 self.path.display()
             ))
         })?;
-        let Handler::Command { argv } = handler else {
+        let HandlerKind::Command { argv } = &handler.kind else {
             return Ok(handler);
         };
         match resolve_program(&argv[0]) {
@@ -353,9 +506,10 @@ const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 #[serde(deny_unknown_fields)]
 struct File {
     broker: Option<BrokerSection>,
-    queue: Option<Spanned<Queue>>,
+    queue: Option<Spanned<QueueSection>>,
     workers: Option<Workers>,
-    handler: Option<HandlerSection>,
+    handler: Option<Spanned<HandlerSection>>,
+    retry: Option<Retry>,
     shutdown: Option<Shutdown>,
 }
 
@@ -363,10 +517,24 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct BrokerSection {
     url: Option<Spanned<String>>,
+    urls: Option<Spanned<Vec<String>>>,
     #[serde(default = "default_heartbeat", deserialize_with = "heartbeat")]
     heartbeat: u16,
     #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
     connect_timeout: Duration,
+    #[serde(default = "default_consumer_timeout", deserialize_with = "duration")]
+    consumer_timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueSection {
+    name: String,
+    #[serde(default = "yes")]
+    durable: bool,
+    #[serde(rename = "type", default = "default_queue_type")]
+    kind: QueueType,
+    dead_letter: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -374,6 +542,10 @@ struct BrokerSection {
 struct HandlerSection {
     kind: Kind,
     command: Option<Spanned<Vec<String>>>,
+    #[serde(default = "default_handler_timeout", deserialize_with = "duration")]
+    timeout: Duration,
+    #[serde(default = "default_kill_grace", deserialize_with = "duration")]
+    kill_grace: Duration,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -387,8 +559,10 @@ impl Default for BrokerSection {
     fn default() -> Self {
         BrokerSection {
             url: None,
+            urls: None,
             heartbeat: default_heartbeat(),
             connect_timeout: default_connect_timeout(),
+            consumer_timeout: default_consumer_timeout(),
         }
     }
 }
@@ -398,6 +572,16 @@ impl Default for Workers {
         Workers {
             count: default_count(),
             prefetch: default_prefetch(),
+        }
+    }
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            max_attempts: default_max_attempts(),
+            delay: default_retry_delay(),
+            max_delay: default_retry_max_delay(),
         }
     }
 }
@@ -427,6 +611,36 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_grace() -> Duration {
     Duration::from_secs(30)
+}
+fn default_consumer_timeout() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_queue_type() -> QueueType {
+    QueueType::Classic
+}
+fn default_handler_timeout() -> Duration {
+    Duration::from_secs(10 * 60)
+}
+fn default_kill_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_retry_delay() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_max_delay() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+fn attempts<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    match i64::deserialize(d)? {
+        n @ 1..=1000 => Ok(n as u32),
+        n => Err(de::Error::custom(format!(
+            "must be between 1 and 1000, not {n}"
+        ))),
+    }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -543,8 +757,12 @@ mod tests {
         assert_eq!(config.broker.heartbeat, 30);
         assert_eq!(config.broker.connect_timeout, Duration::from_secs(5));
         assert_eq!(config.shutdown.grace, Duration::from_secs(30));
-        assert_eq!(config.broker.url.vhost(), "/");
-        assert_eq!(config.handler, Some(Handler::Dots));
+        assert_eq!(config.broker.urls[0].vhost(), "/");
+        assert_eq!(config.handler.unwrap().kind, HandlerKind::Dots);
+        assert_eq!(config.queue.kind, QueueType::Classic);
+        assert_eq!(config.queue.dead_letter, "jobs.dead");
+        assert_eq!(config.retry.max_attempts, 5);
+        assert_eq!(config.broker.consumer_timeout, Duration::from_secs(1800));
     }
 
     #[test]
@@ -581,6 +799,65 @@ mod tests {
         );
         let source = "[handler] # what runs\nkind = \"command\"\ncommand = [\"x\"]\n";
         assert_eq!(find_key(source, "handler", "command"), Some(39..55));
+    }
+
+    #[test]
+    fn a_cluster_is_a_list_of_urls() {
+        let text =
+            format!("[broker]\nurls = [\"amqp://u:p@n1\", \"amqp://u:p@n2:5673/v\"]\n{MINIMAL}");
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.broker.describe(),
+            "amqp://u:***@n1, amqp://u:***@n2:5673/v"
+        );
+        let both = format!("[broker]\nurl = \"amqp://x\"\nurls = [\"amqp://y\"]\n{MINIMAL}");
+        assert!(parse(&both)
+            .unwrap_err()
+            .starts_with("w.toml:3: broker.urls: set broker.url or broker.urls, not both"));
+        let none = format!("[broker]\nurls = []\n{MINIMAL}");
+        assert!(parse(&none)
+            .unwrap_err()
+            .ends_with("name at least one node"));
+    }
+
+    #[test]
+    fn a_handler_timeout_must_end_before_the_consumer_timeout() {
+        let text = "[broker]\nconsumer_timeout = \"15m\"\n[queue]\nname = \"q\"\n[handler]\nkind = \"dots\"\ntimeout = \"20m\"\n";
+        let err = parse(text).unwrap_err();
+        assert!(err.starts_with("w.toml:7: handler.timeout: handler.timeout (20m) plus handler.kill_grace (10s) must be shorter than broker.consumer_timeout (15m)"), "{err}");
+        let fine = text.replace("20m", "14m");
+        let handler = parse(&fine).unwrap().handler.unwrap();
+        assert_eq!(handler.timeout, Duration::from_secs(14 * 60));
+        assert_eq!(handler.kill_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn quorum_queues_and_retries_are_configured_and_checked() {
+        let text = "[queue]\nname = \"q\"\ntype = \"quorum\"\ndead_letter = \"q.failed\"\n[retry]\nmax_attempts = 3\ndelay = \"2s\"\nmax_delay = \"5s\"\n";
+        let config = parse(text).unwrap();
+        assert_eq!(config.queue.kind, QueueType::Quorum);
+        assert_eq!(config.queue.dead_letter, "q.failed");
+        let delays: Vec<_> = (1..=4).map(|a| config.retry.delay_after(a)).collect();
+        assert_eq!(delays, [2, 4, 5, 5].map(Duration::from_secs));
+        assert!(
+            parse("[queue]\nname = \"q\"\ntype = \"quorum\"\ndurable = false\n")
+                .unwrap_err()
+                .contains("always durable")
+        );
+        assert!(parse("[queue]\nname = \"q\"\ntype = \"stream\"\n")
+            .unwrap_err()
+            .starts_with("w.toml:3: queue.type: unknown variant `stream`"));
+        assert!(parse("[queue]\nname = \"q\"\n[retry]\nmax_attempts = 0\n")
+            .unwrap_err()
+            .starts_with("w.toml:4: retry.max_attempts: must be between 1 and 1000"));
+        assert!(
+            parse("[queue]\nname = \"q\"\n[retry]\ndelay = \"1m\"\nmax_delay = \"1s\"\n")
+                .unwrap_err()
+                .contains("retry.max_delay")
+        );
+        assert!(parse("[queue]\nname = \"q\"\ndead_letter = \"q\"\n")
+            .unwrap_err()
+            .contains("another queue"));
     }
 
     #[test]
@@ -626,7 +903,7 @@ mod tests {
     fn the_url_is_validated_and_its_password_never_shown() {
         let text =
             format!("[broker]\nurl = \"amqp://app:s%40cret@rabbit.example:5673/prod\"\n{MINIMAL}");
-        let url = parse(&text).unwrap().broker.url;
+        let url = parse(&text).unwrap().broker.urls[0].clone();
         assert_eq!(url.to_string(), "amqp://app:***@rabbit.example:5673/prod");
         assert_eq!(
             format!("{url:?}"),
@@ -655,7 +932,14 @@ mod tests {
             Some("amqp://u:p@h:1/v".into()),
         )
         .unwrap();
-        assert_eq!(config.broker.url.address(), "h:1");
+        assert_eq!(config.broker.urls[0].address(), "h:1");
+        let config = Config::parse(
+            Path::new("w.toml"),
+            MINIMAL,
+            Some("amqp://a:5672, amqp://b:5672".into()),
+        )
+        .unwrap();
+        assert_eq!(config.broker.describe(), "amqp://a:5672, amqp://b:5672");
         let err = Config::parse(Path::new("w.toml"), MINIMAL, Some("nope".into())).unwrap_err();
         assert!(err.to_string().starts_with("WARREN_BROKER_URL"), "{err}");
     }

@@ -29,6 +29,8 @@ pub struct Task<'a> {
     pub queue: &'a str,
     /// The worker running the task, 1…N.
     pub worker: usize,
+    /// Which attempt this is, from 1 (see `retry::attempt`).
+    pub attempt: u32,
 }
 
 /// What the worker does with the message once the handler returns.
@@ -36,8 +38,11 @@ pub struct Task<'a> {
 pub enum Outcome {
     /// The work is done: ack.
     Done,
-    /// The work failed: requeue the message so that it runs again. The text says why.
-    Failed(String),
+    /// The work failed and may succeed later: retry the message, unless it has had all its
+    /// attempts. The text says how the attempt ended ("exit status 3", "timed out after 10m").
+    Retry(String),
+    /// The message can never succeed: dead-letter it now. The text says how the attempt ended.
+    DeadLetter(String),
     /// The [`Abort`] fired (the shutdown grace ran out, or a second stop signal came) and the
     /// work was abandoned: requeue it, unprocessed.
     Aborted,
@@ -82,43 +87,62 @@ impl Abort {
 
 /// The factory for the configured handler.
 pub fn from_config(handler: &config::Handler, queue: &str) -> HandlerFactory {
-    match handler {
-        config::Handler::Dots => Arc::new(|_| Box::new(Dots)),
-        config::Handler::Command { argv } => {
-            let argv = argv.clone();
-            let queue = queue.to_string();
-            Arc::new(move |_| {
-                Box::new(CommandHandler {
-                    argv: argv.clone(),
-                    queue: queue.clone(),
-                })
-            })
+    let timeout = handler.timeout;
+    match &handler.kind {
+        config::HandlerKind::Dots => Arc::new(move |_| Box::new(Dots { timeout })),
+        config::HandlerKind::Command { argv } => {
+            let command = CommandHandler {
+                argv: argv.clone(),
+                queue: queue.to_string(),
+                timeout,
+                kill_grace: handler.kill_grace,
+            };
+            Arc::new(move |_| Box::new(command.clone()))
         }
     }
 }
 
+/// The exit status by which a command asks for a retry (sysexits' EX_TEMPFAIL).
+pub const EXIT_RETRY: i32 = 75;
+/// The exit status by which a command says the message can never succeed (EX_DATAERR).
+pub const EXIT_DEAD_LETTER: i32 = 65;
+
 /// The tutorial's handler: one second of "work" per `.` in the body.
-pub struct Dots;
+pub struct Dots {
+    pub timeout: Duration,
+}
 
 impl Handler for Dots {
     fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome {
         let dots = task.body.iter().filter(|&&b| b == b'.').count() as u32;
-        if abort.sleep(Duration::from_secs(1) * dots) {
-            Outcome::Done
-        } else {
+        let work = Duration::from_secs(1) * dots;
+        if !abort.sleep(work.min(self.timeout)) {
             Outcome::Aborted
+        } else if work > self.timeout {
+            Outcome::Retry(format!(
+                "timed out after {}",
+                humantime::format_duration(self.timeout)
+            ))
+        } else {
+            Outcome::Done
         }
     }
 }
 
 /// Runs a program per message, with the body on stdin and never through a shell.
+#[derive(Clone)]
 pub struct CommandHandler {
     argv: Vec<String>,
     queue: String,
+    timeout: Duration,
+    kill_grace: Duration,
 }
 
 /// Longest line of a child's output that goes to the log as one line; longer lines are split.
 const MAX_LOG_LINE: usize = 4096;
+/// How much of each output stream of one task goes to the log; the rest is read and dropped,
+/// so that a chatty program neither floods the log nor blocks on a full pipe.
+const MAX_LOGGED_OUTPUT: usize = 64 * 1024;
 
 /// How long to wait, after a child exits, for its output to be logged. A grandchild that keeps
 /// the pipes open must not hold up the worker.
@@ -136,6 +160,7 @@ impl Handler for CommandHandler {
                 if task.redelivered { "1" } else { "0" },
             )
             .env("WARREN_WORKER", task.worker.to_string())
+            .env("WARREN_ATTEMPT", task.attempt.to_string())
             // It may hold the broker password; tasks have no business with it.
             .env_remove(config::BROKER_URL_ENV)
             .stdin(Stdio::piped())
@@ -147,7 +172,7 @@ impl Handler for CommandHandler {
             .spawn()
         {
             Ok(child) => child,
-            Err(e) => return Outcome::Failed(format!("cannot start {}: {e}", self.argv[0])),
+            Err(e) => return Outcome::Retry(format!("cannot start {}: {e}", self.argv[0])),
         };
 
         let (logged_tx, logged) = bounded::<()>(2);
@@ -185,24 +210,46 @@ impl Handler for CommandHandler {
         drop(logged_tx);
 
         let pid = Pid::from_raw(child.id() as i32);
-        let status = match feed_and_wait(child, task.body.to_vec(), &worker) {
-            Ok(exited) => {
+        let exited = match feed_and_wait(child, task.body.to_vec(), &worker) {
+            Ok(exited) => exited,
+            Err(e) => {
+                let _ = killpg(pid, Signal::SIGKILL);
+                return Outcome::Retry(format!("cannot run {}: {e}", self.argv[0]));
+            }
+        };
+        let mut timed_out = false;
+        let status = select! {
+            recv(exited) -> status => status.ok(),
+            recv(abort.receiver()) -> _ => {
+                // The grace is over: kill the task and everything it started. A task that
+                // exited successfully just before the kill landed did its work.
+                let _ = killpg(pid, Signal::SIGKILL);
+                match exited.recv() {
+                    Ok(Ok(status)) if status.success() => Some(Ok(status)),
+                    _ => return Outcome::Aborted,
+                }
+            }
+            recv(crossbeam_channel::after(self.timeout)) -> _ => {
+                // Ask the whole group to stop, then insist.
+                timed_out = true;
+                log::warn!(
+                    "{worker}: the task ran past handler.timeout ({}); sending SIGTERM to its process group",
+                    humantime::format_duration(self.timeout)
+                );
+                let _ = killpg(pid, Signal::SIGTERM);
                 select! {
                     recv(exited) -> status => status.ok(),
                     recv(abort.receiver()) -> _ => {
-                        // The grace is over: kill the task and everything it started. A task
-                        // that exited successfully just before the kill landed did its work.
                         let _ = killpg(pid, Signal::SIGKILL);
-                        match exited.recv() {
-                            Ok(Ok(status)) if status.success() => Some(Ok(status)),
-                            _ => return Outcome::Aborted,
-                        }
+                        let _ = exited.recv();
+                        return Outcome::Aborted;
+                    }
+                    recv(crossbeam_channel::after(self.kill_grace)) -> _ => {
+                        log::warn!("{worker}: the task outlived handler.kill_grace; sending SIGKILL");
+                        let _ = killpg(pid, Signal::SIGKILL);
+                        exited.recv().ok()
                     }
                 }
-            }
-            Err(e) => {
-                let _ = killpg(pid, Signal::SIGKILL);
-                return Outcome::Failed(format!("cannot run {}: {e}", self.argv[0]));
             }
         };
         // Each logger holds a sender and drops it when its pipe closes, which disconnects the
@@ -211,10 +258,17 @@ impl Handler for CommandHandler {
         let _ = logged.recv_timeout(OUTPUT_DRAIN);
 
         match status {
+            _ if timed_out => Outcome::Retry(format!(
+                "timed out after {}",
+                humantime::format_duration(self.timeout)
+            )),
             Some(Ok(status)) if status.success() => Outcome::Done,
-            Some(Ok(status)) => Outcome::Failed(describe(status)),
-            Some(Err(e)) => Outcome::Failed(format!("cannot wait for {}: {e}", self.argv[0])),
-            None => Outcome::Failed("the task's waiter thread died".into()),
+            Some(Ok(status)) if status.code() == Some(EXIT_DEAD_LETTER) => {
+                Outcome::DeadLetter(describe(status))
+            }
+            Some(Ok(status)) => Outcome::Retry(describe(status)),
+            Some(Err(e)) => Outcome::Retry(format!("cannot wait for {}: {e}", self.argv[0])),
+            None => Outcome::Retry("the task's waiter thread died".into()),
         }
     }
 }
@@ -256,10 +310,12 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Logs each line of `pipe` with `prefix`, splitting lines longer than [`MAX_LOG_LINE`].
+/// Logs each line of `pipe` with `prefix`, splitting lines longer than [`MAX_LOG_LINE`], up to
+/// [`MAX_LOGGED_OUTPUT`] bytes; then reads the rest without logging it.
 fn log_lines(pipe: Box<dyn Read + Send>, prefix: &str) {
     let mut reader = BufReader::new(pipe);
     let mut line = Vec::new();
+    let mut logged = 0;
     loop {
         line.clear();
         match (&mut reader)
@@ -267,7 +323,14 @@ fn log_lines(pipe: Box<dyn Read + Send>, prefix: &str) {
             .read_until(b'\n', &mut line)
         {
             Ok(0) => return,
-            Ok(_) => {
+            Ok(n) if logged >= MAX_LOGGED_OUTPUT => {
+                logged += n;
+                if logged - n == MAX_LOGGED_OUTPUT {
+                    log::warn!("{prefix} more than {MAX_LOGGED_OUTPUT} bytes of output; the rest is not logged");
+                }
+            }
+            Ok(n) => {
+                logged = (logged + n).min(MAX_LOGGED_OUTPUT);
                 let text = line.strip_suffix(b"\n").unwrap_or(&line);
                 log::info!("{prefix} {}", String::from_utf8_lossy(text));
             }
@@ -290,6 +353,7 @@ mod tests {
             redelivered: false,
             queue: "q",
             worker: 3,
+            attempt: 1,
         }
     }
 
@@ -297,6 +361,8 @@ mod tests {
         CommandHandler {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             queue: "q".into(),
+            timeout: Duration::from_secs(60),
+            kill_grace: Duration::from_secs(5),
         }
     }
 
@@ -304,9 +370,16 @@ mod tests {
     fn dots_sleeps_one_second_per_dot_until_aborted() {
         let (sender, receiver) = bounded(0);
         let abort = Abort::new(receiver);
-        assert_eq!(Dots.handle(&task(b"no dots"), &abort), Outcome::Done);
+        let mut dots = Dots {
+            timeout: Duration::from_millis(200),
+        };
+        assert_eq!(dots.handle(&task(b"no dots"), &abort), Outcome::Done);
+        assert_eq!(
+            dots.handle(&task(b"one."), &abort),
+            Outcome::Retry("timed out after 200ms".into())
+        );
         drop(sender);
-        assert_eq!(Dots.handle(&task(b"many....."), &abort), Outcome::Aborted);
+        assert_eq!(dots.handle(&task(b"many....."), &abort), Outcome::Aborted);
     }
 
     #[test]
@@ -315,15 +388,23 @@ mod tests {
         assert_eq!(command(&["true"]).handle(&task(b""), &never), Outcome::Done);
         assert_eq!(
             command(&["sh", "-c", "exit 3"]).handle(&task(b""), &never),
-            Outcome::Failed("exit status 3".into())
+            Outcome::Retry("exit status 3".into())
+        );
+        assert_eq!(
+            command(&["sh", "-c", "exit 75"]).handle(&task(b""), &never),
+            Outcome::Retry("exit status 75".into())
+        );
+        assert_eq!(
+            command(&["sh", "-c", "exit 65"]).handle(&task(b""), &never),
+            Outcome::DeadLetter("exit status 65".into())
         );
         assert_eq!(
             command(&["sh", "-c", "kill -9 $$"]).handle(&task(b""), &never),
-            Outcome::Failed("killed by signal 9 (SIGKILL)".into())
+            Outcome::Retry("killed by signal 9 (SIGKILL)".into())
         );
         let missing = command(&["/nonexistent/warren-job"]).handle(&task(b""), &never);
         assert!(
-            matches!(missing, Outcome::Failed(ref why) if why.starts_with("cannot start /nonexistent/warren-job"))
+            matches!(missing, Outcome::Retry(ref why) if why.starts_with("cannot start /nonexistent/warren-job"))
         );
     }
 
@@ -333,6 +414,38 @@ mod tests {
         assert_eq!(
             command(&["true"]).handle(&task(&body), &Abort::never()),
             Outcome::Done
+        );
+    }
+
+    #[test]
+    fn a_command_past_its_timeout_gets_sigterm_then_sigkill_with_its_group() {
+        let mut polite = CommandHandler {
+            timeout: Duration::from_millis(300),
+            ..command(&["sh", "-c", "sleep 30 & wait"])
+        };
+        let started = std::time::Instant::now();
+        assert_eq!(
+            polite.handle(&task(b""), &Abort::never()),
+            Outcome::Retry("timed out after 300ms".into())
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "SIGTERM ended it"
+        );
+
+        let mut stubborn = CommandHandler {
+            timeout: Duration::from_millis(300),
+            kill_grace: Duration::from_millis(300),
+            ..command(&["sh", "-c", "trap '' TERM; sleep 30 & wait; sleep 30"])
+        };
+        let started = std::time::Instant::now();
+        assert_eq!(
+            stubborn.handle(&task(b""), &Abort::never()),
+            Outcome::Retry("timed out after 300ms".into())
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "SIGKILL ended it"
         );
     }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod handler;
 pub mod pool;
 pub mod publish;
+pub mod retry;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -104,10 +105,10 @@ pub fn daemon(
         env!("CARGO_PKG_VERSION"),
         config.workers.count,
         config.queue.name,
-        config.broker.url,
-        match handler {
-            config::Handler::Dots => "dots".to_string(),
-            config::Handler::Command { argv } => format!("command {argv:?}"),
+        config.broker.describe(),
+        match &handler.kind {
+            config::HandlerKind::Dots => "dots".to_string(),
+            config::HandlerKind::Command { argv } => format!("command {argv:?}"),
         },
         config.workers.prefetch,
     );

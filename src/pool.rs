@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
-use crate::amqp::{AmqpError, Next, Session};
+use crate::amqp::{AmqpError, Confirmed, Delivery, Header, Next, Publisher, Session, Subscription};
 use crate::config::Config;
 use crate::handler::{Abort, HandlerFactory, Outcome, Task};
+use crate::retry::{self, Decision, Topology};
 
 /// The first restart delay; it doubles per consecutive failure up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -29,8 +30,9 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 /// After the grace has run out and tasks were told to abort, how long to wait for workers to
 /// report before giving up on them. The broker requeues whatever they held when we exit.
 const ABORT_WAIT: Duration = Duration::from_secs(5);
-/// The longest pause before a failed task's message is requeued.
-const MAX_FAILURE_PAUSE: Duration = Duration::from_secs(5);
+/// How long a worker waits for the broker to confirm a retried or dead-lettered copy (time
+/// blocked by a broker alarm does not count).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a second stop signal, how long to wait for handlers to kill their tasks before exiting.
 const KILL_WAIT: Duration = Duration::from_secs(1);
 /// How many bytes of a body the log shows.
@@ -145,6 +147,8 @@ impl RunningPool {
 /// supervisor alone holds.
 struct Worker {
     id: usize,
+    /// Which of the broker's nodes to connect to (modulo their number).
+    node: usize,
     config: Arc<Config>,
     factory: HandlerFactory,
     events: Sender<Event>,
@@ -161,23 +165,51 @@ impl Worker {
     fn run(&self) -> Exit {
         let config = &self.config;
         let name = self.name();
-        let connection_name = format!("warren {name} pid {}", std::process::id());
-        let session = match Session::open(&config.broker, &connection_name) {
-            Ok(session) => session,
-            Err(e) if e.is_fatal() => return Exit::Fatal(e),
-            Err(e) => return Exit::ConnectFailed(e),
+        let pid = std::process::id();
+        let open = |role: &str| {
+            Session::open(
+                &config.broker,
+                self.node,
+                &format!("warren {name}{role} pid {pid}"),
+            )
+            .map_err(|e| {
+                if e.is_fatal() {
+                    Exit::Fatal(e)
+                } else {
+                    Exit::ConnectFailed(e)
+                }
+            })
         };
-        let subscription = match session
-            .declare(&config.queue)
-            .and_then(|()| session.subscribe(&config.queue.name, config.workers.prefetch))
-        {
+        let session = match open("") {
+            Ok(session) => session,
+            Err(exit) => return exit,
+        };
+        // Retried and dead-lettered copies go out on a connection of their own, so that a
+        // broker alarm that blocks publishing does not also hold up this worker's acks.
+        let publishing = match open(" publisher") {
+            Ok(session) => session,
+            Err(exit) => return exit,
+        };
+        let topology = Topology::new(&config.queue, &config.retry);
+        if let Err(e) = topology.all().try_for_each(|queue| session.declare(queue)) {
+            return lost_or_fatal(e);
+        }
+        let mut publisher = match publishing.publisher() {
+            Ok(publisher) => publisher,
+            Err(e) => return lost_or_fatal(e),
+        };
+        let subscription = match session.subscribe(&config.queue.name, config.workers.prefetch) {
             Ok(subscription) => subscription,
             Err(e) => return lost_or_fatal(e),
         };
         let _ = self.events.send(Event::Ready { worker: self.id });
+        log::debug!(
+            "{name} consuming queue {} on {}",
+            config.queue.name,
+            session.address()
+        );
         let mut handler = (self.factory)(self.id);
         let mut abandoned = None;
-        let mut failures = 0;
 
         loop {
             let delivery = match subscription.next(&self.stop) {
@@ -186,8 +218,17 @@ impl Worker {
                 Next::Ended(e) => return Exit::Lost(e),
             };
             let id = delivery.message_id().unwrap_or("-").to_string();
+            let (attempt, warning) = retry::attempt(&delivery);
+            if let Some(warning) = warning {
+                log::warn!("{name} {id}: {warning}");
+            }
             log::info!(
-                "{name} received {id}{} {}",
+                "{name} received {id}{}{} {}",
+                if attempt > 1 {
+                    format!(" (attempt {attempt})")
+                } else {
+                    String::new()
+                },
                 if delivery.redelivered() {
                     " (redelivered)"
                 } else {
@@ -202,25 +243,63 @@ impl Worker {
                 redelivered: delivery.redelivered(),
                 queue: &config.queue.name,
                 worker: self.id,
+                attempt,
             };
             let outcome = handler.handle(&task, &self.abort);
             let took = started.elapsed();
             let settled = match outcome {
                 Outcome::Done => {
-                    failures = 0;
                     log::info!("{name} done {id} in {took:.2?}");
                     subscription.ack(delivery)
                 }
-                Outcome::Failed(why) => {
-                    let pause = backoff(failures).min(MAX_FAILURE_PAUSE);
-                    failures += 1;
+                Outcome::Retry(status) => {
+                    match retry::after_failure(attempt, &config.queue, &config.retry) {
+                        Decision::Retry { queue, delay, next } => {
+                            log::warn!(
+                                "{name} failed {id} (attempt {attempt} of {}) after {took:.2?}: {status}; retrying in {}",
+                                config.retry.max_attempts,
+                                humantime::format_duration(delay)
+                            );
+                            let headers = retry::retry_headers(next, &status);
+                            self.forward(&mut publisher, &subscription, delivery, &queue, headers)
+                        }
+                        Decision::DeadLetter { reason } => {
+                            log::warn!(
+                                "{name} failed {id} (attempt {attempt} of {}) after {took:.2?}: {status}; {reason}: dead-lettered to {}",
+                                config.retry.max_attempts,
+                                config.queue.dead_letter
+                            );
+                            let headers = retry::dead_letter_headers(
+                                &reason,
+                                &status,
+                                attempt,
+                                &config.queue.name,
+                            );
+                            self.forward(
+                                &mut publisher,
+                                &subscription,
+                                delivery,
+                                &config.queue.dead_letter,
+                                headers,
+                            )
+                        }
+                    }
+                }
+                Outcome::DeadLetter(status) => {
                     log::warn!(
-                        "{name} failed {id} after {took:.2?}: {why}; requeued in {pause:.1?}"
+                        "{name} rejected {id} after {took:.2?}: {status}; dead-lettered to {}",
+                        config.queue.dead_letter
                     );
-                    // Without a pause, a handler that fails at once would spin on the message,
-                    // which the broker hands straight back. A stop cuts the pause short.
-                    let _ = self.stop.recv_timeout(pause);
-                    subscription.requeue(delivery)
+                    let reason = format!("rejected by the handler ({status})");
+                    let headers =
+                        retry::dead_letter_headers(&reason, &status, attempt, &config.queue.name);
+                    self.forward(
+                        &mut publisher,
+                        &subscription,
+                        delivery,
+                        &config.queue.dead_letter,
+                        headers,
+                    )
                 }
                 Outcome::Aborted => {
                     log::warn!("{name} abandoned {id} after {took:.2?}: warren is stopping and cannot wait for it; requeued");
@@ -261,11 +340,45 @@ impl Worker {
             requeued.push(id);
         }
         drop(subscription);
-        if let Err(e) = session.close() {
-            log::warn!("{name} could not close its connection cleanly: {e}");
+        drop(publisher);
+        if let Err(e) = session.close().and_then(|()| publishing.close()) {
+            log::warn!("{name} could not close its connections cleanly: {e}");
         }
         log::debug!("{name} stopped");
         Exit::Stopped { requeued }
+    }
+
+    /// Moves `delivery` to `queue` (a retry queue or the dead-letter queue): the copy is
+    /// published and confirmed before the original is acked, so a crash in between can
+    /// duplicate the message but never lose it. If the copy is refused, the original goes back
+    /// to the work queue after a pause instead.
+    fn forward(
+        &self,
+        publisher: &mut Publisher<'_>,
+        subscription: &Subscription<'_>,
+        delivery: Delivery,
+        queue: &str,
+        headers: Vec<(String, Header)>,
+    ) -> Result<(), AmqpError> {
+        let id = delivery.message_id().unwrap_or("-").to_string();
+        let problem = match publisher.republish_and_wait(&delivery, queue, headers, CONFIRM_TIMEOUT)
+        {
+            Ok(Confirmed::Stored) => return subscription.ack(delivery),
+            Ok(Confirmed::Refused(why)) => why,
+            Ok(Confirmed::TimedOut) => format!("no confirm within {CONFIRM_TIMEOUT:?}"),
+            Err(e) => {
+                let _ = subscription.requeue(delivery);
+                return Err(e);
+            }
+        };
+        let pause = backoff(0).max(Duration::from_secs(1));
+        log::warn!(
+            "worker-{} could not move {id} to queue {queue}: {problem}; requeued in {pause:.1?}",
+            self.id
+        );
+        // A pause, so that a broker that keeps refusing is not hammered; a stop cuts it short.
+        let _ = self.stop.recv_timeout(pause);
+        subscription.requeue(delivery)
     }
 }
 
@@ -317,6 +430,12 @@ struct Slot {
     restart_at: Option<Instant>,
     /// Waiting for the broker to come back.
     parked: bool,
+    /// The broker node its worker connects to (modulo their number). Workers start spread over
+    /// the nodes and move to the next node after each failure.
+    node: usize,
+    /// Failed connects since it was last consuming: once it has tried every node, the broker
+    /// as a whole is unreachable.
+    connect_failures: usize,
 }
 
 impl Slot {
@@ -396,7 +515,12 @@ impl Supervisor {
     ) -> Supervisor {
         let (stop, stop_signal) = bounded(0);
         let (abort, abort_signal) = bounded(0);
-        let slots = (0..config.workers.count).map(|_| Slot::default()).collect();
+        let slots = (0..config.workers.count)
+            .map(|i| Slot {
+                node: i,
+                ..Slot::default()
+            })
+            .collect();
         Supervisor {
             config,
             factory,
@@ -512,6 +636,7 @@ impl Supervisor {
     fn spawn(&mut self, id: usize) {
         let worker = Worker {
             id,
+            node: self.slots[id - 1].node,
             config: Arc::clone(&self.config),
             factory: Arc::clone(&self.factory),
             events: self.events.clone(),
@@ -542,6 +667,7 @@ impl Supervisor {
 
     fn on_ready(&mut self, worker: usize) {
         self.slots[worker - 1].ready_since = Some(Instant::now());
+        self.slots[worker - 1].connect_failures = 0;
         log::debug!(
             "worker-{worker} is consuming queue {}",
             self.config.queue.name
@@ -553,7 +679,7 @@ impl Supervisor {
                 .collect();
             log::info!(
                 "broker at {} is reachable again after {:.1?} ({rounds} rounds); starting the {} waiting workers",
-                self.config.broker.url,
+                self.config.broker.describe(),
                 since.elapsed(),
                 parked.len()
             );
@@ -583,7 +709,20 @@ impl Supervisor {
             return;
         }
         match exit {
-            Exit::ConnectFailed(e) => self.on_unreachable(worker, e),
+            Exit::ConnectFailed(e) => {
+                let nodes = self.config.broker.urls.len();
+                let slot = &mut self.slots[worker - 1];
+                slot.node += 1;
+                slot.connect_failures += 1;
+                if slot.connect_failures < nodes {
+                    // Another node may answer: fail over to it at once.
+                    let next = &self.config.broker.urls[slot.node % nodes];
+                    log::warn!("worker-{worker}: {e}; failing over to {next}");
+                    slot.restart_at = Some(Instant::now());
+                } else {
+                    self.on_unreachable(worker, e);
+                }
+            }
             Exit::Fatal(e) => {
                 log::warn!("worker-{worker} hit an error that retrying cannot fix; stopping");
                 self.fatal = Some(e);
@@ -600,6 +739,9 @@ impl Supervisor {
 
     fn schedule_restart(&mut self, worker: usize, why: &str) {
         let slot = &mut self.slots[worker - 1];
+        // The node may be what failed: the next attempt goes to the next node, if there are
+        // several.
+        slot.node += 1;
         let delay = slot.next_delay();
         slot.restart_at = Some(Instant::now() + delay);
         log::warn!("{why}; restarting it in {delay:.1?}");

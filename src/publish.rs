@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::amqp::{AmqpError, PublishEvent, Publisher, Session};
 use crate::config::Config;
+use crate::retry::Topology;
 
 /// At most this many messages wait for their confirms at once; publishing pauses beyond it, so
 /// that a huge input does not pile up in memory if the broker slows down.
@@ -51,17 +52,14 @@ pub fn publish(
     options: &Options,
     messages: impl Iterator<Item = std::io::Result<Vec<u8>>>,
 ) -> Result<Summary, PublishError> {
-    let session = Session::open(
-        &config.broker,
-        &format!("warren publish pid {}", std::process::id()),
-    )
-    .map_err(PublishError::Unavailable)?;
+    let session = open_any(config)?;
     if options.declare {
         let queue = crate::config::Queue {
             name: options.queue.clone(),
             ..config.queue.clone()
         };
-        session.declare(&queue).map_err(unavailable_or_lost)?;
+        let work = Topology::new(&queue, &config.retry).work;
+        session.declare(&work).map_err(unavailable_or_lost)?;
     }
     let mut publisher = session.publisher().map_err(unavailable_or_lost)?;
     let mut tracker = Tracker::default();
@@ -121,6 +119,25 @@ pub fn lines(input: impl BufRead) -> impl Iterator<Item = std::io::Result<Vec<u8
     input.split(b'\n')
 }
 
+/// Connects to the first of the broker's nodes that answers.
+fn open_any(config: &Config) -> Result<Session, PublishError> {
+    let name = format!("warren publish pid {}", std::process::id());
+    let mut last = None;
+    for node in 0..config.broker.urls.len() {
+        match Session::open(&config.broker, node, &name) {
+            Ok(session) => return Ok(session),
+            Err(e) if e.is_fatal() => return Err(PublishError::Unavailable(e)),
+            Err(e) => {
+                log::debug!("{e}");
+                last = Some(e);
+            }
+        }
+    }
+    Err(PublishError::Unavailable(
+        last.expect("invariant: a config names at least one node"),
+    ))
+}
+
 fn unavailable_or_lost(e: AmqpError) -> PublishError {
     match e {
         AmqpError::Lost { .. } => PublishError::NotConfirmed(e.to_string()),
@@ -135,6 +152,9 @@ struct Tracker {
     /// Message ids by tag - 1.
     ids: Vec<String>,
     problems: Vec<String>,
+    /// The broker has blocked the connection (a memory or disk alarm): the confirm timeout
+    /// does not run while it lasts.
+    blocked: bool,
 }
 
 impl Tracker {
@@ -146,6 +166,14 @@ impl Tracker {
         let (tag, multiple, nacked) = match event {
             PublishEvent::Ack { tag, multiple } => (tag, multiple, false),
             PublishEvent::Nack { tag, multiple } => (tag, multiple, true),
+            PublishEvent::Blocked { .. } => {
+                self.blocked = true;
+                return;
+            }
+            PublishEvent::Unblocked => {
+                self.blocked = false;
+                return;
+            }
             PublishEvent::Returned { message_id, reason } => {
                 self.problems.push(format!(
                     "{} returned as unroutable: {reason}",
@@ -176,12 +204,19 @@ impl Tracker {
 
     /// Waits for at least one confirm, for up to `timeout`.
     fn wait(&mut self, publisher: &Publisher<'_>, timeout: Duration) -> Result<(), PublishError> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Instant::now() + timeout;
         let before = self.pending.len();
         while self.pending.len() == before {
             let left = deadline.saturating_duration_since(Instant::now());
             match publisher.next_event(left).map_err(lost)? {
-                Some(event) => self.apply(event),
+                Some(event) => {
+                    let was_blocked = self.blocked;
+                    self.apply(event);
+                    if was_blocked && !self.blocked {
+                        deadline = Instant::now() + timeout;
+                    }
+                }
+                None if self.blocked => deadline = Instant::now() + timeout,
                 None if Instant::now() >= deadline => {
                     return Err(PublishError::NotConfirmed(format!(
                         "{} messages were not confirmed within {timeout:?}",

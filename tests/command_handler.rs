@@ -14,20 +14,20 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use util::{ready_and_unacked, wait_until, Broker, Warren};
 use warren::amqp::{PublishEvent, Session};
-use warren::config::Queue;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 /// Declares `queue` as warren does and publishes each `(message id, body)` with the library's
 /// publisher, returning once the broker has confirmed every one.
 fn publish_bodies(queue: &str, messages: &[(&str, &[u8])]) {
-    let session = Session::open(&util::broker_config().broker, "warren command_handler test")
-        .expect("connect to the test broker");
+    let session = Session::open(
+        &util::broker_config().broker,
+        0,
+        "warren command_handler test",
+    )
+    .expect("connect to the test broker");
     session
-        .declare(&Queue {
-            name: queue.to_string(),
-            durable: true,
-        })
+        .declare(&util::durable_queue(queue.to_string()))
         .expect("declare the queue");
     let mut publisher = session.publisher().expect("enable publisher confirms");
     let mut pending = BTreeSet::new();
@@ -228,8 +228,8 @@ fn a_program_that_exits_zero_has_its_message_acked() {
     );
 }
 
-/// Runs a one-worker warren whose program fails its first run of the message with `fail` (shell
-/// code) and succeeds once the message is redelivered; returns the log line of the failure.
+/// Runs a one-worker warren whose program fails its first attempt at the message with `fail`
+/// (shell code) and succeeds on the second; returns the log line of the failure.
 fn fails_once_then_succeeds(broker: &Broker, what: &str, fail: &str) -> String {
     let queue = broker.queue(what);
     let script = script_in_dir(
@@ -237,8 +237,8 @@ fn fails_once_then_succeeds(broker: &Broker, what: &str, fail: &str) -> String {
         what,
         &format!(
             "cat > /dev/null\n\
-             echo \"$WARREN_REDELIVERED\" >> \"$DIR/$WARREN_MESSAGE_ID.runs\"\n\
-             if [ \"$WARREN_REDELIVERED\" != 1 ]; then {fail}; fi\n\
+             echo \"$WARREN_ATTEMPT\" >> \"$DIR/$WARREN_MESSAGE_ID.runs\"\n\
+             if [ \"$WARREN_ATTEMPT\" = 1 ]; then {fail}; fi\n\
              exit 0"
         ),
     );
@@ -249,47 +249,44 @@ fn fails_once_then_succeeds(broker: &Broker, what: &str, fail: &str) -> String {
 
     let failed = warren.wait_for_log(&format!(" failed {id} "), WAIT);
     assert!(
-        failed.contains("; requeued in "),
-        "the failure says the message was requeued: {failed}"
+        failed.contains("(attempt 1 of 5)") && failed.ends_with("; retrying in 1s"),
+        "the failure says the message will be retried: {failed}"
     );
-    warren.wait_for_log(&format!(" received {id} (redelivered) "), WAIT);
+    warren.wait_for_log(&format!(" received {id} (attempt 2) "), WAIT);
     warren.wait_for_log(&format!(" done {id} "), WAIT);
     assert_eq!(
         util::recorded(&broker.dir.path().join(format!("{id}.runs"))),
-        ["0", "1"],
-        "the program ran twice: first with WARREN_REDELIVERED=0, then with 1"
+        ["1", "2"],
+        "the program ran twice: first with WARREN_ATTEMPT=1, then with 2"
     );
     assert_eq!(
         warren.lines_with(&format!(" received {id}")).len(),
         2,
-        "received once, then once redelivered"
+        "received once, then once more from the retry queue"
     );
     wait_until_settled(&queue);
     stop(warren);
-    assert_eq!(
-        ready_and_unacked(&queue),
-        (0, 0),
-        "the redelivery was acked"
-    );
+    assert_eq!(ready_and_unacked(&queue), (0, 0), "the retry was acked");
+    assert_eq!(ready_and_unacked(&format!("{queue}.retry.1s")), (0, 0));
     failed
 }
 
 #[test]
-fn a_program_that_exits_non_zero_has_its_message_requeued_and_redelivered() {
+fn a_program_that_exits_non_zero_has_its_message_retried() {
     let broker = Broker::shared();
     let failed = fails_once_then_succeeds(&broker, "exit3", "exit 3");
     assert!(
-        failed.contains(": exit status 3; requeued"),
+        failed.contains(": exit status 3; retrying"),
         "the log gives the exit status: {failed}"
     );
 }
 
 #[test]
-fn a_program_killed_by_a_signal_has_its_message_requeued_and_redelivered() {
+fn a_program_killed_by_a_signal_has_its_message_retried() {
     let broker = Broker::shared();
     let failed = fails_once_then_succeeds(&broker, "kill9", "kill -9 $$");
     assert!(
-        failed.contains(": killed by signal 9 (SIGKILL); requeued"),
+        failed.contains(": killed by signal 9 (SIGKILL); retrying"),
         "the log names the signal: {failed}"
     );
 }

@@ -27,11 +27,45 @@ fn a_queue_declared_with_other_parameters_stops_warren_with_exit_78() {
     let mut warren = Warren::run(&transient, &[]);
     assert_eq!(warren.wait_exit(Duration::from_secs(20)).code(), Some(78));
     let errors = warren.lines_with("ERROR");
+    assert_eq!(errors.len(), 1, "one line: {errors:#?}");
     assert!(
-        errors
-            .iter()
-            .any(|l| l.contains(&format!("queue {queue:?}")) && l.contains("PRECONDITION_FAILED")),
-        "one line names the queue and the broker's reason: {errors:#?}"
+        errors[0].contains(&format!("queue {queue:?}"))
+            && errors[0]
+                .contains("exists with durable = true, but the config wants durable = false"),
+        "the line names the queue, the argument, what exists and what is wanted: {errors:#?}"
+    );
+    assert_eq!(
+        queue_counts(&queue).0,
+        1,
+        "the message already queued is untouched"
+    );
+}
+
+#[test]
+fn a_classic_queue_cannot_become_a_quorum_queue_by_config() {
+    let broker = Broker::shared();
+    let queue = broker.queue("retype");
+    let classic = broker.config(&queue, "[handler]\nkind = \"dots\"\n");
+    publish_ok(&classic, &["waits"]);
+
+    let quorum = broker
+        .config(&queue, "[handler]\nkind = \"dots\"\n")
+        .with_extension("");
+    let text = std::fs::read_to_string(&classic).unwrap();
+    std::fs::write(
+        &quorum,
+        text.replace("name = ", "type = \"quorum\"\nname = "),
+    )
+    .unwrap();
+    let mut warren = Warren::run(&quorum, &[]);
+    assert_eq!(warren.wait_exit(Duration::from_secs(20)).code(), Some(78));
+    let errors = warren.lines_with("ERROR");
+    assert!(
+        errors.iter().any(
+            |l| l.contains(&format!("queue {queue:?}: it exists with x-"))
+                && l.contains("= (not set), but the config wants x-")
+        ),
+        "{errors:#?}"
     );
     assert_eq!(
         queue_counts(&queue).0,

@@ -301,10 +301,7 @@ fn no_declare_publishes_to_an_existing_queue() {
     let queue = broker.queue("existing");
     let config = broker.config(&queue, "[handler]\nkind = \"dots\"\n");
     util::session()
-        .declare(&warren::config::Queue {
-            name: queue.clone(),
-            durable: true,
-        })
+        .declare(&util::durable_queue(queue.clone()))
         .expect("declare the queue");
 
     let (status, log) = publish(&config, &["--no-declare", "declared", "elsewhere"]);

@@ -114,6 +114,10 @@ impl Drop for Broker {
         if let Ok(session) = try_session() {
             for queue in queues {
                 let _ = session.delete_queue(&queue);
+                // The queues warren declares around it, with the default retry delays.
+                for suffix in [".dead", ".retry.1s", ".retry.2s", ".retry.4s", ".retry.8s"] {
+                    let _ = session.delete_queue(&format!("{queue}{suffix}"));
+                }
             }
         }
     }
@@ -129,7 +133,16 @@ pub fn broker_config() -> Config {
 }
 
 pub fn try_session() -> Result<Session, warren::amqp::AmqpError> {
-    Session::open(&broker_config().broker, "warren tests")
+    Session::open(&broker_config().broker, 0, "warren tests")
+}
+
+/// A plain durable queue named `name`, as a test declares one.
+pub fn durable_queue(name: impl Into<String>) -> warren::amqp::QueueSpec {
+    warren::amqp::QueueSpec {
+        name: name.into(),
+        durable: true,
+        arguments: Vec::new(),
+    }
 }
 
 /// A session with the test broker, or a panic that says how to start it.

@@ -1,0 +1,328 @@
+//! Bounded retries and dead-lettering: the queues warren declares around the work queue, how a
+//! message's attempt is counted, where a failed message goes next, and the headers it carries.
+//!
+//! Everything here is a pure function of the configuration and the message. The broker calls are
+//! in `amqp.rs`; the worker in `pool.rs` acts on the [`Decision`].
+//!
+//! A failed message is not requeued in place: a copy goes to a retry queue whose fixed TTL is the
+//! delay, and which dead-letters back into the work queue when the TTL expires. Per-message TTLs
+//! would not do, because the broker only expires messages at the head of a queue. There is one
+//! retry queue per distinct delay, so every queue holds messages of one TTL.
+
+use std::time::{Duration, SystemTime};
+
+use crate::amqp::{Arg, Delivery, Header, QueueSpec};
+use crate::config::{Queue, QueueType, Retry};
+
+/// The attempt a copy of a message is on, 1 for the first. warren sets it on every copy it
+/// publishes to a retry queue.
+pub const ATTEMPT: &str = "x-warren-attempt";
+/// Why the previous attempt failed.
+pub const LAST_FAILURE: &str = "x-warren-last-failure";
+/// On a dead-lettered message: why it was dead-lettered.
+pub const REASON: &str = "x-warren-reason";
+/// On a dead-lettered message: how its last attempt ended ("exit status 3", "timed out after
+/// 10m", "killed by signal 9 (SIGKILL)").
+pub const EXIT_STATUS: &str = "x-warren-exit-status";
+/// On a dead-lettered message: how many attempts it had.
+pub const ATTEMPTS: &str = "x-warren-attempts";
+/// On a dead-lettered message: when, in RFC 3339 (UTC).
+pub const DEAD_LETTERED_AT: &str = "x-warren-dead-lettered-at";
+/// On a dead-lettered message: the work queue it came from.
+pub const QUEUE: &str = "x-warren-queue";
+/// Set by quorum queues: how many times this copy was delivered and not settled (a failed
+/// handler's requeue, or a consumer lost before its ack).
+const DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// The queues of one work queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub work: QueueSpec,
+    /// One per distinct retry delay, shortest first.
+    pub retries: Vec<QueueSpec>,
+    pub dead: QueueSpec,
+}
+
+impl Topology {
+    pub fn new(queue: &Queue, retry: &Retry) -> Topology {
+        let quorum = queue.kind == QueueType::Quorum;
+        let type_arg = |kind: &str| ("x-queue-type".to_string(), Arg::Str(kind.into()));
+        let mut work = QueueSpec {
+            name: queue.name.clone(),
+            durable: queue.durable,
+            arguments: Vec::new(),
+        };
+        let mut dead = QueueSpec {
+            name: queue.dead_letter.clone(),
+            durable: queue.durable,
+            arguments: Vec::new(),
+        };
+        if quorum {
+            // The broker counts deliveries and dead-letters a copy that was delivered and not
+            // settled max_attempts times: a message that crashes warren itself every time.
+            work.arguments = vec![
+                type_arg("quorum"),
+                (
+                    "x-delivery-limit".into(),
+                    Arg::Int(i64::from(retry.max_attempts) - 1),
+                ),
+                ("x-dead-letter-exchange".into(), Arg::Str(String::new())),
+                (
+                    "x-dead-letter-routing-key".into(),
+                    Arg::Str(queue.dead_letter.clone()),
+                ),
+                // At-least-once dead-lettering needs the queue to refuse publishes when full
+                // rather than drop its oldest messages.
+                (
+                    "x-dead-letter-strategy".into(),
+                    Arg::Str("at-least-once".into()),
+                ),
+                ("x-overflow".into(), Arg::Str("reject-publish".into())),
+            ];
+            dead.arguments = vec![type_arg("quorum")];
+        }
+        let mut delays: Vec<Duration> = (1..retry.max_attempts)
+            .map(|attempt| retry.delay_after(attempt))
+            .collect();
+        delays.dedup();
+        let retries = delays
+            .into_iter()
+            .map(|delay| QueueSpec {
+                name: retry_queue(queue, delay),
+                durable: queue.durable,
+                arguments: vec![
+                    ("x-message-ttl".into(), Arg::Int(delay.as_millis() as i64)),
+                    ("x-dead-letter-exchange".into(), Arg::Str(String::new())),
+                    (
+                        "x-dead-letter-routing-key".into(),
+                        Arg::Str(queue.name.clone()),
+                    ),
+                ],
+            })
+            .collect();
+        Topology {
+            work,
+            retries,
+            dead,
+        }
+    }
+
+    /// Every queue, work queue first.
+    pub fn all(&self) -> impl Iterator<Item = &QueueSpec> {
+        std::iter::once(&self.work)
+            .chain(&self.retries)
+            .chain(std::iter::once(&self.dead))
+    }
+}
+
+/// The retry queue that holds messages for `delay`: `<queue>.retry.<delay>`, such as
+/// `task_queue.retry.4s` or `task_queue.retry.1500ms`.
+pub fn retry_queue(queue: &Queue, delay: Duration) -> String {
+    let ms = delay.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}.retry.{}s", queue.name, ms / 1000)
+    } else {
+        format!("{}.retry.{ms}ms", queue.name)
+    }
+}
+
+/// Which attempt `delivery` is, from 1, and a warning when a header could not be read.
+///
+/// The count is warren's `x-warren-attempt` header (copies made by retries) plus, on quorum
+/// queues, the broker's `x-delivery-count` (deliveries of this copy that ended without an
+/// outcome, such as a crash of warren). On a classic queue such deliveries leave no trace but
+/// the `redelivered` flag, which does not say how many there were.
+pub fn attempt(delivery: &Delivery) -> (u32, Option<String>) {
+    let mut warning = None;
+    let copies = match delivery.header(ATTEMPT) {
+        None => 1,
+        Some(Header::Int(n)) if n >= 1 => n,
+        Some(Header::Str(s)) if s.trim().parse::<i64>().is_ok_and(|n| n >= 1) => {
+            s.trim().parse().expect("checked just above")
+        }
+        Some(other) => {
+            warning = Some(format!(
+                "header {ATTEMPT} is {other:?}, not a positive integer; counting from attempt 1"
+            ));
+            1
+        }
+    };
+    let returned = match delivery.header(DELIVERY_COUNT) {
+        Some(Header::Int(n)) if n >= 0 => n,
+        None => 0,
+        Some(other) => {
+            warning = Some(format!(
+                "header {DELIVERY_COUNT} is {other:?}, not a count; ignoring it"
+            ));
+            0
+        }
+    };
+    let attempt = copies
+        .saturating_add(returned)
+        .clamp(1, i64::from(u32::MAX));
+    (attempt as u32, warning)
+}
+
+/// Where a message goes after a failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Into `queue` for `delay`, then back to the work queue as attempt `next`.
+    Retry {
+        queue: String,
+        delay: Duration,
+        next: u32,
+    },
+    /// Into the dead-letter queue, for `reason`.
+    DeadLetter { reason: String },
+}
+
+/// The decision after `attempt` failed and may be retried.
+pub fn after_failure(attempt: u32, queue: &Queue, retry: &Retry) -> Decision {
+    if attempt >= retry.max_attempts {
+        return Decision::DeadLetter {
+            reason: format!("failed all {} attempts", retry.max_attempts),
+        };
+    }
+    let delay = retry.delay_after(attempt);
+    Decision::Retry {
+        queue: retry_queue(queue, delay),
+        delay,
+        next: attempt + 1,
+    }
+}
+
+/// The headers of the copy that goes to a retry queue.
+pub fn retry_headers(next: u32, failure: &str) -> Vec<(String, Header)> {
+    vec![
+        (ATTEMPT.into(), Header::Int(next.into())),
+        (LAST_FAILURE.into(), Header::Str(failure.into())),
+    ]
+}
+
+/// The headers of the copy that goes to the dead-letter queue.
+pub fn dead_letter_headers(
+    reason: &str,
+    status: &str,
+    attempts: u32,
+    queue: &str,
+) -> Vec<(String, Header)> {
+    vec![
+        (REASON.into(), Header::Str(reason.into())),
+        (EXIT_STATUS.into(), Header::Str(status.into())),
+        (ATTEMPTS.into(), Header::Int(attempts.into())),
+        (
+            DEAD_LETTERED_AT.into(),
+            Header::Str(humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
+        ),
+        (QUEUE.into(), Header::Str(queue.into())),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry(max_attempts: u32) -> Retry {
+        Retry {
+            max_attempts,
+            delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn there_is_one_retry_queue_per_delay_each_dead_lettering_back_to_the_work_queue() {
+        let topology = Topology::new(&Queue::classic("jobs"), &retry(6));
+        let names: Vec<_> = topology.retries.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "jobs.retry.1s",
+                "jobs.retry.2s",
+                "jobs.retry.4s",
+                "jobs.retry.5s"
+            ]
+        );
+        assert_eq!(
+            topology.retries[2].arguments,
+            [
+                ("x-message-ttl".to_string(), Arg::Int(4000)),
+                (
+                    "x-dead-letter-exchange".to_string(),
+                    Arg::Str(String::new())
+                ),
+                (
+                    "x-dead-letter-routing-key".to_string(),
+                    Arg::Str("jobs".into())
+                ),
+            ]
+        );
+        assert!(topology.work.arguments.is_empty());
+        assert_eq!(topology.dead.name, "jobs.dead");
+        assert_eq!(topology.all().count(), 6);
+        assert!(Topology::new(&Queue::classic("jobs"), &retry(1))
+            .retries
+            .is_empty());
+    }
+
+    #[test]
+    fn a_quorum_queue_counts_deliveries_and_dead_letters_at_least_once() {
+        let queue = Queue {
+            kind: QueueType::Quorum,
+            ..Queue::classic("jobs")
+        };
+        let topology = Topology::new(&queue, &retry(5));
+        let arg = |name: &str| {
+            topology
+                .work
+                .arguments
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(arg("x-queue-type"), Some(Arg::Str("quorum".into())));
+        assert_eq!(arg("x-delivery-limit"), Some(Arg::Int(4)));
+        assert_eq!(
+            arg("x-dead-letter-routing-key"),
+            Some(Arg::Str("jobs.dead".into()))
+        );
+        assert_eq!(
+            arg("x-dead-letter-strategy"),
+            Some(Arg::Str("at-least-once".into()))
+        );
+        assert_eq!(arg("x-overflow"), Some(Arg::Str("reject-publish".into())));
+    }
+
+    #[test]
+    fn failures_are_retried_with_growing_delays_until_the_last_attempt() {
+        let queue = Queue::classic("jobs");
+        let r = retry(3);
+        assert_eq!(
+            after_failure(1, &queue, &r),
+            Decision::Retry {
+                queue: "jobs.retry.1s".into(),
+                delay: Duration::from_secs(1),
+                next: 2
+            }
+        );
+        assert_eq!(
+            after_failure(2, &queue, &r),
+            Decision::Retry {
+                queue: "jobs.retry.2s".into(),
+                delay: Duration::from_secs(2),
+                next: 3
+            }
+        );
+        assert_eq!(
+            after_failure(3, &queue, &r),
+            Decision::DeadLetter {
+                reason: "failed all 3 attempts".into()
+            }
+        );
+        let odd = Retry {
+            delay: Duration::from_millis(1500),
+            ..r
+        };
+        assert_eq!(retry_queue(&queue, odd.delay_after(1)), "jobs.retry.1500ms");
+    }
+}
