@@ -409,9 +409,20 @@ pub fn recorded(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The broker connections that the process `pid` opened, as the connection process ids that
-/// `rabbitmqctl close_connection` takes. warren names each connection "warren worker-N pid P".
+/// The consuming connections that the process `pid` opened, as the connection process ids that
+/// `rabbitmqctl close_connection` takes. warren names them "warren worker-N pid P" (and its
+/// publishing connections "warren worker-N publisher pid P").
 pub fn connections_of(pid: Pid) -> Vec<String> {
+    connections_named(&format!(" pid {pid}\""))
+        .into_iter()
+        .filter(|(_, line)| !line.contains(" publisher pid "))
+        .map(|(conn, _)| conn)
+        .collect()
+}
+
+/// Every broker connection whose client properties contain `marker`: its connection process id
+/// and its line of `rabbitmqctl list_connections`.
+pub fn connections_named(marker: &str) -> Vec<(String, String)> {
     let out = rabbitmqctl(&[
         "list_connections",
         "-q",
@@ -419,10 +430,9 @@ pub fn connections_of(pid: Pid) -> Vec<String> {
         "pid",
         "client_properties",
     ]);
-    let marker = format!(" pid {pid}\"");
     out.lines()
-        .filter(|line| line.contains(&marker))
-        .filter_map(|line| Some(line.split_once('\t')?.0.to_string()))
+        .filter(|line| line.contains(marker))
+        .filter_map(|line| Some((line.split_once('\t')?.0.to_string(), line.to_string())))
         .collect()
 }
 
