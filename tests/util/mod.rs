@@ -440,6 +440,8 @@ pub fn connections_named(marker: &str) -> Vec<(String, String)> {
 /// client without stopping it for every test.
 pub struct Proxy {
     pub port: u16,
+    /// While set, the proxy keeps every connection open but forwards nothing: a dead network.
+    frozen: Arc<std::sync::atomic::AtomicBool>,
     stop: Option<crossbeam_channel::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -467,7 +469,10 @@ impl Proxy {
             .set_nonblocking(true)
             .expect("nonblocking listener");
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let frozen_in_thread = Arc::clone(&frozen);
         let thread = thread::spawn(move || {
+            let frozen = frozen_in_thread;
             let mut open: Vec<TcpStream> = Vec::new();
             loop {
                 if !matches!(
@@ -489,8 +494,19 @@ impl Proxy {
                             (client.try_clone().unwrap(), server.try_clone().unwrap()),
                             (server.try_clone().unwrap(), client.try_clone().unwrap()),
                         ] {
+                            let frozen = Arc::clone(&frozen);
                             thread::spawn(move || {
-                                let _ = std::io::copy(&mut from, &mut to);
+                                use std::io::{Read, Write};
+                                let mut buf = [0u8; 16 * 1024];
+                                while let Ok(n @ 1..) = from.read(&mut buf) {
+                                    // Hold what was read until the network "comes back".
+                                    while frozen.load(Ordering::SeqCst) {
+                                        thread::sleep(Duration::from_millis(10));
+                                    }
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
                                 let _ = to.shutdown(std::net::Shutdown::Both);
                             });
                         }
@@ -503,9 +519,20 @@ impl Proxy {
         });
         Proxy {
             port,
+            frozen,
             stop: Some(stop),
             thread: Some(thread),
         }
+    }
+
+    /// Stops forwarding without closing anything, as a dead network does.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Forwards again, including what was held while frozen.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
     }
 
     /// The test broker's URL, through this proxy.
