@@ -224,14 +224,7 @@ impl Session {
         body: &[u8],
         headers: Vec<(String, Header)>,
     ) -> Result<(), AmqpError> {
-        let mut table = FieldTable::new();
-        for (key, value) in headers {
-            let value = match value {
-                Header::Int(i) => AmqpValue::LongLongInt(i),
-                Header::Str(s) | Header::Other(s) => AmqpValue::LongString(s),
-            };
-            table.insert(key, value);
-        }
+        let table = add_headers(FieldTable::new(), headers);
         let properties = AmqpProperties::default()
             .with_delivery_mode(2)
             .with_headers(table);
@@ -297,17 +290,6 @@ impl Session {
         let channel_result = channel.close();
         connection.close().map_err(|e| lost(&url, e))?;
         channel_result.map_err(|e| lost(&url, e))
-    }
-
-    fn blocked_now(&self) -> Option<Option<String>> {
-        let mut last = None;
-        while let Ok(notification) = self.blocked.try_recv() {
-            last = Some(match notification {
-                ConnectionBlockedNotification::Blocked(reason) => Some(reason),
-                ConnectionBlockedNotification::Unblocked => None,
-            });
-        }
-        last
     }
 
     fn channel_error(&self, err: amiquip::Error, what: String) -> AmqpError {
@@ -378,35 +360,6 @@ fn describe_inequivalent(message: &str) -> String {
              change the config back, or delete the queue (and its messages) first"
         ),
         None => message.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::describe_inequivalent;
-
-    #[test]
-    fn a_declare_mismatch_names_the_argument_what_exists_and_what_is_wanted() {
-        let said = |m: &str| {
-            describe_inequivalent(m)
-                .split(';')
-                .next()
-                .unwrap()
-                .to_string()
-        };
-        assert_eq!(
-            said("PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q' in vhost '/': received 'false' but current is 'true'"),
-            "it exists with durable = true, but the config wants durable = false"
-        );
-        assert_eq!(
-            said("PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received the value 'quorum' of type 'longstr' but current is none"),
-            "it exists with x-queue-type = (not set), but the config wants x-queue-type = quorum"
-        );
-        assert_eq!(
-            said("PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-exchange' for queue 'q' in vhost '/': received the value '' of type 'longstr' but current is none"),
-            "it exists with x-dead-letter-exchange = (not set), but the config wants x-dead-letter-exchange = \"\""
-        );
-        assert_eq!(describe_inequivalent("something else"), "something else");
     }
 }
 
@@ -640,14 +593,7 @@ impl Publisher<'_> {
         timeout: Duration,
     ) -> Result<Confirmed, AmqpError> {
         let original = &delivery.0.properties;
-        let mut table = original.headers().clone().unwrap_or_default();
-        for (key, value) in headers {
-            let value = match value {
-                Header::Int(i) => AmqpValue::LongLongInt(i),
-                Header::Str(s) | Header::Other(s) => AmqpValue::LongString(s),
-            };
-            table.insert(key, value);
-        }
+        let table = add_headers(original.headers().clone().unwrap_or_default(), headers);
         let properties = original.clone().with_delivery_mode(2).with_headers(table);
         let tag = self.send(queue, &delivery.0.body, properties)?;
         self.wait_for(tag, timeout)
@@ -708,22 +654,8 @@ impl Publisher<'_> {
     }
 
     /// Waits up to `timeout` for the next confirm, return or alarm. Returns come first: the
-    /// broker sends a message's return before its ack. A blocked connection is logged once, here,
-    /// for every publisher.
+    /// broker sends a message's return before its ack.
     pub fn next_event(&self, timeout: Duration) -> Result<Option<PublishEvent>, AmqpError> {
-        if let Some(change) = self.session.blocked_now() {
-            let address = self.session.address();
-            return Ok(Some(match change {
-                Some(reason) => {
-                    log::warn!("the broker at {address} blocked publishing ({reason}): waiting until it lifts the alarm");
-                    PublishEvent::Blocked { reason }
-                }
-                None => {
-                    log::info!("the broker at {address} unblocked publishing");
-                    PublishEvent::Unblocked
-                }
-            }));
-        }
         if let Ok(returned) = self.returns.try_recv() {
             return Ok(Some(returned_event(returned)));
         }
@@ -738,17 +670,26 @@ impl Publisher<'_> {
                 Err(_) => Err(self.closed()),
             },
             recv(self.session.blocked) -> notification => match notification {
-                Ok(ConnectionBlockedNotification::Blocked(reason)) => {
-                    log::warn!("the broker at {} blocked publishing ({reason}): waiting until it lifts the alarm", self.session.address());
-                    Ok(Some(PublishEvent::Blocked { reason }))
-                }
-                Ok(ConnectionBlockedNotification::Unblocked) => {
-                    log::info!("the broker at {} unblocked publishing", self.session.address());
-                    Ok(Some(PublishEvent::Unblocked))
-                }
+                Ok(notification) => Ok(Some(self.blocked_event(notification))),
                 Err(_) => Err(self.closed()),
             },
             default(timeout) => Ok(None),
+        }
+    }
+
+    /// The event for a connection.blocked or .unblocked notification, logged here once for every
+    /// kind of publisher.
+    fn blocked_event(&self, notification: ConnectionBlockedNotification) -> PublishEvent {
+        let address = self.session.address();
+        match notification {
+            ConnectionBlockedNotification::Blocked(reason) => {
+                log::warn!("the broker at {address} blocked publishing ({reason}): waiting until it lifts the alarm");
+                PublishEvent::Blocked { reason }
+            }
+            ConnectionBlockedNotification::Unblocked => {
+                log::info!("the broker at {address} unblocked publishing");
+                PublishEvent::Unblocked
+            }
         }
     }
 
@@ -760,9 +701,50 @@ impl Publisher<'_> {
     }
 }
 
+/// `table` with `headers` added or replaced.
+fn add_headers(mut table: FieldTable, headers: Vec<(String, Header)>) -> FieldTable {
+    for (key, value) in headers {
+        let value = match value {
+            Header::Int(i) => AmqpValue::LongLongInt(i),
+            Header::Str(s) | Header::Other(s) => AmqpValue::LongString(s),
+        };
+        table.insert(key, value);
+    }
+    table
+}
+
 fn returned_event(returned: amiquip::Return) -> PublishEvent {
     PublishEvent::Returned {
         message_id: returned.properties.message_id().clone(),
         reason: format!("{} (code {})", returned.reply_text, returned.reply_code),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_inequivalent;
+
+    #[test]
+    fn a_declare_mismatch_names_the_argument_what_exists_and_what_is_wanted() {
+        let said = |m: &str| {
+            describe_inequivalent(m)
+                .split(';')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            said("PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q' in vhost '/': received 'false' but current is 'true'"),
+            "it exists with durable = true, but the config wants durable = false"
+        );
+        assert_eq!(
+            said("PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received the value 'quorum' of type 'longstr' but current is none"),
+            "it exists with x-queue-type = (not set), but the config wants x-queue-type = quorum"
+        );
+        assert_eq!(
+            said("PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-exchange' for queue 'q' in vhost '/': received the value '' of type 'longstr' but current is none"),
+            "it exists with x-dead-letter-exchange = (not set), but the config wants x-dead-letter-exchange = \"\""
+        );
+        assert_eq!(describe_inequivalent("something else"), "something else");
     }
 }
