@@ -554,7 +554,8 @@ pub enum Confirmed {
     Stored,
     /// Nacked by the broker, or returned as unroutable.
     Refused(String),
-    /// No answer within the timeout (time spent blocked by an alarm does not count).
+    /// No answer within the timeout (time spent blocked by an alarm does not count), or the
+    /// caller gave up waiting.
     TimedOut,
 }
 
@@ -585,27 +586,41 @@ impl Publisher<'_> {
     /// Publishes a copy of `delivery` to `queue`: the same body and properties (persistent even
     /// if the original was not), with `headers` added or replaced, and waits for the broker's
     /// confirm.
-    pub fn republish_and_wait(
+    /// If `give_up` fires (ready or disconnected) first, it stops waiting and returns
+    /// [`Confirmed::TimedOut`].
+    pub fn republish_and_wait<T>(
         &mut self,
         delivery: &Delivery,
         queue: &str,
         headers: Vec<(String, Header)>,
         timeout: Duration,
+        give_up: &Receiver<T>,
     ) -> Result<Confirmed, AmqpError> {
         let original = &delivery.0.properties;
         let table = add_headers(original.headers().clone().unwrap_or_default(), headers);
         let properties = original.clone().with_delivery_mode(2).with_headers(table);
         let tag = self.send(queue, &delivery.0.body, properties)?;
-        self.wait_for(tag, timeout)
+        self.wait_for(tag, timeout, give_up)
     }
 
     /// Waits for the confirm of `tag`, the only message outstanding.
-    fn wait_for(&self, tag: u64, timeout: Duration) -> Result<Confirmed, AmqpError> {
+    fn wait_for<T>(
+        &self,
+        tag: u64,
+        timeout: Duration,
+        give_up: &Receiver<T>,
+    ) -> Result<Confirmed, AmqpError> {
         let mut deadline = std::time::Instant::now() + timeout;
         let mut returned = None;
         let mut blocked = false;
         loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if !matches!(give_up.try_recv(), Err(TryRecvError::Empty)) {
+                return Ok(Confirmed::TimedOut);
+            }
+            // Wake up now and then to look at `give_up`; a confirm ends the wait at once.
+            let left = deadline
+                .saturating_duration_since(std::time::Instant::now())
+                .min(Duration::from_millis(250));
             match self.next_event(left)? {
                 Some(PublishEvent::Ack { tag: t, multiple })
                     if t == tag || (multiple && t > tag) =>

@@ -361,8 +361,13 @@ impl Worker {
         headers: Vec<(String, Header)>,
     ) -> Result<(), AmqpError> {
         let id = delivery.message_id().unwrap_or("-").to_string();
-        let problem = match publisher.republish_and_wait(&delivery, queue, headers, CONFIRM_TIMEOUT)
-        {
+        let problem = match publisher.republish_and_wait(
+            &delivery,
+            queue,
+            headers,
+            CONFIRM_TIMEOUT,
+            self.abort.receiver(),
+        ) {
             Ok(Confirmed::Stored) => return subscription.ack(delivery),
             Ok(Confirmed::Refused(why)) => why,
             Ok(Confirmed::TimedOut) => format!("no confirm within {CONFIRM_TIMEOUT:?}"),
