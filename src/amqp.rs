@@ -52,7 +52,8 @@ impl AmqpError {
     }
 }
 
-/// One connection with one channel: what each worker owns, and what `warren publish` uses.
+/// One connection with one channel. Each worker owns two (one consumes, one publishes copies);
+/// `warren publish` uses one.
 pub struct Session {
     url: BrokerUrl,
     blocked: Receiver<ConnectionBlockedNotification>,
@@ -588,17 +589,26 @@ impl Publisher<'_> {
     /// confirm.
     /// If `give_up` fires (ready or disconnected) first, it stops waiting and returns
     /// [`Confirmed::TimedOut`].
+    ///
+    /// `drop_headers` are left out of the copy (such as the broker's count of deliveries of the
+    /// original). So are the `expiration` property, which could make the copy vanish from a
+    /// queue without a dead-letter exchange, and `user_id`, which the broker refuses unless it
+    /// names warren's own user.
     pub fn republish_and_wait<T>(
         &mut self,
         delivery: &Delivery,
         queue: &str,
         headers: Vec<(String, Header)>,
+        drop_headers: &[&str],
         timeout: Duration,
         give_up: &Receiver<T>,
     ) -> Result<Confirmed, AmqpError> {
         let original = &delivery.0.properties;
-        let table = add_headers(original.headers().clone().unwrap_or_default(), headers);
-        let properties = original.clone().with_delivery_mode(2).with_headers(table);
+        let mut table = original.headers().clone().unwrap_or_default();
+        for name in drop_headers {
+            table.remove(*name);
+        }
+        let properties = copy_properties(original).with_headers(add_headers(table, headers));
         let tag = self.send(queue, &delivery.0.body, properties)?;
         self.wait_for(tag, timeout, give_up)
     }
@@ -714,6 +724,43 @@ impl Publisher<'_> {
             reason: "the channel closed while confirms were outstanding".into(),
         }
     }
+}
+
+/// The properties of a copy of a message: those of the original, persistent, without
+/// `expiration`, `user_id` and `headers` (which the caller sets).
+fn copy_properties(original: &AmqpProperties) -> AmqpProperties {
+    let mut copy = AmqpProperties::default().with_delivery_mode(2);
+    if let Some(v) = original.content_type() {
+        copy = copy.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        copy = copy.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.priority() {
+        copy = copy.with_priority(*v);
+    }
+    if let Some(v) = original.correlation_id() {
+        copy = copy.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        copy = copy.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        copy = copy.with_message_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        copy = copy.with_timestamp(*v);
+    }
+    if let Some(v) = original.type_() {
+        copy = copy.with_type_(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        copy = copy.with_app_id(v.clone());
+    }
+    if let Some(v) = original.cluster_id() {
+        copy = copy.with_cluster_id(v.clone());
+    }
+    copy
 }
 
 /// `table` with `headers` added or replaced.

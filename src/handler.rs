@@ -57,8 +57,8 @@ pub trait Handler: Send {
 /// Makes the handler of worker `n` (1…N). Called again when a worker is restarted.
 pub type HandlerFactory = Arc<dyn Fn(usize) -> Box<dyn Handler> + Send + Sync>;
 
-/// Fires when the shutdown grace has run out and tasks in flight must be abandoned. It fires by
-/// its sender being dropped, so it reaches every clone at once.
+/// Fires when tasks in flight must be abandoned: the shutdown grace has run out, or a second stop
+/// signal came. It fires by its sender being dropped, so it reaches every clone at once.
 #[derive(Clone)]
 pub struct Abort(Receiver<std::convert::Infallible>);
 
@@ -266,6 +266,9 @@ impl Handler for CommandHandler {
             Some(Ok(status)) if status.code() == Some(EXIT_DEAD_LETTER) => {
                 Outcome::DeadLetter(describe(status))
             }
+            Some(Ok(status)) if status.code() == Some(EXIT_RETRY) => {
+                Outcome::Retry(format!("{} (asked for a retry)", describe(status)))
+            }
             Some(Ok(status)) => Outcome::Retry(describe(status)),
             Some(Err(e)) => Outcome::Retry(format!("cannot wait for {}: {e}", self.argv[0])),
             None => Outcome::Retry("the task's waiter thread died".into()),
@@ -392,7 +395,7 @@ mod tests {
         );
         assert_eq!(
             command(&["sh", "-c", "exit 75"]).handle(&task(b""), &never),
-            Outcome::Retry("exit status 75".into())
+            Outcome::Retry("exit status 75 (asked for a retry)".into())
         );
         assert_eq!(
             command(&["sh", "-c", "exit 65"]).handle(&task(b""), &never),

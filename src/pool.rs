@@ -1,11 +1,13 @@
-//! The worker pool: N worker threads, each with its own connection and channel, and the
-//! supervisor thread that starts them, restarts them when they fail, and stops them.
+//! The worker pool: N worker threads, each with its own consuming connection and channel (and a
+//! second connection to publish retried and dead-lettered copies), and the supervisor thread
+//! that starts them, restarts them when they fail, and stops them.
 //!
 //! The supervisor is a `match` loop over a closed [`Event`] enum received on one crossbeam
 //! channel; it owns all pool state, so nothing here is shared or locked. Workers never restart
 //! themselves and never decide to exit the process: they report how they ended and the
-//! supervisor decides. A worker acks a message only after its handler succeeded, on the channel
-//! that delivered it; any other ending leaves the message to be requeued.
+//! supervisor decides. A worker acks a message on the channel that delivered it, and only after
+//! its handler succeeded or a copy of it was confirmed in a retry queue or the dead-letter
+//! queue; any other ending leaves the message to be requeued.
 
 use std::any::Any;
 use std::convert::Infallible;
@@ -30,6 +32,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 /// After the grace has run out and tasks were told to abort, how long to wait for workers to
 /// report before giving up on them. The broker requeues whatever they held when we exit.
 const ABORT_WAIT: Duration = Duration::from_secs(5);
+/// How long a worker waits before requeueing a message whose copy the broker refused.
+const REFUSED_PAUSE: Duration = Duration::from_secs(1);
 /// How long a worker waits for the broker to confirm a retried or dead-lettered copy (time
 /// blocked by a broker alarm does not count).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -341,8 +345,10 @@ impl Worker {
         }
         drop(subscription);
         drop(publisher);
-        if let Err(e) = session.close().and_then(|()| publishing.close()) {
-            log::warn!("{name} could not close its connections cleanly: {e}");
+        for result in [session.close(), publishing.close()] {
+            if let Err(e) = result {
+                log::warn!("{name} could not close a connection cleanly: {e}");
+            }
         }
         log::debug!("{name} stopped");
         Exit::Stopped { requeued }
@@ -365,6 +371,7 @@ impl Worker {
             &delivery,
             queue,
             headers,
+            retry::NOT_COPIED,
             CONFIRM_TIMEOUT,
             self.abort.receiver(),
         ) {
@@ -376,7 +383,7 @@ impl Worker {
                 return Err(e);
             }
         };
-        let pause = backoff(0).max(Duration::from_secs(1));
+        let pause = REFUSED_PAUSE;
         log::warn!(
             "worker-{} could not move {id} to queue {queue}: {problem}; requeued in {pause:.1?}",
             self.id

@@ -54,9 +54,15 @@ pub fn publish(
 ) -> Result<Summary, PublishError> {
     let session = open_any(config)?;
     if options.declare {
-        let queue = crate::config::Queue {
-            name: options.queue.clone(),
-            ..config.queue.clone()
+        // Another queue than queue.name gets its own default dead-letter queue.
+        let queue = if options.queue == config.queue.name {
+            config.queue.clone()
+        } else {
+            crate::config::Queue {
+                name: options.queue.clone(),
+                dead_letter: format!("{}.dead", options.queue),
+                ..config.queue.clone()
+            }
         };
         let work = Topology::new(&queue, &config.retry).work;
         session.declare(&work).map_err(unavailable_or_lost)?;

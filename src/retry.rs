@@ -30,9 +30,13 @@ pub const ATTEMPTS: &str = "x-warren-attempts";
 pub const DEAD_LETTERED_AT: &str = "x-warren-dead-lettered-at";
 /// On a dead-lettered message: the work queue it came from.
 pub const QUEUE: &str = "x-warren-queue";
-/// Set by quorum queues: how many times this copy was delivered and not settled (a failed
-/// handler's requeue, or a consumer lost before its ack).
+/// Set by quorum queues: how many times this copy was delivered and not settled (a requeue, or
+/// a consumer lost before its ack).
 const DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// Headers the broker set on the original that must not travel with a copy: the copy's
+/// `x-warren-attempt` already counts them.
+pub const NOT_COPIED: &[&str] = &[DELIVERY_COUNT];
 
 /// The queues of one work queue.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! The `command` handler through the real `warren run` binary: the message body reaches the
 //! program's stdin byte for byte and never passes through a shell; the program sees the message
 //! id, queue, redelivery flag and worker number in its environment; exit status 0 acks the
-//! message while a non-zero exit or a death by signal requeues it for a redelivery; and the
+//! message while a non-zero exit or a death by signal retries it as the next attempt; and the
 //! program's stdout and stderr end up in warren's log, prefixed with the worker.
 
 mod util;
