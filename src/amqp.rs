@@ -293,6 +293,23 @@ impl Session {
         channel_result.map_err(|e| lost(&url, e))
     }
 
+    /// Closes a session whose consumer ended with `ended`, and returns the better reason if the
+    /// connection has one. When amiquip's I/O thread dies (missed heartbeats, a reset socket),
+    /// the consumer only sees its channel disconnect; the cause comes out of the close.
+    pub fn close_after(self, ended: AmqpError) -> AmqpError {
+        let Session {
+            url,
+            channel,
+            connection,
+            ..
+        } = self;
+        drop(channel);
+        match connection.close() {
+            Err(e) if !matches!(e, amiquip::Error::ClientClosedConnection) => lost(&url, e),
+            _ => ended,
+        }
+    }
+
     fn channel_error(&self, err: amiquip::Error, what: String) -> AmqpError {
         match err {
             amiquip::Error::ServerClosedChannel { code, message, .. } => AmqpError::Rejected {

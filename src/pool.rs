@@ -219,7 +219,10 @@ impl Worker {
             let delivery = match subscription.next(&self.stop) {
                 Next::Delivery(delivery) => delivery,
                 Next::Stop => break,
-                Next::Ended(e) => return Exit::Lost(e),
+                Next::Ended(e) => {
+                    drop(subscription);
+                    return Exit::Lost(session.close_after(e));
+                }
             };
             let id = delivery.message_id().unwrap_or("-").to_string();
             let (attempt, warning) = retry::attempt(&delivery);
@@ -252,10 +255,9 @@ impl Worker {
             let outcome = handler.handle(&task, &self.abort);
             let took = started.elapsed();
             let settled = match outcome {
-                Outcome::Done => {
-                    log::info!("{name} done {id} in {took:.2?}");
-                    subscription.ack(delivery)
-                }
+                Outcome::Done => subscription
+                    .ack(delivery)
+                    .map(|()| log::info!("{name} done {id} in {took:.2?}")),
                 Outcome::Retry(status) => {
                     match retry::after_failure(attempt, &config.queue, &config.retry) {
                         Decision::Retry { queue, delay, next } => {
@@ -316,7 +318,9 @@ impl Worker {
             if let Err(e) = settled {
                 // The broker requeues the message of a lost channel by itself; the task may run
                 // again, which at-least-once allows.
-                log::warn!("{name} could not settle {id}: {e}");
+                drop(subscription);
+                let e = session.close_after(e);
+                log::warn!("{name} could not settle {id} after {took:.2?}: {e}");
                 return Exit::Lost(e);
             }
         }

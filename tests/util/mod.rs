@@ -557,3 +557,100 @@ impl Drop for Proxy {
         }
     }
 }
+
+/// A vhost of the test's own, for faults that reach a whole vhost (such as `rabbitmqctl
+/// close_all_connections`) and must not reach other tests' connections. The test account may
+/// use it; it is deleted, with its queues, when this drops.
+pub struct Vhost {
+    pub name: String,
+}
+
+impl Vhost {
+    pub fn create(what: &str) -> Vhost {
+        let name = format!(
+            "warren-test-{what}-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        );
+        let url = url::Url::parse(&amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
+        let user = match url.username() {
+            "" => "guest".to_string(),
+            user => percent_encoding::percent_decode_str(user)
+                .decode_utf8_lossy()
+                .into_owned(),
+        };
+        rabbitmqctl(&["add_vhost", &name]);
+        let vhost = Vhost { name };
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &vhost.name,
+            &user,
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        vhost
+    }
+
+    /// The test broker's URL with this vhost, percent-encoded, as its path.
+    pub fn url(&self) -> String {
+        let mut url = url::Url::parse(&amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
+        let path =
+            percent_encoding::utf8_percent_encode(&self.name, percent_encoding::NON_ALPHANUMERIC);
+        url.set_path(&format!("/{path}"));
+        url.to_string()
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.name])
+            .output();
+    }
+}
+
+/// A session with the broker at `url` (the test broker in another vhost, or through a proxy).
+pub fn session_at(url: &str) -> Result<Session, warren::amqp::AmqpError> {
+    let text = format!(
+        "[broker]\nurl = \"{url}\"\n[queue]\nname = \"unused\"\n[handler]\nkind = \"dots\"\n"
+    );
+    let config = Config::parse(Path::new("test.toml"), &text, None).expect("the test URL parses");
+    Session::open(&config.broker, 0, "warren tests")
+}
+
+/// Ready and unacknowledged messages of every queue in `vhost`, by name, as the broker reports
+/// them: one `rabbitmqctl list_queues` for all of them.
+pub fn queue_table(vhost: &str) -> std::collections::HashMap<String, (u64, u64)> {
+    let out = rabbitmqctl(&[
+        "list_queues",
+        "-p",
+        vhost,
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+    ]);
+    out.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                [name, ready, unacked] => Some((
+                    name.to_string(),
+                    (ready.parse().ok()?, unacked.parse().ok()?),
+                )),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Ready and unacknowledged messages of `queue` in `vhost`, as the broker reports them.
+pub fn ready_and_unacked_in(vhost: &str, queue: &str) -> (u64, u64) {
+    let table = queue_table(vhost);
+    *table
+        .get(queue)
+        .unwrap_or_else(|| panic!("queue {queue} is not in vhost {vhost}: {table:?}"))
+}

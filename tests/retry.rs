@@ -1,0 +1,771 @@
+//! Bounded retries through the real `warren run` binary. A `command` program sees its attempt in
+//! `WARREN_ATTEMPT`; exit status 75 (or any other failure: an exit status, a signal, a timeout)
+//! sends the message to a retry queue for a growing delay, from which it comes back as the next
+//! attempt; after the last attempt, or at once on exit status 65, it goes to the dead-letter queue
+//! with its original body and properties and headers that say why. A task that outlives
+//! `handler.timeout` has its whole process group stopped, SIGTERM first and SIGKILL after
+//! `handler.kill_grace`. On a quorum queue the broker counts deliveries too, so that even a
+//! message that kills warren itself every time ends in the dead-letter queue.
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use util::{queue_counts, wait_until, Broker, Warren};
+use warren::amqp::{Fetched, Header, PublishEvent};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Three attempts, 100ms and then 200ms apart, so that warren declares the retry queues
+/// `<queue>.retry.100ms` and `<queue>.retry.200ms`.
+const RETRY: &str = "[retry]\nmax_attempts = 3\ndelay = \"100ms\"\nmax_delay = \"400ms\"\n";
+
+/// The queues warren declares around one work queue under [`RETRY`]. Dropping it deletes the
+/// retry queues, which `Broker` does not know about (it deletes only the default ones).
+struct Queues {
+    work: String,
+    retries: [String; 2],
+    dead: String,
+}
+
+impl Queues {
+    fn new(broker: &Broker, what: &str) -> Queues {
+        let work = broker.queue(what);
+        Queues {
+            retries: [format!("{work}.retry.100ms"), format!("{work}.retry.200ms")],
+            dead: format!("{work}.dead"),
+            work,
+        }
+    }
+
+    /// Waits until the work queue and the retry queues are empty, with nothing unacked, and the
+    /// dead-letter queue holds `dead` ready messages.
+    fn wait_settled(&self, dead: u64) {
+        let names = [
+            self.work.as_str(),
+            self.retries[0].as_str(),
+            self.retries[1].as_str(),
+            self.dead.as_str(),
+        ];
+        let want = [(0, 0), (0, 0), (0, 0), (dead, 0)];
+        wait_until(
+            WAIT,
+            &format!("{names:?} to hold (ready, unacked) {want:?}"),
+            || ready_and_unacked(&names) == want,
+        );
+    }
+}
+
+impl Drop for Queues {
+    fn drop(&mut self) {
+        if let Ok(session) = util::try_session() {
+            for queue in &self.retries {
+                let _ = session.delete_queue(queue);
+            }
+        }
+    }
+}
+
+/// Ready and unacknowledged messages of each of `queues`, from one `rabbitmqctl list_queues`.
+fn ready_and_unacked(queues: &[&str]) -> Vec<(u64, u64)> {
+    let out = util::rabbitmqctl(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+    ]);
+    queues
+        .iter()
+        .map(|queue| {
+            out.lines()
+                .map(|line| line.split_whitespace().collect::<Vec<_>>())
+                .find(|fields| fields.len() == 3 && fields[0] == *queue)
+                .map(|fields| (fields[1].parse().unwrap(), fields[2].parse().unwrap()))
+                .unwrap_or_else(|| panic!("queue {queue} is not in rabbitmqctl list_queues"))
+        })
+        .collect()
+}
+
+/// The type (classic, quorum) of `queue`, as the broker reports it.
+fn queue_type(queue: &str) -> String {
+    let out = util::rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name", "type"]);
+    out.lines()
+        .find_map(|line| {
+            let (name, kind) = line.split_once('\t')?;
+            (name == queue).then(|| kind.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("queue {queue} is not in rabbitmqctl list_queues"))
+}
+
+/// A config for `queue` with `queue_keys` in its `[queue]` section, one worker, `handler` as the
+/// `[handler]` section and the retries of [`RETRY`].
+fn config(broker: &Broker, queue: &str, queue_keys: &str, handler: &str) -> PathBuf {
+    broker.config(
+        queue,
+        &format!("{queue_keys}\n[workers]\ncount = 1\n\n[handler]\n{handler}\n\n{RETRY}"),
+    )
+}
+
+/// The `[handler]` keys that run `script`.
+fn command(script: &Path) -> String {
+    format!("kind = \"command\"\ncommand = [\"{}\"]\n", script.display())
+}
+
+/// A script that runs `body` with `$DIR` set to the test's directory.
+fn script_in_dir(broker: &Broker, name: &str, body: &str) -> PathBuf {
+    let dir = broker.dir.path().display().to_string();
+    assert!(
+        !dir.contains('\''),
+        "the temporary directory needs no quoting"
+    );
+    broker.script(name, &format!("DIR='{dir}'\n{body}"))
+}
+
+/// Publishes each `(message id, body)` to the existing `queue` with the library's publisher and
+/// returns once the broker has confirmed them all.
+fn publish(queue: &str, messages: &[(&str, &[u8])]) {
+    let session = util::session();
+    let mut publisher = session.publisher().expect("enable publisher confirms");
+    let mut pending = BTreeSet::new();
+    for (id, body) in messages {
+        pending.insert(publisher.publish(queue, body, id).expect("publish"));
+    }
+    let deadline = Instant::now() + WAIT;
+    while !pending.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "the broker did not confirm messages {pending:?} in time"
+        );
+        match publisher.next_event(left).expect("wait for confirms") {
+            Some(PublishEvent::Ack {
+                tag,
+                multiple: true,
+            }) => pending.retain(|&t| t > tag),
+            Some(PublishEvent::Ack { tag, .. }) => {
+                pending.remove(&tag);
+            }
+            Some(other) => panic!("the broker did not store a message: {other:?}"),
+            None => {}
+        }
+    }
+}
+
+/// Starts a one-worker warren with `config` and waits until it consumes `queue` (by then it has
+/// declared every queue around it).
+fn start(config: &Path, queue: &str) -> Warren {
+    let warren = Warren::run(config, &[]);
+    warren.wait_consuming(queue, 1);
+    warren
+}
+
+/// Sends SIGTERM and checks that warren stops cleanly.
+fn stop(mut warren: Warren) {
+    warren.signal(Signal::SIGTERM);
+    let status = warren.wait_exit(WAIT);
+    assert!(status.success(), "warren stopped with {status}");
+}
+
+/// The first word of each line the test's scripts recorded in `name`.
+fn first_words(broker: &Broker, name: &str) -> Vec<String> {
+    util::recorded(&broker.dir.path().join(name))
+        .iter()
+        .map(|line| line.split_whitespace().next().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Takes the one message of `queue` and checks that there is no second one.
+fn take_only(queue: &str) -> Fetched {
+    let session = util::session();
+    let message = session
+        .get(queue)
+        .expect("basic.get")
+        .unwrap_or_else(|| panic!("{queue} holds no message"));
+    assert!(
+        session.get(queue).expect("basic.get").is_none(),
+        "{queue} holds a second copy"
+    );
+    message
+}
+
+fn str_header<'a>(message: &'a Fetched, name: &str) -> &'a str {
+    match message.header(name) {
+        Some(Header::Str(s)) => s,
+        other => panic!(
+            "header {name} is {other:?}, not a string; headers: {:?}",
+            message.headers
+        ),
+    }
+}
+
+fn int_header(message: &Fetched, name: &str) -> i64 {
+    match message.header(name) {
+        Some(Header::Int(i)) => *i,
+        other => panic!(
+            "header {name} is {other:?}, not an integer; headers: {:?}",
+            message.headers
+        ),
+    }
+}
+
+/// Checks warren's five dead-letter headers: the reason contains `reason`, the exit status
+/// starts with `status`, and the attempts, the time and the work queue are right.
+fn assert_dead_letter_headers(
+    message: &Fetched,
+    queue: &str,
+    reason: &str,
+    status: &str,
+    attempts: i64,
+) {
+    let said = str_header(message, "x-warren-reason");
+    assert!(
+        said.contains(reason),
+        "x-warren-reason {said:?} says {reason:?}"
+    );
+    let exit = str_header(message, "x-warren-exit-status");
+    assert!(
+        exit.starts_with(status),
+        "x-warren-exit-status {exit:?} starts with {status:?}"
+    );
+    assert_eq!(int_header(message, "x-warren-attempts"), attempts);
+    assert_eq!(str_header(message, "x-warren-queue"), queue);
+    let at = str_header(message, "x-warren-dead-lettered-at");
+    let at = humantime::parse_rfc3339(at)
+        .unwrap_or_else(|e| panic!("x-warren-dead-lettered-at {at:?} is not RFC 3339: {e}"));
+    let now = SystemTime::now();
+    assert!(
+        at <= now + Duration::from_secs(5) && at + Duration::from_secs(300) >= now,
+        "x-warren-dead-lettered-at {at:?} is about now ({now:?})"
+    );
+}
+
+/// How long the attempt of a `failed` log line took ("... after 1.00s: ...").
+fn took(line: &str) -> Duration {
+    let text = line
+        .split_once(") after ")
+        .and_then(|(_, rest)| rest.split_once(':'))
+        .map(|(took, _)| took)
+        .unwrap_or_else(|| panic!("no duration in {line:?}"));
+    let (number, unit) = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(|i| text.split_at(i))
+        .unwrap_or_else(|| panic!("no unit in {text:?}"));
+    let number: f64 = number.parse().unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    let seconds = match unit {
+        "s" => number,
+        "ms" => number / 1e3,
+        "µs" => number / 1e6,
+        "ns" => number / 1e9,
+        _ => panic!("unknown unit in {text:?}"),
+    };
+    Duration::from_secs_f64(seconds)
+}
+
+/// True once process `pid` is gone (or a zombie waiting to be reaped).
+fn gone(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+fn wait_gone(pid: &str, timeout: Duration) {
+    let pid: i32 = pid.parse().unwrap_or_else(|e| panic!("pid {pid:?}: {e}"));
+    wait_until(timeout, &format!("process {pid} to be killed"), || {
+        gone(pid)
+    });
+}
+
+#[test]
+fn a_program_that_exits_75_is_retried_with_growing_delays_until_it_succeeds() {
+    let broker = Broker::shared();
+    let queues = Queues::new(&broker, "tempfail");
+    let script = script_in_dir(
+        &broker,
+        "tempfail",
+        "cat > /dev/null\n\
+         echo \"$WARREN_ATTEMPT $(date +%s%N)\" >> \"$DIR/$WARREN_MESSAGE_ID.runs\"\n\
+         [ \"$WARREN_ATTEMPT\" -ge 3 ] && exit 0\n\
+         exit 75",
+    );
+    let config = config(&broker, &queues.work, "", &command(&script));
+    let warren = start(&config, &queues.work);
+    publish(&queues.work, &[("tempfail-1", b"try again")]);
+    warren.wait_for_log(" done tempfail-1 ", WAIT);
+
+    let runs = util::recorded(&broker.dir.path().join("tempfail-1.runs"));
+    let runs: Vec<(String, u128)> = runs
+        .iter()
+        .map(|line| {
+            let (attempt, nanos) = line.split_once(' ').expect("attempt and time");
+            (attempt.to_string(), nanos.parse().expect("nanoseconds"))
+        })
+        .collect();
+    assert_eq!(
+        runs.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>(),
+        ["1", "2", "3"],
+        "WARREN_ATTEMPT counts the runs"
+    );
+    let gap = |i: usize| Duration::from_nanos((runs[i + 1].1 - runs[i].1) as u64);
+    assert!(
+        gap(0) >= Duration::from_millis(100),
+        "the second attempt waited the first delay of 100ms, not {:?}",
+        gap(0)
+    );
+    assert!(
+        gap(1) >= Duration::from_millis(200),
+        "the third attempt waited the doubled delay of 200ms, not {:?}",
+        gap(1)
+    );
+
+    let failed = warren.lines_with(" failed tempfail-1 ");
+    assert_eq!(failed.len(), 2, "two failures: {failed:#?}");
+    assert!(
+        failed[0].contains("(attempt 1 of 3)")
+            && failed[0].ends_with(": exit status 75 (asked for a retry); retrying in 100ms"),
+        "{}",
+        failed[0]
+    );
+    assert!(
+        failed[1].contains("(attempt 2 of 3)")
+            && failed[1].ends_with(": exit status 75 (asked for a retry); retrying in 200ms"),
+        "{}",
+        failed[1]
+    );
+    warren.wait_for_log(" received tempfail-1 (attempt 3) ", WAIT);
+    queues.wait_settled(0);
+    stop(warren);
+    assert_eq!(
+        first_words(&broker, "tempfail-1.runs").len(),
+        3,
+        "the acked message did not run again"
+    );
+}
+
+#[test]
+fn a_program_that_always_fails_is_dead_lettered_after_max_attempts_with_headers_that_say_why() {
+    let broker = Broker::shared();
+    let queues = Queues::new(&broker, "doomed");
+    let script = script_in_dir(
+        &broker,
+        "doomed",
+        "cat > /dev/null\necho \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\nexit 3",
+    );
+    let config = config(&broker, &queues.work, "", &command(&script));
+    let warren = start(&config, &queues.work);
+    publish(&queues.work, &[("doomed-1", b"the original body")]);
+
+    let last = warren.wait_for_log(" failed doomed-1 (attempt 3 of 3)", WAIT);
+    assert!(
+        last.ends_with(&format!(
+            ": exit status 3; failed all 3 attempts: dead-lettered to {}",
+            queues.dead
+        )),
+        "{last}"
+    );
+    queues.wait_settled(1);
+    assert_eq!(
+        first_words(&broker, "runs"),
+        ["1", "2", "3"],
+        "exactly max_attempts runs"
+    );
+
+    let dead = take_only(&queues.dead);
+    assert_eq!(dead.body, b"the original body");
+    assert_eq!(dead.message_id.as_deref(), Some("doomed-1"));
+    assert_dead_letter_headers(
+        &dead,
+        &queues.work,
+        "failed all 3 attempts",
+        "exit status 3",
+        3,
+    );
+    stop(warren);
+}
+
+#[test]
+fn a_program_that_exits_65_is_dead_lettered_at_once() {
+    let broker = Broker::shared();
+    let queues = Queues::new(&broker, "reject");
+    let script = script_in_dir(
+        &broker,
+        "reject",
+        "cat > /dev/null\necho \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\nexit 65",
+    );
+    let config = config(&broker, &queues.work, "", &command(&script));
+    let warren = start(&config, &queues.work);
+    publish(&queues.work, &[("reject-1", b"malformed")]);
+
+    let line = warren.wait_for_log(" rejected reject-1 ", WAIT);
+    assert!(
+        line.ends_with(&format!(
+            ": exit status 65; dead-lettered to {}",
+            queues.dead
+        )),
+        "{line}"
+    );
+    queues.wait_settled(1);
+    assert_eq!(first_words(&broker, "runs"), ["1"], "it ran once");
+    assert!(warren.lines_with(" failed reject-1 ").is_empty());
+
+    let dead = take_only(&queues.dead);
+    assert_eq!(dead.body, b"malformed");
+    assert_eq!(dead.message_id.as_deref(), Some("reject-1"));
+    assert_dead_letter_headers(
+        &dead,
+        &queues.work,
+        "rejected by the handler",
+        "exit status 65",
+        1,
+    );
+    stop(warren);
+}
+
+#[test]
+fn a_task_past_its_timeout_gets_sigterm_with_its_whole_process_group_and_is_retried() {
+    let broker = Broker::shared();
+    let queues = Queues::new(&broker, "timeout");
+    // The grandchild shares the task's process group; only a signal to the group reaches it.
+    let script = script_in_dir(
+        &broker,
+        "slow",
+        "cat > /dev/null\n\
+         echo \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\n\
+         sleep 60 &\n\
+         echo $! >> \"$DIR/grandchildren\"\n\
+         wait",
+    );
+    // A kill_grace longer than the wait below: the tasks must end by SIGTERM, not SIGKILL.
+    let handler = format!(
+        "{}timeout = \"1s\"\nkill_grace = \"30s\"\n",
+        command(&script)
+    );
+    let config = config(&broker, &queues.work, "", &handler);
+    let warren = start(&config, &queues.work);
+    publish(&queues.work, &[("slow-1", b"takes a minute")]);
+
+    warren.wait_for_log(" failed slow-1 (attempt 3 of 3)", WAIT);
+    queues.wait_settled(1);
+    assert_eq!(first_words(&broker, "runs"), ["1", "2", "3"]);
+    let failed = warren.lines_with(" failed slow-1 ");
+    assert_eq!(failed.len(), 3, "{failed:#?}");
+    for line in &failed {
+        assert!(line.contains(": timed out after 1s; "), "{line}");
+        let took = took(line);
+        assert!(
+            took >= Duration::from_millis(950) && took < Duration::from_secs(10),
+            "SIGTERM ended the task soon after the 1s timeout, not after {took:?}: {line}"
+        );
+    }
+    assert_eq!(
+        warren
+            .lines_with("ran past handler.timeout (1s); sending SIGTERM to its process group")
+            .len(),
+        3
+    );
+    assert!(
+        warren.lines_with("sending SIGKILL").is_empty(),
+        "SIGTERM sufficed"
+    );
+    let grandchildren = util::recorded(&broker.dir.path().join("grandchildren"));
+    assert_eq!(grandchildren.len(), 3);
+    for pid in &grandchildren {
+        wait_gone(pid, Duration::from_secs(5));
+    }
+
+    let dead = take_only(&queues.dead);
+    assert_eq!(dead.message_id.as_deref(), Some("slow-1"));
+    assert_dead_letter_headers(
+        &dead,
+        &queues.work,
+        "failed all 3 attempts",
+        "timed out after 1s",
+        3,
+    );
+    stop(warren);
+}
+
+#[test]
+fn a_task_that_ignores_sigterm_is_killed_with_its_group_after_the_kill_grace() {
+    let broker = Broker::shared();
+    let queues = Queues::new(&broker, "stubborn");
+    // The first attempt ignores SIGTERM, and so does its grandchild, which inherits that.
+    let script = script_in_dir(
+        &broker,
+        "stubborn",
+        "cat > /dev/null\n\
+         echo \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\n\
+         [ \"$WARREN_ATTEMPT\" -ge 2 ] && exit 0\n\
+         trap '' TERM\n\
+         sleep 60 &\n\
+         echo $! > \"$DIR/grandchild\"\n\
+         wait\n\
+         sleep 60",
+    );
+    let handler = format!(
+        "{}timeout = \"1s\"\nkill_grace = \"1s\"\n",
+        command(&script)
+    );
+    let config = config(&broker, &queues.work, "", &handler);
+    let warren = start(&config, &queues.work);
+    publish(&queues.work, &[("stubborn-1", b"ignores TERM")]);
+
+    let failed = warren.wait_for_log(" failed stubborn-1 ", WAIT);
+    assert!(
+        failed.contains("(attempt 1 of 3)")
+            && failed.ends_with(": timed out after 1s; retrying in 100ms"),
+        "{failed}"
+    );
+    let took = took(&failed);
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(10),
+        "the task ended by SIGKILL after timeout + kill_grace (2s), not after {took:?}"
+    );
+    warren.wait_for_log("ran past handler.timeout (1s); sending SIGTERM", WAIT);
+    warren.wait_for_log("outlived handler.kill_grace; sending SIGKILL", WAIT);
+    let grandchild = util::recorded(&broker.dir.path().join("grandchild"));
+    assert_eq!(grandchild.len(), 1);
+    wait_gone(&grandchild[0], Duration::from_secs(5));
+
+    warren.wait_for_log(" done stubborn-1 ", WAIT);
+    assert_eq!(first_words(&broker, "runs"), ["1", "2"]);
+    queues.wait_settled(0);
+    stop(warren);
+}
+
+#[test]
+fn a_dots_task_longer_than_the_timeout_fails_after_the_timeout_not_after_its_work() {
+    let broker = Broker::shared();
+    let queues = Queues::new(&broker, "dots-timeout");
+    let config = config(
+        &broker,
+        &queues.work,
+        "",
+        "kind = \"dots\"\ntimeout = \"1s\"\n",
+    );
+    let warren = start(&config, &queues.work);
+    publish(
+        &queues.work,
+        &[(
+            "dots-1",
+            b"a minute of work...........................................................",
+        )],
+    );
+
+    warren.wait_for_log(" failed dots-1 (attempt 3 of 3)", WAIT);
+    queues.wait_settled(1);
+    let failed = warren.lines_with(" failed dots-1 ");
+    assert_eq!(failed.len(), 3, "{failed:#?}");
+    for line in &failed {
+        assert!(line.contains(": timed out after 1s; "), "{line}");
+        let took = took(line);
+        assert!(
+            took >= Duration::from_millis(950) && took < Duration::from_secs(3),
+            "the dots task stopped at its 1s timeout, not after {took:?}"
+        );
+    }
+    assert!(warren.lines_with(" done dots-1 ").is_empty());
+    let dead = take_only(&queues.dead);
+    assert_dead_letter_headers(
+        &dead,
+        &queues.work,
+        "failed all 3 attempts",
+        "timed out after 1s",
+        3,
+    );
+    stop(warren);
+}
+
+#[test]
+fn on_a_quorum_queue_a_failing_message_is_dead_lettered_by_warren_after_max_attempts() {
+    let broker = Broker::shared();
+    let queues = Queues::new(&broker, "quorum-fail");
+    let script = script_in_dir(
+        &broker,
+        "fail",
+        "cat > /dev/null\necho \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\nexit 3",
+    );
+    let config = config(
+        &broker,
+        &queues.work,
+        "type = \"quorum\"",
+        &command(&script),
+    );
+    let warren = start(&config, &queues.work);
+    assert_eq!(queue_type(&queues.work), "quorum");
+    publish(
+        &queues.work,
+        &[("quorum-fail-1", b"fails on a quorum queue")],
+    );
+
+    warren.wait_for_log(" failed quorum-fail-1 (attempt 3 of 3)", WAIT);
+    queues.wait_settled(1);
+    assert_eq!(first_words(&broker, "runs"), ["1", "2", "3"]);
+    let dead = take_only(&queues.dead);
+    assert_eq!(dead.body, b"fails on a quorum queue");
+    assert_eq!(dead.message_id.as_deref(), Some("quorum-fail-1"));
+    assert_dead_letter_headers(
+        &dead,
+        &queues.work,
+        "failed all 3 attempts",
+        "exit status 3",
+        3,
+    );
+    stop(warren);
+}
+
+#[test]
+fn on_a_quorum_queue_a_message_that_kills_warren_every_time_is_dead_lettered_by_the_broker() {
+    let broker = Broker::shared();
+    let queues = Queues::new(&broker, "quorum-crash");
+    // The program is spawned directly by warren, so its parent is warren itself.
+    let script = script_in_dir(
+        &broker,
+        "crash",
+        "cat > /dev/null\n\
+         echo \"$WARREN_ATTEMPT $WARREN_REDELIVERED $PPID\" >> \"$DIR/runs\"\n\
+         kill -9 $PPID",
+    );
+    let config = config(
+        &broker,
+        &queues.work,
+        "type = \"quorum\"",
+        &command(&script),
+    );
+    let runs_file = broker.dir.path().join("runs");
+
+    let mut started = 0;
+    let mut pids = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while started == 0 || queue_counts(&queues.dead).0 == 0 {
+        assert!(
+            started < 3,
+            "the message was delivered {started} times (max_attempts is 3) and is still not \
+             dead-lettered"
+        );
+        assert!(Instant::now() < deadline, "the restarts took too long");
+        let mut warren = Warren::run(&config, &[]);
+        if started == 0 {
+            warren.wait_consuming(&queues.work, 1);
+            publish(&queues.work, &[("crash-1", b"kills warren")]);
+        }
+        started += 1;
+        let status = warren.wait_exit(WAIT);
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "warren run {started} was killed by its task: {status}"
+        );
+        pids.push(warren.pid().to_string());
+        assert_eq!(
+            util::recorded(&runs_file).len(),
+            started,
+            "the task ran once per start of warren"
+        );
+        // The broker returns the message to the queue, or dead-letters it on the last delivery.
+        wait_until(
+            WAIT,
+            "the broker to requeue or dead-letter the message",
+            || queue_counts(&queues.work).0 == 1 || queue_counts(&queues.dead).0 == 1,
+        );
+    }
+
+    let runs: Vec<Vec<String>> = util::recorded(&runs_file)
+        .iter()
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect();
+    assert_eq!(runs.len(), 3, "max_attempts deliveries: {runs:?}");
+    for (i, run) in runs.iter().enumerate() {
+        assert_eq!(
+            run[0],
+            (i + 1).to_string(),
+            "WARREN_ATTEMPT counts the broker's deliveries: {runs:?}"
+        );
+        assert_eq!(run[1], if i == 0 { "0" } else { "1" }, "WARREN_REDELIVERED");
+        assert_eq!(run[2], pids[i], "the task's parent ($PPID) was warren");
+    }
+    queues.wait_settled(1);
+    let dead = take_only(&queues.dead);
+    assert_eq!(dead.body, b"kills warren");
+    assert_eq!(dead.message_id.as_deref(), Some("crash-1"));
+    assert!(
+        matches!(dead.header("x-death"), Some(Header::Other(_))),
+        "the broker dead-lettered it, with its x-death header: {:?}",
+        dead.headers
+    );
+    assert!(
+        dead.header("x-warren-reason").is_none(),
+        "warren never got to dead-letter it: {:?}",
+        dead.headers
+    );
+}
+
+/// Runs the quorum-queue message `id` once under a warren that is SIGKILLed while the task runs,
+/// then under a second warren until it is done; the program exits with `second` on attempt 2
+/// and 0 after that. Returns the attempts the program saw.
+fn attempts_after_a_crash(broker: &Broker, queues: &Queues, id: &str, second: u8) -> Vec<String> {
+    let script = script_in_dir(
+        broker,
+        "crash-once",
+        &format!(
+            "cat > /dev/null\n\
+             echo \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\n\
+             case \"$WARREN_ATTEMPT\" in\n\
+             1) echo $$ > \"$DIR/task\"; exec sleep 60 ;;\n\
+             2) exit {second} ;;\n\
+             esac\n\
+             exit 0"
+        ),
+    );
+    let config = config(broker, &queues.work, "type = \"quorum\"", &command(&script));
+    let mut first = start(&config, &queues.work);
+    publish(&queues.work, &[(id, b"interrupted")]);
+    let task = broker.dir.path().join("task");
+    wait_until(WAIT, "the first attempt to start", || {
+        util::recorded(&task).len() == 1
+    });
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(WAIT);
+    // The task outlives warren in its own process group; it is of no further use.
+    let pgid: i32 = util::recorded(&task)[0].parse().expect("a pid");
+    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+
+    let second = start(&config, &queues.work);
+    second.wait_for_log(&format!(" done {id} "), WAIT);
+    queues.wait_settled(0);
+    stop(second);
+    first_words(broker, "runs")
+}
+
+#[test]
+fn on_a_quorum_queue_a_delivery_lost_with_warren_counts_as_an_attempt() {
+    let broker = Broker::shared();
+    let queues = Queues::new(&broker, "quorum-count");
+    assert_eq!(
+        attempts_after_a_crash(&broker, &queues, "count-1", 0),
+        ["1", "2"],
+        "the redelivery after warren's SIGKILL is attempt 2"
+    );
+}
+
+#[test]
+fn on_a_quorum_queue_a_retry_after_a_lost_delivery_is_the_next_attempt_not_counted_twice() {
+    let broker = Broker::shared();
+    let queues = Queues::new(&broker, "quorum-recount");
+    assert_eq!(
+        attempts_after_a_crash(&broker, &queues, "recount-1", 75),
+        ["1", "2", "3"],
+        "attempt 1 was lost with warren, attempt 2 exited 75, so the copy from the retry queue \
+         is attempt 3"
+    );
+}
