@@ -7,141 +7,26 @@
 mod util;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use nix::sys::signal::Signal;
-use util::{wait_until, Broker, Warren};
-use warren::amqp::{Header, PublishEvent};
+use util::{Broker, Queues, Warren, RETRY};
+use warren::amqp::Header;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Three attempts, 100ms and then 200ms apart, so that warren declares the retry queues
-/// `<queue>.retry.100ms` and `<queue>.retry.200ms`.
-const RETRY: &str = "[retry]\nmax_attempts = 3\ndelay = \"100ms\"\nmax_delay = \"400ms\"\n";
-
-/// The queues warren declares around one work queue under [`RETRY`]. Dropping it deletes the
-/// retry queues, which `Broker` does not know about (it deletes only the default ones).
-struct Queues {
-    work: String,
-    retries: [String; 2],
-    dead: String,
-}
-
-impl Queues {
-    fn new(broker: &Broker, what: &str) -> Queues {
-        let work = broker.queue(what);
-        Queues {
-            retries: [format!("{work}.retry.100ms"), format!("{work}.retry.200ms")],
-            dead: format!("{work}.dead"),
-            work,
-        }
-    }
-
-    /// Waits until the work queue and the retry queues are empty, with nothing unacked, and the
-    /// dead-letter queue holds `dead` ready messages.
-    fn wait_settled(&self, dead: u64) {
-        let names = [
-            self.work.as_str(),
-            self.retries[0].as_str(),
-            self.retries[1].as_str(),
-            self.dead.as_str(),
-        ];
-        let want = [(0, 0), (0, 0), (0, 0), (dead, 0)];
-        wait_until(
-            WAIT,
-            &format!("{names:?} to hold (ready, unacked) {want:?}"),
-            || ready_and_unacked(&names) == want,
-        );
-    }
-}
-
-impl Drop for Queues {
-    fn drop(&mut self) {
-        if let Ok(session) = util::try_session() {
-            for queue in &self.retries {
-                let _ = session.delete_queue(queue);
-            }
-        }
-    }
-}
-
-/// Ready and unacknowledged messages of each of `queues`, from one `rabbitmqctl list_queues`.
-fn ready_and_unacked(queues: &[&str]) -> Vec<(u64, u64)> {
-    let out = util::rabbitmqctl(&[
-        "list_queues",
-        "-q",
-        "--no-table-headers",
-        "name",
-        "messages_ready",
-        "messages_unacknowledged",
-    ]);
-    queues
-        .iter()
-        .map(|queue| {
-            out.lines()
-                .map(|line| line.split_whitespace().collect::<Vec<_>>())
-                .find(|fields| fields.len() == 3 && fields[0] == *queue)
-                .map(|fields| (fields[1].parse().unwrap(), fields[2].parse().unwrap()))
-                .unwrap_or_else(|| panic!("queue {queue} is not in rabbitmqctl list_queues"))
-        })
-        .collect()
-}
-
-/// A config for `queue` with one worker running `script`, and the retries of [`RETRY`].
-fn command_config(broker: &Broker, queue: &str, script: &Path) -> PathBuf {
-    broker.config(
-        queue,
-        &format!(
-            "[workers]\ncount = 1\n\n[handler]\nkind = \"command\"\ncommand = [\"{}\"]\n\n{RETRY}",
-            script.display()
-        ),
-    )
-}
-
-/// A script that runs `body` with `$DIR` set to the test's directory.
-fn script_in_dir(broker: &Broker, name: &str, body: &str) -> PathBuf {
-    let dir = broker.dir.path().display().to_string();
-    assert!(
-        !dir.contains('\''),
-        "the temporary directory needs no quoting"
-    );
-    broker.script(name, &format!("DIR='{dir}'\n{body}"))
-}
 
 /// Starts a one-worker warren running `script` for the work queue of `queues`, and waits until
 /// it consumes (by then it has declared every queue around it).
 fn start(broker: &Broker, queues: &Queues, script: &Path) -> Warren {
-    let warren = Warren::run(&command_config(broker, &queues.work, script), &[]);
+    let warren = Warren::run(&broker.command_config(&queues.work, 1, script, RETRY), &[]);
     warren.wait_consuming(&queues.work, 1);
     warren
 }
 
-/// Sends SIGTERM and checks that warren stops cleanly.
-fn stop(mut warren: Warren) {
-    warren.signal(Signal::SIGTERM);
-    let status = warren.wait_exit(WAIT);
-    assert!(status.success(), "warren stopped with {status}");
-}
-
 /// Publishes `body` as message `id` to the existing `queue` with the library's publisher and
-/// returns once the broker has confirmed it.
+/// returns once the broker has confirmed it, allowing a minute for a 64 MiB body.
 fn publish(queue: &str, id: &str, body: &[u8]) {
-    let session = util::session();
-    let mut publisher = session.publisher().expect("enable publisher confirms");
-    let tag = publisher.publish(queue, body, id).expect("publish");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "the broker did not confirm {id} in time");
-        match publisher.next_event(left).expect("wait for the confirm") {
-            Some(PublishEvent::Ack { tag: t, multiple }) if t == tag || (multiple && t > tag) => {
-                return
-            }
-            Some(other) => panic!("the broker did not store {id}: {other:?}"),
-            None => {}
-        }
-    }
+    util::publish_confirmed(queue, &[(id, body)], Duration::from_secs(60));
 }
 
 /// The handler's records in the file `name` of the test's directory.
@@ -163,8 +48,7 @@ fn assert_log_is_clean_text(warren: &Warren) {
 fn an_empty_body_reaches_the_program_as_zero_bytes_and_is_done() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "empty");
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "count",
         "echo \"$WARREN_MESSAGE_ID $(wc -c)\" >> \"$DIR/sizes\"",
     );
@@ -179,15 +63,14 @@ fn an_empty_body_reaches_the_program_as_zero_bytes_and_is_done() {
     );
     assert_eq!(records(&broker, "sizes"), ["empty-1 0"]);
     queues.wait_settled(0);
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
 fn a_64_mib_body_arrives_whole_and_its_log_preview_is_64_bytes() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "huge");
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "keep",
         "cat > \"$DIR/$WARREN_MESSAGE_ID.body\"\n\
          wc -c < \"$DIR/$WARREN_MESSAGE_ID.body\" > \"$DIR/$WARREN_MESSAGE_ID.size\"",
@@ -221,14 +104,14 @@ fn a_64_mib_body_arrives_whole_and_its_log_preview_is_64_bytes() {
     );
     assert!(warren.lines_with(" failed huge-1 ").is_empty());
     queues.wait_settled(0);
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
 fn a_body_that_is_not_utf8_arrives_byte_for_byte_and_its_preview_is_escaped() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "binary");
-    let script = script_in_dir(&broker, "keep", "cat > \"$DIR/$WARREN_MESSAGE_ID.body\"");
+    let script = broker.script_in_dir("keep", "cat > \"$DIR/$WARREN_MESSAGE_ID.body\"");
     let warren = start(&broker, &queues, &script);
     let body: Vec<u8> = (0x80..=0xff).collect();
     publish(&queues.work, "binary-1", &body);
@@ -244,15 +127,14 @@ fn a_body_that_is_not_utf8_arrives_byte_for_byte_and_its_preview_is_escaped() {
     );
     assert_log_is_clean_text(&warren);
     queues.wait_settled(0);
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
 fn headers_of_unexpected_types_are_warned_about_and_counted_as_attempt_1() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "headers");
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "attempt",
         "echo \"$WARREN_ATTEMPT $(cat)\" >> \"$DIR/attempts\"",
     );
@@ -304,15 +186,14 @@ fn headers_of_unexpected_types_are_warned_about_and_counted_as_attempt_1() {
         "no message was taken for a later attempt"
     );
     queues.wait_settled(0);
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
 fn a_program_killed_by_a_signal_is_retried_and_then_done() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "signal");
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "signal",
         "cat > /dev/null\n\
          echo \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\n\
@@ -330,7 +211,7 @@ fn a_program_killed_by_a_signal_is_retried_and_then_done() {
     warren.wait_for_log(" done signal-1 ", WAIT);
     assert_eq!(records(&broker, "runs"), ["1", "2"]);
     queues.wait_settled(0);
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
@@ -338,8 +219,7 @@ fn a_program_that_closes_stdin_without_reading_a_large_body_is_done() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "unread");
     // The program lives on after closing stdin, so that warren's write meets a closed pipe.
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "unread",
         "exec 0<&-\necho \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\nsleep 0.2\nexit 0",
     );
@@ -355,7 +235,7 @@ fn a_program_that_closes_stdin_without_reading_a_large_body_is_done() {
         warren.lines_with("cannot write")
     );
     queues.wait_settled(0);
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
@@ -364,8 +244,7 @@ fn a_program_that_writes_megabytes_to_stdout_is_done_and_only_64_kib_are_logged(
     let queues = Queues::new(&broker, "chatty");
     // 50,000 lines of 100 bytes each.
     let line = "x".repeat(99);
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "chatty",
         &format!(
             "cat > /dev/null\n\
@@ -419,14 +298,14 @@ fn a_program_that_writes_megabytes_to_stdout_is_done_and_only_64_kib_are_logged(
         .expect("output lines");
     assert!(last_output < done, "the output comes before the done line");
     queues.wait_settled(0);
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
 fn a_program_deleted_while_warren_runs_cannot_start_and_its_message_is_dead_lettered() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "deleted");
-    let script = script_in_dir(&broker, "vanishing", "cat > /dev/null\nexit 0");
+    let script = broker.script_in_dir("vanishing", "cat > /dev/null\nexit 0");
     let warren = start(&broker, &queues, &script);
     fs::remove_file(&script).expect("delete the program");
     publish(&queues.work, "orphan-1", b"nobody to run me");
@@ -463,5 +342,5 @@ fn a_program_deleted_while_warren_runs_cannot_start_and_its_message_is_dead_lett
     }
     assert_eq!(dead.header("x-warren-attempts"), Some(&Header::Int(3)));
     assert!(session.get(&queues.dead).expect("basic.get").is_none());
-    stop(warren);
+    warren.stop(WAIT);
 }

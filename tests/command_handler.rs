@@ -6,74 +6,20 @@
 
 mod util;
 
-use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use util::{ready_and_unacked, wait_until, Broker, Warren};
-use warren::amqp::{PublishEvent, Session};
 
 const WAIT: Duration = Duration::from_secs(20);
+/// How long warren may take to stop after SIGTERM.
+const STOP: Duration = Duration::from_secs(15);
 
 /// Declares `queue` as warren does and publishes each `(message id, body)` with the library's
 /// publisher, returning once the broker has confirmed every one.
 fn publish_bodies(queue: &str, messages: &[(&str, &[u8])]) {
-    let session = Session::open(
-        &util::broker_config().broker,
-        0,
-        "warren command_handler test",
-    )
-    .expect("connect to the test broker");
-    session
-        .declare(&util::durable_queue(queue.to_string()))
-        .expect("declare the queue");
-    let mut publisher = session.publisher().expect("enable publisher confirms");
-    let mut pending = BTreeSet::new();
-    for (id, body) in messages {
-        pending.insert(publisher.publish(queue, body, id).expect("publish"));
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pending.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "the broker did not confirm messages {pending:?} in time"
-        );
-        match publisher.next_event(left).expect("wait for confirms") {
-            Some(PublishEvent::Ack {
-                tag,
-                multiple: true,
-            }) => pending.retain(|&t| t > tag),
-            Some(PublishEvent::Ack { tag, .. }) => {
-                pending.remove(&tag);
-            }
-            Some(other) => panic!("the broker did not store a message: {other:?}"),
-            None => {}
-        }
-    }
-}
-
-/// A config for `queue` with `workers` workers running `script` as a command handler.
-fn command_config(broker: &Broker, queue: &str, workers: usize, script: &Path) -> PathBuf {
-    broker.config(
-        queue,
-        &format!(
-            "[workers]\ncount = {workers}\n\n[handler]\nkind = \"command\"\ncommand = [\"{}\"]\n",
-            script.display()
-        ),
-    )
-}
-
-/// A script that runs `body` with `$DIR` set to the test's directory.
-fn script_in_dir(broker: &Broker, name: &str, body: &str) -> PathBuf {
-    let dir = broker.dir.path().display().to_string();
-    assert!(
-        !dir.contains('\''),
-        "the temporary directory needs no quoting"
-    );
-    broker.script(name, &format!("DIR='{dir}'\n{body}"))
+    util::declare_durable(queue);
+    util::publish_confirmed(queue, messages, Duration::from_secs(10));
 }
 
 /// Waits until the broker holds nothing of `queue`: no ready and no unacked message.
@@ -83,13 +29,6 @@ fn wait_until_settled(queue: &str) {
         &format!("{queue} to hold 0 ready and 0 unacked"),
         || ready_and_unacked(queue) == (0, 0),
     );
-}
-
-/// Sends SIGTERM and checks that warren stops cleanly.
-fn stop(mut warren: Warren) {
-    warren.signal(Signal::SIGTERM);
-    let status = warren.wait_exit(Duration::from_secs(15));
-    assert!(status.success(), "warren stopped with {status}");
 }
 
 #[test]
@@ -113,8 +52,8 @@ fn the_body_arrives_on_stdin_byte_for_byte_and_is_never_run_by_a_shell() {
         ("empty", b""),
     ];
 
-    let script = script_in_dir(&broker, "record", "cat > \"$DIR/$WARREN_MESSAGE_ID.body\"");
-    let config = command_config(&broker, &queue, 2, &script);
+    let script = broker.script_in_dir("record", "cat > \"$DIR/$WARREN_MESSAGE_ID.body\"");
+    let config = broker.command_config(&queue, 2, &script, "");
     publish_bodies(&queue, &messages);
     let warren = Warren::run(&config, &[]);
     for (id, _) in &messages {
@@ -144,7 +83,7 @@ fn the_body_arrives_on_stdin_byte_for_byte_and_is_never_run_by_a_shell() {
         warren.lines_with(" failed ")
     );
     wait_until_settled(&queue);
-    stop(warren);
+    warren.stop(STOP);
 }
 
 #[test]
@@ -152,14 +91,13 @@ fn the_program_sees_the_message_id_queue_redelivered_flag_and_worker_in_its_envi
     let broker = Broker::shared();
     let queue = broker.queue("env");
     let workers = 3;
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "env",
         "cat > /dev/null\n\
          printf 'id=%s\\nqueue=%s\\nredelivered=%s\\nworker=%s\\n' \"$WARREN_MESSAGE_ID\" \
          \"$WARREN_QUEUE\" \"$WARREN_REDELIVERED\" \"$WARREN_WORKER\" > \"$DIR/$WARREN_MESSAGE_ID.env\"",
     );
-    let config = command_config(&broker, &queue, workers, &script);
+    let config = broker.command_config(&queue, workers, &script, "");
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, workers as u32);
 
@@ -200,25 +138,24 @@ fn the_program_sees_the_message_id_queue_redelivered_flag_and_worker_in_its_envi
         );
     }
     wait_until_settled(&queue);
-    stop(warren);
+    warren.stop(STOP);
 }
 
 #[test]
 fn a_program_that_exits_zero_has_its_message_acked() {
     let broker = Broker::shared();
     let queue = broker.queue("exit0");
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "ok",
         "cat > /dev/null\necho run >> \"$DIR/$WARREN_MESSAGE_ID.runs\"\nexit 0",
     );
-    let config = command_config(&broker, &queue, 1, &script);
+    let config = broker.command_config(&queue, 1, &script, "");
     publish_bodies(&queue, &[("ok-1", b"work")]);
     let warren = Warren::run(&config, &[]);
 
     warren.wait_for_log(" done ok-1 ", WAIT);
     wait_until_settled(&queue);
-    stop(warren);
+    warren.stop(STOP);
     // Acked, so not requeued when warren's connections close: the queue stays empty.
     assert_eq!(ready_and_unacked(&queue), (0, 0), "the message was acked");
     assert_eq!(
@@ -232,8 +169,7 @@ fn a_program_that_exits_zero_has_its_message_acked() {
 /// (shell code) and succeeds on the second; returns the log line of the failure.
 fn fails_once_then_succeeds(broker: &Broker, what: &str, fail: &str) -> String {
     let queue = broker.queue(what);
-    let script = script_in_dir(
-        broker,
+    let script = broker.script_in_dir(
         what,
         &format!(
             "cat > /dev/null\n\
@@ -242,7 +178,7 @@ fn fails_once_then_succeeds(broker: &Broker, what: &str, fail: &str) -> String {
              exit 0"
         ),
     );
-    let config = command_config(broker, &queue, 1, &script);
+    let config = broker.command_config(&queue, 1, &script, "");
     let id = format!("{what}-1");
     publish_bodies(&queue, &[(&id, b"try me")]);
     let warren = Warren::run(&config, &[]);
@@ -265,7 +201,7 @@ fn fails_once_then_succeeds(broker: &Broker, what: &str, fail: &str) -> String {
         "received once, then once more from the retry queue"
     );
     wait_until_settled(&queue);
-    stop(warren);
+    warren.stop(STOP);
     assert_eq!(ready_and_unacked(&queue), (0, 0), "the retry was acked");
     assert_eq!(ready_and_unacked(&format!("{queue}.retry.1s")), (0, 0));
     failed
@@ -302,7 +238,7 @@ fn the_programs_stdout_and_stderr_appear_in_the_log_prefixed_with_the_worker() {
          echo \"second line\"\n\
          echo \"oops from $WARREN_MESSAGE_ID\" >&2",
     );
-    let config = command_config(&broker, &queue, 1, &script);
+    let config = broker.command_config(&queue, 1, &script, "");
     publish_bodies(&queue, &[("out-1", b"speak")]);
     let warren = Warren::run(&config, &[]);
     warren.wait_for_log(" done out-1 ", WAIT);
@@ -325,19 +261,18 @@ fn the_programs_stdout_and_stderr_appear_in_the_log_prefixed_with_the_worker() {
         second < done && oops < done,
         "the task's output is logged before its done line: {log:#?}"
     );
-    stop(warren);
+    warren.stop(STOP);
 }
 
 #[test]
 fn the_broker_url_from_the_environment_is_used_but_never_shown_to_the_program() {
     let broker = Broker::shared();
     let queue = broker.queue("env-url");
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "env-dump",
         "cat > /dev/null\nenv > \"$DIR/$WARREN_MESSAGE_ID.env\"",
     );
-    let config = command_config(&broker, &queue, 1, &script);
+    let config = broker.command_config(&queue, 1, &script, "");
     // The file's URL leads nowhere; WARREN_BROKER_URL, which overrides it, is the real broker.
     let text = fs::read_to_string(&config).unwrap();
     fs::write(
@@ -360,5 +295,5 @@ fn the_broker_url_from_the_environment_is_used_but_never_shown_to_the_program() 
         !env.contains("WARREN_BROKER_URL"),
         "the task saw the broker URL: {env}"
     );
-    stop(warren);
+    warren.stop(STOP);
 }

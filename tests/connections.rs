@@ -439,9 +439,7 @@ fn publish_waits_out_a_memory_alarm_longer_than_its_confirm_timeout() {
     let queue = broker.queue("alarm");
     let config = broker.config(&queue, "");
     // The queue exists before the alarm, so that only the publish itself is held.
-    util::session()
-        .declare(&util::durable_queue(queue.as_str()))
-        .expect("declare the queue");
+    util::declare_durable(&queue);
 
     let alarm = MemoryAlarm::raise();
     let mut publish = spawn_publish(&config, &["--confirm-timeout", "2s", "held back"]);
@@ -486,13 +484,11 @@ fn a_retry_published_during_a_memory_alarm_waits_for_it_to_lift_and_is_not_lost(
             go = go.display()
         ),
     );
-    let config = broker.config(
+    let config = broker.command_config(
         &queue,
-        &format!(
-            "[workers]\ncount = 1\n\n[handler]\nkind = \"command\"\ncommand = [\"{}\"]\n\n\
-             [retry]\nmax_attempts = 2\ndelay = \"1s\"\n",
-            script.display()
-        ),
+        1,
+        &script,
+        "[retry]\nmax_attempts = 2\ndelay = \"1s\"\n",
     );
     let retry_queue = format!("{queue}.retry.1s");
 
@@ -571,13 +567,7 @@ fn a_channel_closed_by_the_broker_consumer_timeout_is_reopened_and_the_message_r
         "slow-first.sh",
         "if [ \"$WARREN_REDELIVERED\" = 1 ]; then exit 0; fi\nsleep 6",
     );
-    let config = broker.config(
-        &queue,
-        &format!(
-            "[workers]\ncount = 1\n\n[handler]\nkind = \"command\"\ncommand = [\"{}\"]\n",
-            script.display()
-        ),
-    );
+    let config = broker.command_config(&queue, 1, &script, "");
 
     let mut warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 1);

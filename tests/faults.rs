@@ -15,7 +15,6 @@ mod util;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
@@ -87,20 +86,12 @@ impl Scenario {
         extra: &str,
     ) -> Scenario {
         let queue = broker.queue(&format!("faults-{name}"));
-        let dir = broker.dir.path().display().to_string();
-        assert!(
-            !dir.contains('\''),
-            "the temporary directory needs no quoting"
-        );
-        let script = broker.dir.path().join("handler");
-        fs::write(&script, format!("#!{shell}\nDIR='{dir}'\n{handler}")).unwrap();
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-
+        let script = broker.script_in_dir_for(shell, "handler", handler);
         let config = broker.config(
             &queue,
             &format!(
-                "[workers]\ncount = {WORKERS}\nprefetch = 1\n\n[handler]\nkind = \"command\"\ncommand = [\"{}\"]\n{extra}",
-                script.display()
+                "[workers]\ncount = {WORKERS}\nprefetch = 1\n\n[handler]\n{}{extra}",
+                util::command_keys(&script)
             ),
         );
         let url = vhost.as_ref().map_or_else(util::amqp_url, Vhost::url);

@@ -300,9 +300,7 @@ fn no_declare_publishes_to_an_existing_queue() {
     let broker = Broker::shared();
     let queue = broker.queue("existing");
     let config = broker.config(&queue, "[handler]\nkind = \"dots\"\n");
-    util::session()
-        .declare(&util::durable_queue(queue.clone()))
-        .expect("declare the queue");
+    util::declare_durable(&queue);
 
     let (status, log) = publish(&config, &["--no-declare", "declared", "elsewhere"]);
     assert!(

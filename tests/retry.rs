@@ -9,7 +9,6 @@
 
 mod util;
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -17,82 +16,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use util::{queue_counts, wait_until, Broker, Warren};
-use warren::amqp::{Fetched, Header, PublishEvent};
+use util::{
+    command_keys, publish_confirmed, queue_counts, wait_until, Broker, Queues, Warren, RETRY,
+};
+use warren::amqp::{Fetched, Header};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Three attempts, 100ms and then 200ms apart, so that warren declares the retry queues
-/// `<queue>.retry.100ms` and `<queue>.retry.200ms`.
-const RETRY: &str = "[retry]\nmax_attempts = 3\ndelay = \"100ms\"\nmax_delay = \"400ms\"\n";
-
-/// The queues warren declares around one work queue under [`RETRY`]. Dropping it deletes the
-/// retry queues, which `Broker` does not know about (it deletes only the default ones).
-struct Queues {
-    work: String,
-    retries: [String; 2],
-    dead: String,
-}
-
-impl Queues {
-    fn new(broker: &Broker, what: &str) -> Queues {
-        let work = broker.queue(what);
-        Queues {
-            retries: [format!("{work}.retry.100ms"), format!("{work}.retry.200ms")],
-            dead: format!("{work}.dead"),
-            work,
-        }
-    }
-
-    /// Waits until the work queue and the retry queues are empty, with nothing unacked, and the
-    /// dead-letter queue holds `dead` ready messages.
-    fn wait_settled(&self, dead: u64) {
-        let names = [
-            self.work.as_str(),
-            self.retries[0].as_str(),
-            self.retries[1].as_str(),
-            self.dead.as_str(),
-        ];
-        let want = [(0, 0), (0, 0), (0, 0), (dead, 0)];
-        wait_until(
-            WAIT,
-            &format!("{names:?} to hold (ready, unacked) {want:?}"),
-            || ready_and_unacked(&names) == want,
-        );
-    }
-}
-
-impl Drop for Queues {
-    fn drop(&mut self) {
-        if let Ok(session) = util::try_session() {
-            for queue in &self.retries {
-                let _ = session.delete_queue(queue);
-            }
-        }
-    }
-}
-
-/// Ready and unacknowledged messages of each of `queues`, from one `rabbitmqctl list_queues`.
-fn ready_and_unacked(queues: &[&str]) -> Vec<(u64, u64)> {
-    let out = util::rabbitmqctl(&[
-        "list_queues",
-        "-q",
-        "--no-table-headers",
-        "name",
-        "messages_ready",
-        "messages_unacknowledged",
-    ]);
-    queues
-        .iter()
-        .map(|queue| {
-            out.lines()
-                .map(|line| line.split_whitespace().collect::<Vec<_>>())
-                .find(|fields| fields.len() == 3 && fields[0] == *queue)
-                .map(|fields| (fields[1].parse().unwrap(), fields[2].parse().unwrap()))
-                .unwrap_or_else(|| panic!("queue {queue} is not in rabbitmqctl list_queues"))
-        })
-        .collect()
-}
 
 /// The type (classic, quorum) of `queue`, as the broker reports it.
 fn queue_type(queue: &str) -> String {
@@ -114,64 +43,12 @@ fn config(broker: &Broker, queue: &str, queue_keys: &str, handler: &str) -> Path
     )
 }
 
-/// The `[handler]` keys that run `script`.
-fn command(script: &Path) -> String {
-    format!("kind = \"command\"\ncommand = [\"{}\"]\n", script.display())
-}
-
-/// A script that runs `body` with `$DIR` set to the test's directory.
-fn script_in_dir(broker: &Broker, name: &str, body: &str) -> PathBuf {
-    let dir = broker.dir.path().display().to_string();
-    assert!(
-        !dir.contains('\''),
-        "the temporary directory needs no quoting"
-    );
-    broker.script(name, &format!("DIR='{dir}'\n{body}"))
-}
-
-/// Publishes each `(message id, body)` to the existing `queue` with the library's publisher and
-/// returns once the broker has confirmed them all.
-fn publish(queue: &str, messages: &[(&str, &[u8])]) {
-    let session = util::session();
-    let mut publisher = session.publisher().expect("enable publisher confirms");
-    let mut pending = BTreeSet::new();
-    for (id, body) in messages {
-        pending.insert(publisher.publish(queue, body, id).expect("publish"));
-    }
-    let deadline = Instant::now() + WAIT;
-    while !pending.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "the broker did not confirm messages {pending:?} in time"
-        );
-        match publisher.next_event(left).expect("wait for confirms") {
-            Some(PublishEvent::Ack {
-                tag,
-                multiple: true,
-            }) => pending.retain(|&t| t > tag),
-            Some(PublishEvent::Ack { tag, .. }) => {
-                pending.remove(&tag);
-            }
-            Some(other) => panic!("the broker did not store a message: {other:?}"),
-            None => {}
-        }
-    }
-}
-
 /// Starts a one-worker warren with `config` and waits until it consumes `queue` (by then it has
 /// declared every queue around it).
 fn start(config: &Path, queue: &str) -> Warren {
     let warren = Warren::run(config, &[]);
     warren.wait_consuming(queue, 1);
     warren
-}
-
-/// Sends SIGTERM and checks that warren stops cleanly.
-fn stop(mut warren: Warren) {
-    warren.signal(Signal::SIGTERM);
-    let status = warren.wait_exit(WAIT);
-    assert!(status.success(), "warren stopped with {status}");
 }
 
 /// The first word of each line the test's scripts recorded in `name`.
@@ -290,17 +167,16 @@ fn wait_gone(pid: &str, timeout: Duration) {
 fn a_program_that_exits_75_is_retried_with_growing_delays_until_it_succeeds() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "tempfail");
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "tempfail",
         "cat > /dev/null\n\
          echo \"$WARREN_ATTEMPT $(date +%s%N)\" >> \"$DIR/$WARREN_MESSAGE_ID.runs\"\n\
          [ \"$WARREN_ATTEMPT\" -ge 3 ] && exit 0\n\
          exit 75",
     );
-    let config = config(&broker, &queues.work, "", &command(&script));
+    let config = config(&broker, &queues.work, "", &command_keys(&script));
     let warren = start(&config, &queues.work);
-    publish(&queues.work, &[("tempfail-1", b"try again")]);
+    publish_confirmed(&queues.work, &[("tempfail-1", b"try again")], WAIT);
     warren.wait_for_log(" done tempfail-1 ", WAIT);
 
     let runs = util::recorded(&broker.dir.path().join("tempfail-1.runs"));
@@ -344,7 +220,7 @@ fn a_program_that_exits_75_is_retried_with_growing_delays_until_it_succeeds() {
     );
     warren.wait_for_log(" received tempfail-1 (attempt 3) ", WAIT);
     queues.wait_settled(0);
-    stop(warren);
+    warren.stop(WAIT);
     assert_eq!(
         first_words(&broker, "tempfail-1.runs").len(),
         3,
@@ -356,14 +232,13 @@ fn a_program_that_exits_75_is_retried_with_growing_delays_until_it_succeeds() {
 fn a_program_that_always_fails_is_dead_lettered_after_max_attempts_with_headers_that_say_why() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "doomed");
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "doomed",
         "cat > /dev/null\necho \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\nexit 3",
     );
-    let config = config(&broker, &queues.work, "", &command(&script));
+    let config = config(&broker, &queues.work, "", &command_keys(&script));
     let warren = start(&config, &queues.work);
-    publish(&queues.work, &[("doomed-1", b"the original body")]);
+    publish_confirmed(&queues.work, &[("doomed-1", b"the original body")], WAIT);
 
     let last = warren.wait_for_log(" failed doomed-1 (attempt 3 of 3)", WAIT);
     assert!(
@@ -390,21 +265,20 @@ fn a_program_that_always_fails_is_dead_lettered_after_max_attempts_with_headers_
         "exit status 3",
         3,
     );
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
 fn a_program_that_exits_65_is_dead_lettered_at_once() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "reject");
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "reject",
         "cat > /dev/null\necho \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\nexit 65",
     );
-    let config = config(&broker, &queues.work, "", &command(&script));
+    let config = config(&broker, &queues.work, "", &command_keys(&script));
     let warren = start(&config, &queues.work);
-    publish(&queues.work, &[("reject-1", b"malformed")]);
+    publish_confirmed(&queues.work, &[("reject-1", b"malformed")], WAIT);
 
     let line = warren.wait_for_log(" rejected reject-1 ", WAIT);
     assert!(
@@ -428,7 +302,7 @@ fn a_program_that_exits_65_is_dead_lettered_at_once() {
         "exit status 65",
         1,
     );
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
@@ -436,8 +310,7 @@ fn a_task_past_its_timeout_gets_sigterm_with_its_whole_process_group_and_is_retr
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "timeout");
     // The grandchild shares the task's process group; only a signal to the group reaches it.
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "slow",
         "cat > /dev/null\n\
          echo \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\n\
@@ -448,11 +321,11 @@ fn a_task_past_its_timeout_gets_sigterm_with_its_whole_process_group_and_is_retr
     // A kill_grace longer than the wait below: the tasks must end by SIGTERM, not SIGKILL.
     let handler = format!(
         "{}timeout = \"1s\"\nkill_grace = \"30s\"\n",
-        command(&script)
+        command_keys(&script)
     );
     let config = config(&broker, &queues.work, "", &handler);
     let warren = start(&config, &queues.work);
-    publish(&queues.work, &[("slow-1", b"takes a minute")]);
+    publish_confirmed(&queues.work, &[("slow-1", b"takes a minute")], WAIT);
 
     warren.wait_for_log(" failed slow-1 (attempt 3 of 3)", WAIT);
     queues.wait_settled(1);
@@ -492,7 +365,7 @@ fn a_task_past_its_timeout_gets_sigterm_with_its_whole_process_group_and_is_retr
         "timed out after 1s",
         3,
     );
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
@@ -500,8 +373,7 @@ fn a_task_that_ignores_sigterm_is_killed_with_its_group_after_the_kill_grace() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "stubborn");
     // The first attempt ignores SIGTERM, and so does its grandchild, which inherits that.
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "stubborn",
         "cat > /dev/null\n\
          echo \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\n\
@@ -514,11 +386,11 @@ fn a_task_that_ignores_sigterm_is_killed_with_its_group_after_the_kill_grace() {
     );
     let handler = format!(
         "{}timeout = \"1s\"\nkill_grace = \"1s\"\n",
-        command(&script)
+        command_keys(&script)
     );
     let config = config(&broker, &queues.work, "", &handler);
     let warren = start(&config, &queues.work);
-    publish(&queues.work, &[("stubborn-1", b"ignores TERM")]);
+    publish_confirmed(&queues.work, &[("stubborn-1", b"ignores TERM")], WAIT);
 
     let failed = warren.wait_for_log(" failed stubborn-1 ", WAIT);
     assert!(
@@ -540,7 +412,7 @@ fn a_task_that_ignores_sigterm_is_killed_with_its_group_after_the_kill_grace() {
     warren.wait_for_log(" done stubborn-1 ", WAIT);
     assert_eq!(first_words(&broker, "runs"), ["1", "2"]);
     queues.wait_settled(0);
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
@@ -554,12 +426,13 @@ fn a_dots_task_longer_than_the_timeout_fails_after_the_timeout_not_after_its_wor
         "kind = \"dots\"\ntimeout = \"1s\"\n",
     );
     let warren = start(&config, &queues.work);
-    publish(
+    publish_confirmed(
         &queues.work,
         &[(
             "dots-1",
             b"a minute of work...........................................................",
         )],
+        WAIT,
     );
 
     warren.wait_for_log(" failed dots-1 (attempt 3 of 3)", WAIT);
@@ -583,15 +456,14 @@ fn a_dots_task_longer_than_the_timeout_fails_after_the_timeout_not_after_its_wor
         "timed out after 1s",
         3,
     );
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
 fn on_a_quorum_queue_a_failing_message_is_dead_lettered_by_warren_after_max_attempts() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "quorum-fail");
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "fail",
         "cat > /dev/null\necho \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\nexit 3",
     );
@@ -599,13 +471,14 @@ fn on_a_quorum_queue_a_failing_message_is_dead_lettered_by_warren_after_max_atte
         &broker,
         &queues.work,
         "type = \"quorum\"",
-        &command(&script),
+        &command_keys(&script),
     );
     let warren = start(&config, &queues.work);
     assert_eq!(queue_type(&queues.work), "quorum");
-    publish(
+    publish_confirmed(
         &queues.work,
         &[("quorum-fail-1", b"fails on a quorum queue")],
+        WAIT,
     );
 
     warren.wait_for_log(" failed quorum-fail-1 (attempt 3 of 3)", WAIT);
@@ -621,7 +494,7 @@ fn on_a_quorum_queue_a_failing_message_is_dead_lettered_by_warren_after_max_atte
         "exit status 3",
         3,
     );
-    stop(warren);
+    warren.stop(WAIT);
 }
 
 #[test]
@@ -629,8 +502,7 @@ fn on_a_quorum_queue_a_message_that_kills_warren_every_time_is_dead_lettered_by_
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "quorum-crash");
     // The program is spawned directly by warren, so its parent is warren itself.
-    let script = script_in_dir(
-        &broker,
+    let script = broker.script_in_dir(
         "crash",
         "cat > /dev/null\n\
          echo \"$WARREN_ATTEMPT $WARREN_REDELIVERED $PPID\" >> \"$DIR/runs\"\n\
@@ -640,7 +512,7 @@ fn on_a_quorum_queue_a_message_that_kills_warren_every_time_is_dead_lettered_by_
         &broker,
         &queues.work,
         "type = \"quorum\"",
-        &command(&script),
+        &command_keys(&script),
     );
     let runs_file = broker.dir.path().join("runs");
 
@@ -657,7 +529,7 @@ fn on_a_quorum_queue_a_message_that_kills_warren_every_time_is_dead_lettered_by_
         let mut warren = Warren::run(&config, &[]);
         if started == 0 {
             warren.wait_consuming(&queues.work, 1);
-            publish(&queues.work, &[("crash-1", b"kills warren")]);
+            publish_confirmed(&queues.work, &[("crash-1", b"kills warren")], WAIT);
         }
         started += 1;
         let status = warren.wait_exit(WAIT);
@@ -714,8 +586,7 @@ fn on_a_quorum_queue_a_message_that_kills_warren_every_time_is_dead_lettered_by_
 /// then under a second warren until it is done; the program exits with `second` on attempt 2
 /// and 0 after that. Returns the attempts the program saw.
 fn attempts_after_a_crash(broker: &Broker, queues: &Queues, id: &str, second: u8) -> Vec<String> {
-    let script = script_in_dir(
-        broker,
+    let script = broker.script_in_dir(
         "crash-once",
         &format!(
             "cat > /dev/null\n\
@@ -727,9 +598,14 @@ fn attempts_after_a_crash(broker: &Broker, queues: &Queues, id: &str, second: u8
              exit 0"
         ),
     );
-    let config = config(broker, &queues.work, "type = \"quorum\"", &command(&script));
+    let config = config(
+        broker,
+        &queues.work,
+        "type = \"quorum\"",
+        &command_keys(&script),
+    );
     let mut first = start(&config, &queues.work);
-    publish(&queues.work, &[(id, b"interrupted")]);
+    publish_confirmed(&queues.work, &[(id, b"interrupted")], WAIT);
     let task = broker.dir.path().join("task");
     wait_until(WAIT, "the first attempt to start", || {
         util::recorded(&task).len() == 1
@@ -743,7 +619,7 @@ fn attempts_after_a_crash(broker: &Broker, queues: &Queues, id: &str, second: u8
     let second = start(&config, &queues.work);
     second.wait_for_log(&format!(" done {id} "), WAIT);
     queues.wait_settled(0);
-    stop(second);
+    second.stop(WAIT);
     first_words(broker, "runs")
 }
 

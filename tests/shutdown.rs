@@ -97,13 +97,7 @@ fn a_task_still_running_after_the_grace_is_killed_and_its_message_requeued() {
             pids.display()
         ),
     );
-    let config = broker.config(
-        &queue,
-        &format!(
-            "[workers]\ncount = 1\n\n[handler]\nkind = \"command\"\ncommand = [\"{}\"]\n\n[shutdown]\ngrace = \"1s\"\n",
-            script.display()
-        ),
-    );
+    let config = broker.command_config(&queue, 1, &script, "[shutdown]\ngrace = \"1s\"\n");
     publish_ok(&config, &["never finishes"]);
     let mut warren = Warren::run(&config, &[]);
     let received = warren.wait_for_log("received", Duration::from_secs(10));
@@ -198,13 +192,7 @@ fn a_second_ctrl_c_kills_a_running_command_with_its_process_group() {
             pids.display()
         ),
     );
-    let config = broker.config(
-        &queue,
-        &format!(
-            "[workers]\ncount = 1\n\n[handler]\nkind = \"command\"\ncommand = [\"{}\"]\n",
-            script.display()
-        ),
-    );
+    let config = broker.command_config(&queue, 1, &script, "");
     publish_ok(&config, &["takes a minute"]);
     let mut warren = Warren::run(&config, &[]);
     wait_until(

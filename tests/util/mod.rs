@@ -6,6 +6,7 @@
 //! that stop the broker take the broker lock exclusively; every other test holds it shared.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use warren::amqp::Session;
+use warren::amqp::{PublishEvent, Session};
 use warren::config::Config;
 
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -98,10 +99,49 @@ impl Broker {
 
     /// Writes an executable script into the test's directory and returns its path.
     pub fn script(&self, name: &str, body: &str) -> PathBuf {
+        self.script_for("/bin/sh", name, body)
+    }
+
+    /// Writes an executable script run by `shell` into the test's directory and returns its path.
+    pub fn script_for(&self, shell: &str, name: &str, body: &str) -> PathBuf {
         let path = self.dir.path().join(name);
-        fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write the script");
+        fs::write(&path, format!("#!{shell}\n{body}\n")).expect("write the script");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod the script");
         path
+    }
+
+    /// Writes an executable script that runs `body` with `$DIR` set to the test's directory, and
+    /// returns its path.
+    pub fn script_in_dir(&self, name: &str, body: &str) -> PathBuf {
+        self.script_in_dir_for("/bin/sh", name, body)
+    }
+
+    /// As [`Broker::script_in_dir`], for a script run by `shell`.
+    pub fn script_in_dir_for(&self, shell: &str, name: &str, body: &str) -> PathBuf {
+        let dir = self.dir.path().display().to_string();
+        assert!(
+            !dir.contains('\''),
+            "the temporary directory needs no quoting"
+        );
+        self.script_for(shell, name, &format!("DIR='{dir}'\n{body}"))
+    }
+
+    /// Writes a config for `queue` with `workers` workers running `script` as a `command`
+    /// handler, and `extra` TOML (sections) after it, and returns its path.
+    pub fn command_config(
+        &self,
+        queue: &str,
+        workers: usize,
+        script: &Path,
+        extra: &str,
+    ) -> PathBuf {
+        self.config(
+            queue,
+            &format!(
+                "[workers]\ncount = {workers}\n\n[handler]\n{}\n{extra}",
+                command_keys(script)
+            ),
+        )
     }
 }
 
@@ -118,6 +158,61 @@ impl Drop for Broker {
                 for suffix in [".dead", ".retry.1s", ".retry.2s", ".retry.4s", ".retry.8s"] {
                     let _ = session.delete_queue(&format!("{queue}{suffix}"));
                 }
+            }
+        }
+    }
+}
+
+/// The `[handler]` keys that run `script` as a `command` handler.
+pub fn command_keys(script: &Path) -> String {
+    format!("kind = \"command\"\ncommand = [\"{}\"]\n", script.display())
+}
+
+/// Three attempts, 100ms and then 200ms apart, so that warren declares the retry queues
+/// `<queue>.retry.100ms` and `<queue>.retry.200ms`.
+pub const RETRY: &str = "[retry]\nmax_attempts = 3\ndelay = \"100ms\"\nmax_delay = \"400ms\"\n";
+
+/// The queues warren declares around one work queue under [`RETRY`]. Dropping it deletes the
+/// retry queues, which `Broker` does not know about (it deletes only the default ones).
+pub struct Queues {
+    pub work: String,
+    pub retries: [String; 2],
+    pub dead: String,
+}
+
+impl Queues {
+    pub fn new(broker: &Broker, what: &str) -> Queues {
+        let work = broker.queue(what);
+        Queues {
+            retries: [format!("{work}.retry.100ms"), format!("{work}.retry.200ms")],
+            dead: format!("{work}.dead"),
+            work,
+        }
+    }
+
+    /// Waits until the work queue and the retry queues are empty, with nothing unacked, and the
+    /// dead-letter queue holds `dead` ready messages.
+    pub fn wait_settled(&self, dead: u64) {
+        let names = [
+            self.work.as_str(),
+            self.retries[0].as_str(),
+            self.retries[1].as_str(),
+            self.dead.as_str(),
+        ];
+        let want = [(0, 0), (0, 0), (0, 0), (dead, 0)];
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{names:?} to hold (ready, unacked) {want:?}"),
+            || ready_and_unacked_in("/", &names) == want,
+        );
+    }
+}
+
+impl Drop for Queues {
+    fn drop(&mut self) {
+        if let Ok(session) = try_session() {
+            for queue in &self.retries {
+                let _ = session.delete_queue(queue);
             }
         }
     }
@@ -145,6 +240,13 @@ pub fn durable_queue(name: impl Into<String>) -> warren::amqp::QueueSpec {
     }
 }
 
+/// Declares `name` as a plain durable queue on the test broker, as warren does.
+pub fn declare_durable(name: &str) {
+    session()
+        .declare(&durable_queue(name))
+        .expect("declare the queue");
+}
+
 /// A session with the test broker, or a panic that says how to start it.
 pub fn session() -> Session {
     try_session().unwrap_or_else(|e| {
@@ -162,23 +264,50 @@ pub fn queue_counts(queue: &str) -> (u32, u32) {
         .unwrap_or_else(|e| panic!("passive declare of {queue}: {e}"))
 }
 
-/// Ready and unacknowledged messages of `queue`, as the broker reports them.
+/// Ready and unacknowledged messages of `queue` in vhost `/`, as the broker reports them.
 pub fn ready_and_unacked(queue: &str) -> (u64, u64) {
+    ready_and_unacked_in("/", &[queue])[0]
+}
+
+/// Ready and unacknowledged messages of each of `queues` in `vhost`, from one `rabbitmqctl
+/// list_queues`.
+pub fn ready_and_unacked_in(vhost: &str, queues: &[&str]) -> Vec<(u64, u64)> {
+    let table = queue_table(vhost);
+    queues
+        .iter()
+        .map(|queue| {
+            *table
+                .get(*queue)
+                .unwrap_or_else(|| panic!("queue {queue} is not in vhost {vhost}: {table:?}"))
+        })
+        .collect()
+}
+
+/// Ready and unacknowledged messages of every queue in `vhost`, by name, as the broker reports
+/// them: one `rabbitmqctl list_queues` for all of them.
+pub fn queue_table(vhost: &str) -> HashMap<String, (u64, u64)> {
     let out = rabbitmqctl(&[
         "list_queues",
+        "-p",
+        vhost,
         "-q",
         "--no-table-headers",
         "name",
         "messages_ready",
         "messages_unacknowledged",
     ]);
-    for line in out.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.first() == Some(&queue) && fields.len() == 3 {
-            return (fields[1].parse().unwrap(), fields[2].parse().unwrap());
-        }
-    }
-    panic!("queue {queue} is not in rabbitmqctl list_queues:\n{out}")
+    out.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                [name, ready, unacked] => Some((
+                    name.to_string(),
+                    (ready.parse().ok()?, unacked.parse().ok()?),
+                )),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 /// Runs rabbitmqctl and returns its standard output; panics if it fails.
@@ -246,6 +375,40 @@ pub fn publish_ok(config: &Path, messages: &[&str]) {
             status.success(),
             "warren publish {message:?} failed: {status}\n{log}"
         );
+    }
+}
+
+/// Publishes each `(message id, body)` to the existing `queue` with the library's publisher and
+/// returns once the broker has confirmed them all; panics if it has not within `timeout`.
+pub fn publish_confirmed(queue: &str, messages: &[(&str, &[u8])], timeout: Duration) {
+    let session = session();
+    let mut publisher = session.publisher().expect("enable publisher confirms");
+    let mut pending = BTreeMap::new();
+    for (id, body) in messages {
+        pending.insert(publisher.publish(queue, body, id).expect("publish"), *id);
+    }
+    let deadline = Instant::now() + timeout;
+    while !pending.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "the broker did not confirm messages {:?} in time",
+            pending.values()
+        );
+        match publisher.next_event(left).expect("wait for confirms") {
+            Some(PublishEvent::Ack {
+                tag,
+                multiple: true,
+            }) => pending.retain(|&t, _| t > tag),
+            Some(PublishEvent::Ack { tag, .. }) => {
+                pending.remove(&tag);
+            }
+            Some(other) => panic!(
+                "the broker did not store messages {:?}: {other:?}",
+                pending.values()
+            ),
+            None => {}
+        }
     }
 }
 
@@ -369,6 +532,13 @@ impl Warren {
             }
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Sends SIGTERM and checks that warren stops cleanly within `timeout`.
+    pub fn stop(mut self, timeout: Duration) {
+        self.signal(Signal::SIGTERM);
+        let status = self.wait_exit(timeout);
+        assert!(status.success(), "warren stopped with {status}");
     }
 }
 
@@ -618,39 +788,4 @@ pub fn session_at(url: &str) -> Result<Session, warren::amqp::AmqpError> {
     );
     let config = Config::parse(Path::new("test.toml"), &text, None).expect("the test URL parses");
     Session::open(&config.broker, 0, "warren tests")
-}
-
-/// Ready and unacknowledged messages of every queue in `vhost`, by name, as the broker reports
-/// them: one `rabbitmqctl list_queues` for all of them.
-pub fn queue_table(vhost: &str) -> std::collections::HashMap<String, (u64, u64)> {
-    let out = rabbitmqctl(&[
-        "list_queues",
-        "-p",
-        vhost,
-        "-q",
-        "--no-table-headers",
-        "name",
-        "messages_ready",
-        "messages_unacknowledged",
-    ]);
-    out.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            match fields.as_slice() {
-                [name, ready, unacked] => Some((
-                    name.to_string(),
-                    (ready.parse().ok()?, unacked.parse().ok()?),
-                )),
-                _ => None,
-            }
-        })
-        .collect()
-}
-
-/// Ready and unacknowledged messages of `queue` in `vhost`, as the broker reports them.
-pub fn ready_and_unacked_in(vhost: &str, queue: &str) -> (u64, u64) {
-    let table = queue_table(vhost);
-    *table
-        .get(queue)
-        .unwrap_or_else(|| panic!("queue {queue} is not in vhost {vhost}: {table:?}"))
 }
