@@ -174,8 +174,3 @@ pub fn publish_messages(
     );
     Ok(summary)
 }
-
-/// Parses a human duration such as "30s" for a command-line flag.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
-}

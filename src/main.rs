@@ -2,54 +2,14 @@
 //! handler, calls into the library, and maps the result to a sysexits exit code. Nothing else
 //! lives here.
 
+mod cli;
+
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use cli::{Cli, Command};
 use warren::{exit, Failure};
-
-/// Runs background tasks from a RabbitMQ work queue, N at a time, and never loses one.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon: consume the queue and run the handler for each message.
-    Run {
-        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
-        /// Worker threads, overriding workers.count.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
-        workers: Option<u16>,
-    },
-    /// Publish persistent messages to the queue, with publisher confirms.
-    Publish {
-        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
-        /// The queue to publish to, overriding queue.name.
-        #[arg(long, value_name = "NAME")]
-        queue: Option<String>,
-        /// Publish each line of standard input as one message.
-        #[arg(long, conflicts_with = "message")]
-        stdin: bool,
-        /// Do not declare the queue; for producers that may not configure queues.
-        #[arg(long)]
-        no_declare: bool,
-        /// How long to wait for the broker to confirm messages.
-        #[arg(long, value_name = "DUR", default_value = "30s", value_parser = warren::parse_duration)]
-        confirm_timeout: Duration,
-        /// The message, its words joined with spaces [default: hello]
-        message: Vec<String>,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
