@@ -15,7 +15,6 @@ pub mod retry;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::config::{Config, ConfigError};
 use crate::pool::{Pool, Report, Stopper};
