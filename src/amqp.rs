@@ -799,6 +799,103 @@ fn returned_event(returned: amiquip::Return) -> PublishEvent {
     }
 }
 
+/// The reply code of a passive declare (or a get, or a purge) that names a missing queue.
+const NOT_FOUND: u16 = 404;
+
+/// What a passive declare says about a queue that exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueState {
+    /// Messages ready for delivery; messages delivered and not yet acked are not counted.
+    pub ready: u32,
+    pub consumers: u32,
+}
+
+/// For the operator's commands (`warren check-config --connect`, `warren stats`,
+/// `warren dead-letters`): looking at queues without creating them, and taking messages that stay
+/// in their queue until they are acked.
+impl Session {
+    /// The state of `queue` by a passive declare, or `None` if there is no such queue; the queue
+    /// is never created. The declare goes on a channel of its own, because the broker closes the
+    /// channel of a passive declare that names a missing queue: the session's own channel, and
+    /// anything held on it, stays open.
+    pub fn inspect(&mut self, queue: &str) -> Result<Option<QueueState>, AmqpError> {
+        let channel = self
+            .connection
+            .open_channel(None)
+            .map_err(|e| lost(&self.url, e))?;
+        match channel.queue_declare_passive(queue) {
+            Ok(declared) => {
+                let state = QueueState {
+                    ready: declared.declared_message_count().unwrap_or(0),
+                    consumers: declared.declared_consumer_count().unwrap_or(0),
+                };
+                channel.close().map_err(|e| lost(&self.url, e))?;
+                Ok(Some(state))
+            }
+            // The broker has closed the channel already; dropping it only frees its id.
+            Err(amiquip::Error::ServerClosedChannel {
+                code: NOT_FOUND, ..
+            }) => Ok(None),
+            Err(other) => {
+                Err(self.channel_error(other, format!("a passive declare of queue {queue:?}")))
+            }
+        }
+    }
+
+    /// Takes the next message of `queue` without acking it (`basic.get` with `no_ack = false`),
+    /// or `None` if the queue has no ready message. The broker keeps the message, unacked, for
+    /// this session's channel until the [`Held`] is acked or requeued, or the channel closes
+    /// (which requeues it): nothing taken this way is lost if the caller dies.
+    pub fn hold(&self, queue: &str) -> Result<Option<Held<'_>>, AmqpError> {
+        let got = self
+            .channel
+            .basic_get(queue, false)
+            .map_err(|e| self.channel_error(e, format!("basic.get from queue {queue:?}")))?;
+        Ok(got.map(|got| Held {
+            session: self,
+            delivery: Delivery(got.delivery),
+        }))
+    }
+
+    /// Deletes every ready message of `queue` and returns how many it deleted. Messages that a
+    /// consumer or a [`Held`] has not acked yet are not deleted.
+    pub fn purge(&self, queue: &str) -> Result<u32, AmqpError> {
+        self.channel
+            .queue_purge(queue)
+            .map_err(|e| self.channel_error(e, format!("purging queue {queue:?}")))
+    }
+}
+
+/// A message taken with [`Session::hold`]: unacked until [`Held::ack`] removes it from its queue
+/// or [`Held::requeue`] puts it back, on the channel that delivered it. Dropped without either,
+/// it stays unacked until the session closes, and the broker then requeues it.
+pub struct Held<'a> {
+    session: &'a Session,
+    delivery: Delivery,
+}
+
+impl Held<'_> {
+    pub fn delivery(&self) -> &Delivery {
+        &self.delivery
+    }
+
+    /// Removes the message from its queue for good.
+    pub fn ack(self) -> Result<(), AmqpError> {
+        self.delivery
+            .0
+            .ack(&self.session.channel)
+            .map_err(|e| lost(&self.session.url, e))
+    }
+
+    /// Puts the message back in its queue.
+    pub fn requeue(self) -> Result<(), AmqpError> {
+        self.delivery
+            .0
+            .nack(&self.session.channel, true)
+            .map_err(|e| lost(&self.session.url, e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::describe_inequivalent;

@@ -46,6 +46,78 @@ pub enum Command {
         /// The message, its words joined with spaces [default: hello]
         message: Vec<String>,
     },
+    /// Check the configuration as `warren run` would, and print it with passwords masked.
+    ///
+    /// Every default is filled in. Exits 78 with the same line as `warren run` on a bad file.
+    CheckConfig {
+        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Also connect to every broker node, look for each queue (without creating it), and
+        /// check the handler program; one line per check.
+        #[arg(long)]
+        connect: bool,
+    },
+    /// Show ready messages and consumers of the work, retry and dead-letter queues.
+    ///
+    /// Queues are looked at with passive declares: a missing queue is shown as missing, not
+    /// created.
+    Stats {
+        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Refresh every second, with the change in ready messages per second, until Ctrl+C.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Inspect the dead-letter queue, move its messages back to the work queue, or empty it.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+}
+
+#[derive(Subcommand)]
+pub enum DeadLetters {
+    /// Show each dead-lettered message: id, reason, attempts, time, body preview.
+    ///
+    /// Every message stays in the queue (taken unacked and put back, so their order may change).
+    List {
+        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Show at most N messages.
+        #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
+    },
+    /// Move dead-lettered messages back to the work queue, as attempt 1 again.
+    ///
+    /// Each is removed from the dead-letter queue only once the broker has confirmed its copy in
+    /// the work queue: a crash can duplicate a message, never lose one.
+    Requeue {
+        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Move at most N messages [default: every message in the queue when it starts]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        limit: Option<u32>,
+        /// Move only the messages with this message id; repeat for several.
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<String>,
+        /// For tests only: wait this long between a copy's confirm and the removal of its
+        /// original, so that a test can kill warren in between.
+        #[arg(long, value_name = "DUR", hide = true, value_parser = parse_duration)]
+        test_pause_after_confirm: Option<Duration>,
+    },
+    /// Delete every message in the dead-letter queue (only with --yes).
+    ///
+    /// Nothing else in warren deletes messages.
+    Purge {
+        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Yes, delete them: without it, purge refuses and exits 64.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// Parses a human duration such as "30s" for a flag.

@@ -62,6 +62,33 @@ pub struct Config {
     pub handler: Option<Handler>,
     pub retry: Retry,
     pub shutdown: Shutdown,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+/// The HTTP endpoint for `/metrics` and `/healthz`; off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 #[derive(Debug, Clone)]
@@ -443,6 +470,8 @@ impl Config {
             handler,
             retry,
             shutdown: file.shutdown.unwrap_or_default(),
+            metrics: file.metrics.unwrap_or_default(),
+            log: file.log.unwrap_or_default(),
         })
     }
 
@@ -511,6 +540,8 @@ struct File {
     handler: Option<Spanned<HandlerSection>>,
     retry: Option<Retry>,
     shutdown: Option<Shutdown>,
+    metrics: Option<MetricsConfig>,
+    log: Option<LogConfig>,
 }
 
 #[derive(Deserialize)]
@@ -858,6 +889,25 @@ mod tests {
         assert!(parse("[queue]\nname = \"q\"\ndead_letter = \"q\"\n")
             .unwrap_err()
             .contains("another queue"));
+    }
+
+    #[test]
+    fn metrics_and_log_format_are_optional_sections() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.metrics.listen, None);
+        assert_eq!(config.log.format, LogFormat::Text);
+        let text =
+            format!("{MINIMAL}[metrics]\nlisten = \"127.0.0.1:9187\"\n[log]\nformat = \"json\"\n");
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.metrics.listen,
+            Some("127.0.0.1:9187".parse().unwrap())
+        );
+        assert_eq!(config.log.format, LogFormat::Json);
+        let bad = format!("{MINIMAL}[metrics]\nlisten = \"localhost\"\n");
+        assert!(parse(&bad)
+            .unwrap_err()
+            .starts_with("w.toml:6: metrics.listen: invalid socket address"));
     }
 
     #[test]

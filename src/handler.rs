@@ -163,6 +163,10 @@ impl Handler for CommandHandler {
             .env("WARREN_ATTEMPT", task.attempt.to_string())
             // It may hold the broker password; tasks have no business with it.
             .env_remove(config::BROKER_URL_ENV)
+            // systemd's notify socket and watchdog are warren's, not its tasks'.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

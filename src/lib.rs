@@ -9,9 +9,15 @@
 pub mod amqp;
 pub mod config;
 pub mod handler;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod notify;
+pub mod ops;
 pub mod pool;
 pub mod publish;
 pub mod retry;
+pub mod secrets;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +30,9 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// The pool stopped, but the grace ran out and tasks were requeued unfinished.
     pub const ABANDONED: u8 = 1;
+    /// An operator command found a problem: a `check-config --connect` check failed, a queue it
+    /// needs does not exist, or an `--id` is not in the dead-letter queue.
+    pub const CHECK_FAILED: u8 = 1;
     pub const USAGE: u8 = 64;
     pub const UNAVAILABLE: u8 = 69;
     pub const SOFTWARE: u8 = 70;
@@ -69,19 +78,14 @@ pub fn config_path(flag: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
 }
 
-/// Loads the configuration at `path`, applying `WARREN_BROKER_URL`.
+/// Loads the configuration at `path`. `WARREN_BROKER_URL`, else the systemd credential
+/// `broker-url`, overrides the file's broker URL (see [`secrets`]). Warns when the file shows a
+/// broker password to every user.
 pub fn load_config(path: &Path) -> Result<Config, Failure> {
-    let url = match std::env::var(config::BROKER_URL_ENV) {
-        Ok(url) => Some(url),
-        Err(std::env::VarError::NotPresent) => None,
-        Err(std::env::VarError::NotUnicode(_)) => {
-            return Err(Failure::Config(ConfigError::new(format!(
-                "{}: not valid UTF-8",
-                config::BROKER_URL_ENV
-            ))))
-        }
-    };
-    Ok(Config::load(path, url)?)
+    let url = secrets::broker_url_override()?;
+    let config = Config::load(path, url)?;
+    secrets::warn_if_password_readable(path);
+    Ok(config)
 }
 
 /// `warren run`: starts the pool and waits for it to end. `on_start` receives the pool's
@@ -97,6 +101,7 @@ pub fn daemon(
         }
         config.workers.count = workers;
     }
+    logging::set_format(config.log.format);
     let handler = config.handler()?;
     let factory = handler::from_config(handler, &config.queue.name);
     log::info!(
@@ -111,7 +116,17 @@ pub fn daemon(
         },
         config.workers.prefetch,
     );
+    let listen = config.metrics.listen;
+    let path = config.path.clone();
     let pool = Pool::new(Arc::new(config), factory);
+    if let Some(listen) = listen {
+        http::serve(listen, pool.metrics()).map_err(|e| {
+            Failure::Config(ConfigError::new(format!(
+                "{}: metrics.listen: {e}",
+                path.display()
+            )))
+        })?;
+    }
     on_start(pool.stopper());
     let pool = pool
         .start()
@@ -153,6 +168,7 @@ pub fn publish_messages(
     options: &publish::Options,
     messages: impl Iterator<Item = std::io::Result<Vec<u8>>>,
 ) -> Result<publish::Summary, Failure> {
+    logging::set_format(config.log.format);
     let summary = publish::publish(config, options, messages).map_err(|e| match e {
         publish::PublishError::Unavailable(e) if e.is_fatal() => Failure::Refused(e),
         publish::PublishError::Unavailable(e) => Failure::Unavailable(e),

@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use cli::{Cli, Command};
+use cli::{Cli, Command, DeadLetters};
 use warren::{exit, Failure};
 
 fn main() -> ExitCode {
@@ -24,19 +24,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
-    // amiquip's own warnings repeat, less clearly, what warren logs about the same event, so
-    // they are hidden unless RUST_LOG asks for amiquip by name.
-    let mut filter = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|f| !f.trim().is_empty())
-        .unwrap_or_else(|| "info".into());
-    if !filter.contains("amiquip") {
-        filter.push_str(",amiquip=error");
-    }
-    env_logger::Builder::new()
-        .parse_filters(&filter)
-        .format_target(false)
-        .init();
+    warren::logging::init();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
@@ -97,5 +85,47 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             }
             Ok(exit::OK)
         }
+        Command::CheckConfig { config, connect } => {
+            let config = warren::load_config(&warren::config_path(config))?;
+            warren::ops::check_config(&config, connect, &mut std::io::stdout())
+        }
+        Command::Stats { config, watch } => {
+            let config = warren::load_config(&warren::config_path(config))?;
+            warren::ops::stats(&config, watch, &stop_on_signal(), &mut std::io::stdout())
+        }
+        Command::DeadLetters(DeadLetters::List { config, limit }) => {
+            let config = warren::load_config(&warren::config_path(config))?;
+            warren::ops::list(&config, limit, &mut std::io::stdout())
+        }
+        Command::DeadLetters(DeadLetters::Requeue {
+            config,
+            limit,
+            ids,
+            test_pause_after_confirm,
+        }) => {
+            let config = warren::load_config(&warren::config_path(config))?;
+            let options = warren::ops::Requeue {
+                limit,
+                ids,
+                pause_after_confirm: test_pause_after_confirm,
+            };
+            let stop = stop_on_signal();
+            warren::ops::requeue(&config, &options, &stop, &mut std::io::stdout())
+        }
+        Command::DeadLetters(DeadLetters::Purge { config, yes }) => {
+            let config = warren::load_config(&warren::config_path(config))?;
+            warren::ops::purge(&config, yes, &mut std::io::stdout())
+        }
     }
+}
+
+/// For the operator commands that loop: a receiver that disconnects at the first Ctrl+C, SIGTERM
+/// or SIGHUP, when the handler drops the only sender.
+fn stop_on_signal() -> crossbeam_channel::Receiver<std::convert::Infallible> {
+    let (stop, stopped) = crossbeam_channel::bounded(0);
+    let mut stop = Some(stop);
+    if let Err(e) = ctrlc::set_handler(move || drop(stop.take())) {
+        log::warn!("cannot handle Ctrl+C and SIGTERM: {e}");
+    }
+    stopped
 }

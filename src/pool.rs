@@ -22,6 +22,8 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use crate::amqp::{AmqpError, Confirmed, Delivery, Header, Next, Publisher, Session, Subscription};
 use crate::config::Config;
 use crate::handler::{Abort, HandlerFactory, Outcome, Task};
+use crate::metrics::{Metrics, TaskOutcome};
+use crate::notify::Notifier;
 use crate::retry::{self, Decision, Topology};
 
 /// The first restart delay; it doubles per consecutive failure up to [`MAX_BACKOFF`].
@@ -112,6 +114,11 @@ impl Pool {
         }
     }
 
+    /// The pool's metrics, for the HTTP server.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.supervisor.metrics)
+    }
+
     pub fn stopper(&self) -> Stopper {
         Stopper(self.supervisor.events.clone())
     }
@@ -158,6 +165,7 @@ struct Worker {
     events: Sender<Event>,
     stop: Receiver<Infallible>,
     abort: Abort,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
@@ -230,19 +238,15 @@ impl Worker {
                 log::warn!("{name} {id}: {warning}");
             }
             log::info!(
-                "{name} received {id}{}{} {}",
-                if attempt > 1 {
-                    format!(" (attempt {attempt})")
-                } else {
-                    String::new()
-                },
+                "{name} received {id} (attempt {attempt}{}) {}",
                 if delivery.redelivered() {
-                    " (redelivered)"
+                    ", redelivered"
                 } else {
                     ""
                 },
                 preview(delivery.body())
             );
+            self.metrics.task_started();
             let started = Instant::now();
             let task = Task {
                 body: delivery.body(),
@@ -254,13 +258,18 @@ impl Worker {
             };
             let outcome = handler.handle(&task, &self.abort);
             let took = started.elapsed();
+            let counted;
             let settled = match outcome {
-                Outcome::Done => subscription
-                    .ack(delivery)
-                    .map(|()| log::info!("{name} done {id} in {took:.2?}")),
+                Outcome::Done => {
+                    counted = Some(TaskOutcome::Ack);
+                    subscription
+                        .ack(delivery)
+                        .map(|()| log::info!("{name} done {id} (attempt {attempt}) in {took:.2?}"))
+                }
                 Outcome::Retry(status) => {
                     match retry::after_failure(attempt, &config.queue, &config.retry) {
                         Decision::Retry { queue, delay, next } => {
+                            counted = Some(TaskOutcome::Retry);
                             log::warn!(
                                 "{name} failed {id} (attempt {attempt} of {}) after {took:.2?}: {status}; retrying in {}",
                                 config.retry.max_attempts,
@@ -270,6 +279,7 @@ impl Worker {
                             self.forward(&mut publisher, &subscription, delivery, &queue, headers)
                         }
                         Decision::DeadLetter { reason } => {
+                            counted = Some(TaskOutcome::DeadLetter);
                             log::warn!(
                                 "{name} failed {id} (attempt {attempt} of {}) after {took:.2?}: {status}; {reason}: dead-lettered to {}",
                                 config.retry.max_attempts,
@@ -292,8 +302,9 @@ impl Worker {
                     }
                 }
                 Outcome::DeadLetter(status) => {
+                    counted = Some(TaskOutcome::DeadLetter);
                     log::warn!(
-                        "{name} rejected {id} after {took:.2?}: {status}; dead-lettered to {}",
+                        "{name} rejected {id} (attempt {attempt}) after {took:.2?}: {status}; dead-lettered to {}",
                         config.queue.dead_letter
                     );
                     let reason = format!("rejected by the handler ({status})");
@@ -308,13 +319,17 @@ impl Worker {
                     )
                 }
                 Outcome::Aborted => {
-                    log::warn!("{name} abandoned {id} after {took:.2?}: warren is stopping and cannot wait for it; requeued");
+                    log::warn!("{name} abandoned {id} (attempt {attempt}) after {took:.2?}: warren is stopping and cannot wait for it; requeued");
+                    self.metrics.task_finished(None, took);
                     // Requeued after the consumer is cancelled, or the broker would hand it
                     // straight back to this consumer.
                     abandoned = Some((id, delivery));
                     break;
                 }
             };
+            // A task whose outcome could not be settled is counted in the duration only.
+            self.metrics
+                .task_finished(settled.as_ref().ok().and(counted), took);
             if let Err(e) = settled {
                 // The broker requeues the message of a lost channel by itself; the task may run
                 // again, which at-least-once allows.
@@ -452,6 +467,10 @@ struct Slot {
     /// Failed connects since it was last consuming: once it has tried every node, the broker
     /// as a whole is unreachable.
     connect_failures: usize,
+    /// Its worker has been started before: the next start is a restart.
+    started: bool,
+    /// Its worker has been consuming before: the next time is a reconnect.
+    consumed: bool,
 }
 
 impl Slot {
@@ -520,6 +539,8 @@ struct Supervisor {
     /// A stop signal has arrived; the next one stops at once. A stop for a fatal error does not
     /// count, so that the operator's first Ctrl+C during it still waits for the grace.
     signalled: bool,
+    metrics: Arc<Metrics>,
+    notifier: Notifier,
 }
 
 impl Supervisor {
@@ -531,6 +552,8 @@ impl Supervisor {
     ) -> Supervisor {
         let (stop, stop_signal) = bounded(0);
         let (abort, abort_signal) = bounded(0);
+        let metrics = Arc::new(Metrics::new(&config.queue.name));
+        metrics.set_workers(config.workers.count);
         let slots = (0..config.workers.count)
             .map(|i| Slot {
                 node: i,
@@ -552,6 +575,8 @@ impl Supervisor {
             requeued: Vec::new(),
             fatal: None,
             signalled: false,
+            metrics,
+            notifier: Notifier::from_env(),
         }
     }
 
@@ -590,11 +615,18 @@ impl Supervisor {
                         self.begin_stop();
                     }
                 }
-                Some(Event::Ready { worker }) => self.on_ready(worker),
+                Some(Event::Ready { worker }) => {
+                    self.on_ready(worker);
+                    // READY=1 as soon as the last worker is consuming, not at the next tick.
+                    self.notifier.tick(&self.metrics);
+                }
                 Some(Event::Exited { worker, exit }) => self.on_exit(worker, exit),
                 None => {}
             }
             self.fire_timers();
+            if Instant::now() >= self.notifier.deadline() {
+                self.notifier.tick(&self.metrics);
+            }
             if !matches!(self.phase, Phase::Running)
                 && self.slots.iter().all(|s| s.thread.is_none())
             {
@@ -658,8 +690,13 @@ impl Supervisor {
             events: self.events.clone(),
             stop: self.stop_signal.clone(),
             abort: Abort::new(self.abort_signal.clone()),
+            metrics: Arc::clone(&self.metrics),
         };
         let slot = &mut self.slots[id - 1];
+        if slot.started {
+            self.metrics.worker_restarted();
+        }
+        slot.started = true;
         slot.restart_at = None;
         slot.parked = false;
         slot.ready_since = None;
@@ -682,14 +719,18 @@ impl Supervisor {
     }
 
     fn on_ready(&mut self, worker: usize) {
-        self.slots[worker - 1].ready_since = Some(Instant::now());
-        self.slots[worker - 1].connect_failures = 0;
+        let slot = &mut self.slots[worker - 1];
+        slot.ready_since = Some(Instant::now());
+        slot.connect_failures = 0;
+        self.metrics.worker_consuming(slot.consumed);
+        slot.consumed = true;
         log::debug!(
             "worker-{worker} is consuming queue {}",
             self.config.queue.name
         );
         if let Broker::Down { rounds, since, .. } = self.broker {
             self.broker = Broker::Up;
+            self.metrics.set_broker_down(false);
             let parked: Vec<usize> = (1..=self.slots.len())
                 .filter(|&id| self.slots[id - 1].parked)
                 .collect();
@@ -714,6 +755,12 @@ impl Supervisor {
             let _ = thread.join();
         }
         slot.ended(Instant::now());
+        if slot.ready_since.is_some() {
+            self.metrics.worker_stopped_consuming();
+        }
+        if matches!(exit, Exit::Lost(_)) {
+            self.metrics.connection_lost();
+        }
         if !matches!(self.phase, Phase::Running) {
             match exit {
                 Exit::Stopped { requeued } => self.requeued.extend(requeued),
@@ -769,6 +816,7 @@ impl Supervisor {
             Broker::Up => {
                 let delay = backoff(0);
                 log::warn!("{e}; retrying in {delay:.1?}");
+                self.metrics.set_broker_down(true);
                 self.broker = Broker::Down {
                     rounds: 1,
                     since: Instant::now(),
@@ -797,6 +845,8 @@ impl Supervisor {
 
     fn begin_stop(&mut self) {
         self.stop = None;
+        self.metrics.set_stopping();
+        self.notifier.stopping(&self.metrics);
         self.phase = Phase::Stopping {
             deadline: Instant::now() + self.config.shutdown.grace,
         };
@@ -817,7 +867,11 @@ impl Supervisor {
             Phase::Running => None,
             Phase::Stopping { deadline } | Phase::Aborting { deadline } => Some(deadline),
         };
-        restarts.chain(probe).chain(phase).min()
+        restarts
+            .chain(probe)
+            .chain(phase)
+            .chain(std::iter::once(self.notifier.deadline()))
+            .min()
     }
 
     fn fire_timers(&mut self) {

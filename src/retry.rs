@@ -38,6 +38,24 @@ const DELIVERY_COUNT: &str = "x-delivery-count";
 /// `x-warren-attempt` already counts them.
 pub const NOT_COPIED: &[&str] = &[DELIVERY_COUNT];
 
+/// Set by the broker on a message it dead-lettered: expired from a retry queue, or over a quorum
+/// queue's delivery limit.
+pub const DEATH: &str = "x-death";
+
+/// The headers `warren dead-letters requeue` leaves out of the copy it puts back in the work
+/// queue, so that the message starts again at attempt 1 with no trace of its earlier failures.
+pub const RESET_ON_REQUEUE: &[&str] = &[
+    ATTEMPT,
+    LAST_FAILURE,
+    REASON,
+    EXIT_STATUS,
+    ATTEMPTS,
+    DEAD_LETTERED_AT,
+    QUEUE,
+    DEATH,
+    DELIVERY_COUNT,
+];
+
 /// The queues of one work queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {

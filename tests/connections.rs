@@ -396,7 +396,7 @@ fn a_dead_network_is_caught_by_heartbeats_and_the_task_in_flight_is_redelivered(
     // The message may run again while its first run is still going: at least once, not exactly
     // once.
     let (rerun_by, _) = received(&warren.wait_for_log(
-        &format!("received {id} (redelivered)"),
+        &format!("received {id} (attempt 1, redelivered)"),
         Duration::from_secs(30),
     ));
     let line = warren.wait_for_log(
@@ -409,7 +409,7 @@ fn a_dead_network_is_caught_by_heartbeats_and_the_task_in_flight_is_redelivered(
     );
     wait_for_log_after(
         &warren,
-        &format!("received {id} (redelivered)"),
+        &format!("received {id} (attempt 1, redelivered)"),
         &format!("{rerun_by} done {id}"),
         Duration::from_secs(20),
     );
@@ -581,7 +581,7 @@ fn a_channel_closed_by_the_broker_consumer_timeout_is_reopened_and_the_message_r
     warren.wait_for_log("worker-1: lost the connection", Duration::from_secs(5));
     wait_for_log_after(
         &warren,
-        &format!("received {id} (redelivered)"),
+        &format!("received {id} (attempt 1, redelivered)"),
         &format!("done {id}"),
         Duration::from_secs(20),
     );

@@ -28,7 +28,7 @@ fn an_unacked_message_is_redelivered_after_sigkill() {
     let mut second = Warren::run(&config, &[]);
     let line = second.wait_for_log("received", Duration::from_secs(10));
     assert!(
-        line.contains("(redelivered)"),
+        line.contains("(attempt 1, redelivered)"),
         "the broker flags it as redelivered: {line}"
     );
     second.wait_for_log(" done ", Duration::from_secs(10));

@@ -1,0 +1,292 @@
+//! What warren counts: the Prometheus metrics, and the live figures that `/healthz` and
+//! systemd's `STATUS=` line are made from.
+//!
+//! One [`Metrics`] is shared (behind an `Arc`) by the supervisor, the workers and the HTTP
+//! server. Its counters and gauges are atomics, so updating them takes no lock and never waits
+//! for a scrape; this is the one piece of state that threads share, and it only ever counts. It
+//! does not decide anything: the supervisor does.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// How a task ended, as the `outcome` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskOutcome {
+    Ack,
+    Retry,
+    DeadLetter,
+}
+
+impl TaskOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            TaskOutcome::Ack => "ack",
+            TaskOutcome::Retry => "retry",
+            TaskOutcome::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+/// The metrics of one warren process, for one work queue. The label sets never change, so each
+/// series is looked up once, here, and a task costs a few atomic operations.
+pub struct Metrics {
+    registry: Registry,
+    acked: Counter,
+    retried: Counter,
+    dead_lettered: Counter,
+    duration: Histogram,
+    busy: Gauge,
+    consuming: Gauge,
+    restarts: Counter,
+    losses: Counter,
+    reconnects: Counter,
+    published: Counter,
+    /// How many workers the pool runs.
+    workers: AtomicUsize,
+    /// The broker could not be reached on the last try, and workers are waiting for it.
+    broker_down: AtomicBool,
+    stopping: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new(queue: &str) -> Metrics {
+        let mut registry = Registry::with_prefix("warren");
+        let tasks = Family::<Labels, Counter>::default();
+        registry.register(
+            "tasks",
+            "Tasks finished, by outcome: ack, retry (to a retry queue) or dead_letter",
+            tasks.clone(),
+        );
+        let duration = Family::<Labels, Histogram>::new_with_constructor(|| {
+            // 1 ms to about 9 hours.
+            Histogram::new(exponential_buckets(0.001, 4.0, 13))
+        });
+        registry.register(
+            "handler_duration_seconds",
+            "How long the handler ran, per task",
+            duration.clone(),
+        );
+        let busy = Family::<Labels, Gauge>::default();
+        registry.register("workers_busy", "Workers running a task now", busy.clone());
+        let consuming = Family::<Labels, Gauge>::default();
+        registry.register(
+            "workers_consuming",
+            "Workers connected and consuming now",
+            consuming.clone(),
+        );
+        let restarts = Family::<Labels, Counter>::default();
+        registry.register(
+            "worker_restarts",
+            "Worker threads started again after they ended while warren was running",
+            restarts.clone(),
+        );
+        let losses = Family::<Labels, Counter>::default();
+        registry.register(
+            "connection_losses",
+            "Connections or channels lost after they were established",
+            losses.clone(),
+        );
+        let reconnects = Family::<Labels, Counter>::default();
+        registry.register(
+            "reconnects",
+            "Workers consuming again after a lost connection or an unreachable broker",
+            reconnects.clone(),
+        );
+        let published = Family::<Labels, Counter>::default();
+        registry.register(
+            "published_messages",
+            "Messages published and confirmed by warren publish",
+            published.clone(),
+        );
+        let labels: Labels = vec![("queue", queue.to_string())];
+        let outcome = |outcome: TaskOutcome| {
+            let mut labels = labels.clone();
+            labels.push(("outcome", outcome.label().to_string()));
+            tasks.get_or_create(&labels).clone()
+        };
+        let metrics = Metrics {
+            acked: outcome(TaskOutcome::Ack),
+            retried: outcome(TaskOutcome::Retry),
+            dead_lettered: outcome(TaskOutcome::DeadLetter),
+            duration: duration.get_or_create(&labels).clone(),
+            busy: busy.get_or_create(&labels).clone(),
+            consuming: consuming.get_or_create(&labels).clone(),
+            restarts: restarts.get_or_create(&labels).clone(),
+            losses: losses.get_or_create(&labels).clone(),
+            reconnects: reconnects.get_or_create(&labels).clone(),
+            published: published.get_or_create(&labels).clone(),
+            registry,
+            workers: AtomicUsize::new(0),
+            broker_down: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+        };
+        metrics
+    }
+
+    /// A worker started a task.
+    pub fn task_started(&self) {
+        self.busy.inc();
+    }
+
+    /// A worker finished a task: how, and how long the handler ran.
+    pub fn task_finished(&self, outcome: Option<TaskOutcome>, took: Duration) {
+        self.busy.dec();
+        self.duration.observe(took.as_secs_f64());
+        if let Some(outcome) = outcome {
+            self.counter(outcome).inc();
+        }
+    }
+
+    pub fn worker_consuming(&self, reconnect: bool) {
+        self.consuming.inc();
+        if reconnect {
+            self.reconnects.inc();
+        }
+    }
+
+    pub fn worker_stopped_consuming(&self) {
+        self.consuming.dec();
+    }
+
+    pub fn worker_restarted(&self) {
+        self.restarts.inc();
+    }
+
+    pub fn connection_lost(&self) {
+        self.losses.inc();
+    }
+
+    pub fn published(&self, n: u64) {
+        self.published.inc_by(n);
+    }
+
+    fn counter(&self, outcome: TaskOutcome) -> &Counter {
+        match outcome {
+            TaskOutcome::Ack => &self.acked,
+            TaskOutcome::Retry => &self.retried,
+            TaskOutcome::DeadLetter => &self.dead_lettered,
+        }
+    }
+
+    pub fn set_workers(&self, n: usize) {
+        self.workers.store(n, Ordering::Relaxed);
+    }
+
+    pub fn set_broker_down(&self, down: bool) {
+        self.broker_down.store(down, Ordering::Relaxed);
+    }
+
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    fn count(&self, outcome: TaskOutcome) -> u64 {
+        self.counter(outcome).get()
+    }
+
+    /// Workers consuming now, and how many there are.
+    pub fn consuming(&self) -> (usize, usize) {
+        let consuming = self.consuming.get().max(0) as usize;
+        (consuming, self.workers.load(Ordering::Relaxed))
+    }
+
+    /// `Ok` when every worker is consuming; otherwise why not, in a few words.
+    pub fn health(&self) -> Result<(), String> {
+        let (consuming, workers) = self.consuming();
+        if self.stopping.load(Ordering::Relaxed) {
+            Err("stopping".into())
+        } else if self.broker_down.load(Ordering::Relaxed) {
+            Err(format!(
+                "the broker is unreachable; {consuming} of {workers} workers consuming"
+            ))
+        } else if consuming < workers {
+            Err(format!("{consuming} of {workers} workers consuming"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// One line for systemd's `STATUS=`: what the workers do, what they did, and the broker.
+    pub fn status(&self) -> String {
+        let (consuming, workers) = self.consuming();
+        let busy = self.busy.get().max(0);
+        let idle = (consuming as i64 - busy).max(0);
+        let broker = if self.broker_down.load(Ordering::Relaxed) {
+            "broker unreachable, retrying"
+        } else if consuming == workers {
+            "broker connected"
+        } else {
+            "connecting"
+        };
+        format!(
+            "{busy} busy, {idle} idle of {workers} workers; {} done, {} retried, {} dead-lettered; {broker}",
+            self.count(TaskOutcome::Ack),
+            self.count(TaskOutcome::Retry),
+            self.count(TaskOutcome::DeadLetter),
+        )
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if encode(&mut text, &self.registry).is_err() {
+            // Writing to a String cannot fail; say so in the output rather than panic.
+            let _ = writeln!(text, "# encoding failed");
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_are_counted_by_outcome_with_the_queue_label() {
+        let metrics = Metrics::new("jobs");
+        metrics.set_workers(2);
+        metrics.worker_consuming(false);
+        assert_eq!(metrics.health(), Err("1 of 2 workers consuming".into()));
+        metrics.worker_consuming(true);
+        assert_eq!(metrics.health(), Ok(()));
+        metrics.task_started();
+        assert!(metrics
+            .status()
+            .starts_with("1 busy, 1 idle of 2 workers; 0 done"));
+        metrics.task_finished(Some(TaskOutcome::Ack), Duration::from_millis(20));
+        metrics.task_started();
+        metrics.task_finished(Some(TaskOutcome::DeadLetter), Duration::from_millis(5));
+        assert_eq!(
+            metrics.status(),
+            "0 busy, 2 idle of 2 workers; 1 done, 0 retried, 1 dead-lettered; broker connected"
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains("warren_tasks_total{queue=\"jobs\",outcome=\"ack\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("warren_handler_duration_seconds_count{queue=\"jobs\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("warren_reconnects_total{queue=\"jobs\"} 1"),
+            "{text}"
+        );
+        metrics.set_broker_down(true);
+        assert!(metrics
+            .health()
+            .unwrap_err()
+            .starts_with("the broker is unreachable"));
+    }
+}

@@ -1,0 +1,330 @@
+//! Running under systemd and being watched: the notify protocol (`READY=1` once every worker
+//! consumes, `STATUS=` kept current, `WATCHDOG=1` when `WATCHDOG_USEC` asks, `STOPPING=1` at
+//! shutdown) over a real unix datagram socket, and `/metrics` and `/healthz` over real HTTP.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use util::{publish_ok, wait_until, Broker, Proxy, Warren};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Every datagram received on `socket` until `until` returns true for one, or the deadline.
+fn notifications_until(
+    socket: &UnixDatagram,
+    seen: &mut Vec<String>,
+    until: impl Fn(&str) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let done = text.lines().any(&until);
+            seen.push(text);
+            if done {
+                return;
+            }
+        }
+    }
+    panic!("timed out waiting for a notification; got {seen:#?}");
+}
+
+#[test]
+fn systemd_hears_ready_then_status_and_watchdog_then_stopping() {
+    let broker = Broker::shared();
+    let queue = broker.queue("notify");
+    let config = broker.config(
+        &queue,
+        "[workers]\ncount = 2\n\n[handler]\nkind = \"dots\"\n",
+    );
+    let path = broker.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+
+    let mut warren = Warren::spawn(
+        Command::new(util::warren_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &path)
+            .env("WATCHDOG_USEC", "1000000"),
+    );
+    let mut seen = Vec::new();
+    notifications_until(&socket, &mut seen, |l| l == "READY=1");
+    assert_eq!(
+        util::queue_counts(&queue).1,
+        2,
+        "READY=1 came once both workers were consuming"
+    );
+
+    publish_ok(&config, &["one", "two"]);
+    warren.wait_for_count(" done ", 2, WAIT);
+    notifications_until(&socket, &mut seen, |l| {
+        l.starts_with("STATUS=") && l.contains("2 done")
+    });
+    let before = seen.len();
+    notifications_until(&socket, &mut seen, |l| l == "WATCHDOG=1");
+    notifications_until(&socket, &mut seen, |l| l == "WATCHDOG=1");
+    assert!(seen.len() > before, "the watchdog keeps being pinged");
+
+    warren.signal(Signal::SIGTERM);
+    notifications_until(&socket, &mut seen, |l| l == "STOPPING=1");
+    assert_eq!(warren.wait_exit(WAIT).code(), Some(0));
+
+    let all: Vec<&str> = seen.iter().flat_map(|n| n.lines()).collect();
+    let position = |what: &str| {
+        all.iter()
+            .position(|l| *l == what)
+            .unwrap_or_else(|| panic!("no {what} in {all:#?}"))
+    };
+    assert!(position("READY=1") < position("STOPPING=1"), "{all:#?}");
+    assert_eq!(
+        all.iter().filter(|l| **l == "READY=1").count(),
+        1,
+        "READY=1 is sent once"
+    );
+    assert!(
+        all.iter().any(|l| l.starts_with("STATUS=") && l.contains("0 busy, 2 idle of 2 workers; 2 done, 0 retried, 0 dead-lettered; broker connected")),
+        "{all:#?}"
+    );
+    assert!(
+        all.iter().any(|l| l.starts_with("STATUS=stopping")),
+        "{all:#?}"
+    );
+}
+
+/// The status code and body of `GET path` on `port`.
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics port");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `name` (with its labels, exactly as written) in `metrics`.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in\n{metrics}"))
+}
+
+#[test]
+fn metrics_count_real_tasks_and_healthz_says_when_every_worker_consumes() {
+    let broker = Broker::shared();
+    let queue = broker.queue("metrics");
+    let port = Proxy::free_port();
+    let script = broker.script_in_dir(
+        "outcome",
+        "body=$(cat)\n[ \"$body\" = bad ] && exit 65\nexit 0",
+    );
+    let config = broker.command_config(
+        &queue,
+        2,
+        &script,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 2);
+    wait_until(WAIT, "/healthz to say ok", || {
+        get(port, "/healthz") == (200, "ok\n".into())
+    });
+
+    publish_ok(&config, &["good", "good", "bad"]);
+    warren.wait_for_count(" done ", 2, WAIT);
+    warren.wait_for_log(" rejected ", WAIT);
+    let q = format!("queue=\"{queue}\"");
+    let mut metrics = String::new();
+    wait_until(WAIT, "the dead-lettered task to be counted", || {
+        metrics = get(port, "/metrics").1;
+        metrics.contains(&format!(
+            "warren_tasks_total{{{q},outcome=\"dead_letter\"}} 1"
+        ))
+    });
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("warren_tasks_total{{{q},outcome=\"ack\"}}")
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("warren_handler_duration_seconds_count{{{q}}}")
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(&metrics, &format!("warren_workers_busy{{{q}}}")),
+        0.0
+    );
+    assert_eq!(
+        sample(&metrics, &format!("warren_workers_consuming{{{q}}}")),
+        2.0
+    );
+
+    let connections = util::connections_of(warren.pid());
+    util::rabbitmqctl(&[
+        "close_connection",
+        &connections[0],
+        "closed by the warren test suite",
+    ]);
+    wait_until(WAIT, "the reconnect to be counted", || {
+        metrics = get(port, "/metrics").1;
+        metrics.contains(&format!("warren_reconnects_total{{{q}}} 1"))
+    });
+    assert_eq!(
+        sample(&metrics, &format!("warren_connection_losses_total{{{q}}}")),
+        1.0
+    );
+    assert_eq!(
+        sample(&metrics, &format!("warren_worker_restarts_total{{{q}}}")),
+        1.0
+    );
+    assert_eq!(get(port, "/nothing").0, 404);
+    warren.stop(WAIT);
+}
+
+#[test]
+fn healthz_is_503_with_the_reason_while_the_broker_is_unreachable() {
+    let broker = Broker::shared();
+    let queue = broker.queue("unhealthy");
+    let port = Proxy::free_port();
+    let dead = Proxy::free_port();
+    let config = broker.config(
+        &queue,
+        &format!("[handler]\nkind = \"dots\"\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(&util::amqp_url(), &util::proxied_url(dead)),
+    )
+    .unwrap();
+    let warren = Warren::run(&config, &[]);
+    warren.wait_for_log("cannot reach the broker", WAIT);
+    let mut health = (0, String::new());
+    wait_until(WAIT, "/healthz to answer", || {
+        health = get(port, "/healthz");
+        health.0 != 0
+    });
+    assert_eq!(health.0, 503, "{health:?}");
+    assert!(
+        health
+            .1
+            .starts_with("the broker is unreachable; 0 of 4 workers consuming"),
+        "{health:?}"
+    );
+    warren.stop(WAIT);
+}
+
+#[test]
+fn a_metrics_address_in_use_is_a_config_error() {
+    let broker = Broker::shared();
+    let queue = broker.queue("busy-port");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = broker.config(
+        &queue,
+        &format!("[handler]\nkind = \"dots\"\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let mut warren = Warren::run(&config, &[]);
+    assert_eq!(warren.wait_exit(WAIT).code(), Some(78));
+    assert_eq!(
+        warren.lines_with("metrics.listen: cannot listen on").len(),
+        1,
+        "{:#?}",
+        warren.log()
+    );
+}
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    let broker = Broker::shared();
+    let queue = broker.queue("json-log");
+    let config = broker.config(
+        &queue,
+        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n\n[log]\nformat = \"json\"\n",
+    );
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 1);
+    publish_ok(&config, &["as json"]);
+    warren.wait_for_log("done", WAIT);
+    let mut warren = warren;
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(WAIT).code(), Some(0));
+    let lines = warren.log();
+    let objects: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let done = objects
+        .iter()
+        .find(|o| o["msg"].as_str().is_some_and(|m| m.contains(" done ")))
+        .expect("a done line");
+    assert_eq!(done["level"], "INFO");
+    assert!(
+        done["msg"].as_str().unwrap().contains("(attempt 1)"),
+        "{done}"
+    );
+    assert!(
+        done["ts"]
+            .as_str()
+            .is_some_and(|t| humantime::parse_rfc3339(t).is_ok()),
+        "{done}"
+    );
+}
+
+#[test]
+fn under_the_journal_lines_carry_a_priority_and_no_timestamp() {
+    let broker = Broker::shared();
+    let queue = broker.queue("journal");
+    let config = broker.config(
+        &queue,
+        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
+    );
+    let warren = Warren::spawn(
+        Command::new(util::warren_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("JOURNAL_STREAM", "8:12345"),
+    );
+    warren.wait_consuming(&queue, 1);
+    let mut warren = warren;
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(WAIT).code(), Some(0));
+    let lines = warren.log();
+    let starting = lines
+        .iter()
+        .find(|l| l.contains(" starting 1 workers"))
+        .expect("a start line");
+    assert!(starting.starts_with("<6>INFO  warren "), "{starting}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.starts_with('<') && !l.contains("Z INFO")),
+        "{lines:#?}"
+    );
+}
