@@ -84,6 +84,8 @@ pub fn config_path(flag: Option<PathBuf>) -> PathBuf {
 pub fn load_config(path: &Path) -> Result<Config, Failure> {
     let url = secrets::broker_url_override()?;
     let config = Config::load(path, url)?;
+    // Every line from here on, the warning below included, in the configured format.
+    logging::set_format(config.log.format);
     secrets::warn_if_password_readable(path);
     Ok(config)
 }
@@ -101,7 +103,6 @@ pub fn daemon(
         }
         config.workers.count = workers;
     }
-    logging::set_format(config.log.format);
     let handler = config.handler()?;
     let factory = handler::from_config(handler, &config.queue.name);
     log::info!(
@@ -168,7 +169,6 @@ pub fn publish_messages(
     options: &publish::Options,
     messages: impl Iterator<Item = std::io::Result<Vec<u8>>>,
 ) -> Result<publish::Summary, Failure> {
-    logging::set_format(config.log.format);
     let summary = publish::publish(config, options, messages).map_err(|e| match e {
         publish::PublishError::Unavailable(e) if e.is_fatal() => Failure::Refused(e),
         publish::PublishError::Unavailable(e) => Failure::Unavailable(e),
