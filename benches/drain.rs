@@ -49,6 +49,7 @@ fn fill(config: &Config, n: usize) -> f64 {
         queue: config.queue.name.clone(),
         declare: true,
         confirm_timeout: Duration::from_secs(60),
+        metrics_file: None,
     };
     let started = Instant::now();
     let bodies = (0..n).map(|i| Ok(format!("task {i}").into_bytes()));

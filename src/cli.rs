@@ -43,6 +43,10 @@ pub enum Command {
         /// How long to wait for the broker to confirm messages.
         #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
         confirm_timeout: Duration,
+        /// Write warren_published_messages_total, in Prometheus' text format, to PATH (for
+        /// node_exporter's textfile collector) once every message is confirmed.
+        #[arg(long, value_name = "PATH")]
+        metrics_file: Option<PathBuf>,
         /// The message, its words joined with spaces [default: hello]
         message: Vec<String>,
     },

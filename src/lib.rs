@@ -177,6 +177,9 @@ pub fn publish_messages(
             Failure::Software(format!("cannot read standard input: {e}"))
         }
     })?;
+    if let Some(path) = &options.metrics_file {
+        write_metrics_file(path, &options.queue, summary.confirmed as u64)?;
+    }
     let skipped = match summary.skipped_empty {
         0 => String::new(),
         n => format!(" ({n} empty lines skipped)"),
@@ -188,4 +191,14 @@ pub fn publish_messages(
         options.queue
     );
     Ok(summary)
+}
+
+/// Writes the published count to `path` the way node_exporter's textfile collector wants it:
+/// to a temporary file beside it, then renamed, so that a scrape never reads half a file.
+fn write_metrics_file(path: &Path, queue: &str, published: u64) -> Result<(), Failure> {
+    let text = metrics::published_textfile(queue, published);
+    let tmp = path.with_extension("prom.tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| Failure::Software(format!("cannot write {}: {e}", path.display())))
 }

@@ -60,6 +60,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             stdin,
             no_declare,
             confirm_timeout,
+            metrics_file,
             message,
         } => {
             let config = warren::load_config(&warren::config_path(config))?;
@@ -67,6 +68,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 queue: queue.unwrap_or_else(|| config.queue.name.clone()),
                 declare: !no_declare,
                 confirm_timeout,
+                metrics_file,
             };
             if stdin {
                 let input = std::io::stdin().lock();

@@ -37,6 +37,27 @@ impl TaskOutcome {
     }
 }
 
+/// `warren_published_messages_total` for `queue`, alone, in Prometheus' text format: what
+/// `warren publish --metrics-file` writes. A short-lived publisher has no endpoint to scrape,
+/// so its count goes through a file that node_exporter's textfile collector reads.
+pub fn published_textfile(queue: &str, n: u64) -> String {
+    let mut registry = Registry::with_prefix("warren");
+    let published = Family::<Labels, Counter>::default();
+    registry.register(
+        "published_messages",
+        "Messages published and confirmed by warren publish",
+        published.clone(),
+    );
+    published
+        .get_or_create(&vec![("queue", queue.to_string())])
+        .inc_by(n);
+    let mut text = String::new();
+    if encode(&mut text, &registry).is_err() {
+        let _ = writeln!(text, "# encoding failed");
+    }
+    text
+}
+
 /// The metrics of one warren process, for one work queue. The label sets never change, so each
 /// series is looked up once, here, and a task costs a few atomic operations.
 pub struct Metrics {
@@ -50,7 +71,6 @@ pub struct Metrics {
     restarts: Counter,
     losses: Counter,
     reconnects: Counter,
-    published: Counter,
     /// How many workers the pool runs.
     workers: AtomicUsize,
     /// The broker could not be reached on the last try, and workers are waiting for it.
@@ -102,12 +122,6 @@ impl Metrics {
             "Workers consuming again after a lost connection or an unreachable broker",
             reconnects.clone(),
         );
-        let published = Family::<Labels, Counter>::default();
-        registry.register(
-            "published_messages",
-            "Messages published and confirmed by warren publish",
-            published.clone(),
-        );
         let labels: Labels = vec![("queue", queue.to_string())];
         let outcome = |outcome: TaskOutcome| {
             let mut labels = labels.clone();
@@ -124,7 +138,6 @@ impl Metrics {
             restarts: restarts.get_or_create(&labels).clone(),
             losses: losses.get_or_create(&labels).clone(),
             reconnects: reconnects.get_or_create(&labels).clone(),
-            published: published.get_or_create(&labels).clone(),
             registry,
             workers: AtomicUsize::new(0),
             broker_down: AtomicBool::new(false),
@@ -164,10 +177,6 @@ impl Metrics {
 
     pub fn connection_lost(&self) {
         self.losses.inc();
-    }
-
-    pub fn published(&self, n: u64) {
-        self.published.inc_by(n);
     }
 
     fn counter(&self, outcome: TaskOutcome) -> &Counter {

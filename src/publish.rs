@@ -22,6 +22,8 @@ pub struct Options {
     pub queue: String,
     pub declare: bool,
     pub confirm_timeout: Duration,
+    /// Where to write the published count for node_exporter's textfile collector, if anywhere.
+    pub metrics_file: Option<std::path::PathBuf>,
 }
 
 /// Why publishing failed, sorted by exit code.

@@ -311,3 +311,26 @@ fn no_declare_publishes_to_an_existing_queue() {
     assert_eq!(body(&get(&channel, &queue)), "declared elsewhere");
     connection.close().expect("close the connection");
 }
+
+#[test]
+fn the_published_count_can_be_written_for_the_textfile_collector() {
+    let broker = Broker::shared();
+    let queue = broker.queue("textfile");
+    let config = broker.config(&queue, "");
+    let file = broker.dir.path().join("warren_publish.prom");
+    let file_arg = file.to_str().unwrap();
+    let (status, log) = util::publish(&config, &["--metrics-file", file_arg, "one"]);
+    assert!(status.success(), "{log}");
+    let text = std::fs::read_to_string(&file).expect("the metrics file was written");
+    assert!(
+        text.contains(&format!(
+            "warren_published_messages_total{{queue=\"{queue}\"}} 1"
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains("warren_tasks_total"),
+        "only the publisher's own count: {text}"
+    );
+    assert!(!broker.dir.path().join("warren_publish.prom.tmp").exists());
+}
