@@ -291,13 +291,8 @@ impl Worker {
                                 attempt,
                                 &config.queue.name,
                             );
-                            self.forward(
-                                &mut publisher,
-                                &subscription,
-                                delivery,
-                                &config.queue.dead_letter,
-                                headers,
-                            )
+                            let dead = &config.queue.dead_letter;
+                            self.forward(&mut publisher, &subscription, delivery, dead, headers)
                         }
                     }
                 }
@@ -310,13 +305,8 @@ impl Worker {
                     let reason = format!("rejected by the handler ({status})");
                     let headers =
                         retry::dead_letter_headers(&reason, &status, attempt, &config.queue.name);
-                    self.forward(
-                        &mut publisher,
-                        &subscription,
-                        delivery,
-                        &config.queue.dead_letter,
-                        headers,
-                    )
+                    let dead = &config.queue.dead_letter;
+                    self.forward(&mut publisher, &subscription, delivery, dead, headers)
                 }
                 Outcome::Aborted => {
                     log::warn!("{name} abandoned {id} (attempt {attempt}) after {took:.2?}: warren is stopping and cannot wait for it; requeued");
