@@ -141,6 +141,24 @@ impl Session {
         })
     }
 
+    /// Connects to the first of the broker's nodes that answers, and says which (its number).
+    /// A fatal error (refused credentials or vhost) ends the search at once; otherwise the last
+    /// node's error is returned.
+    pub fn open_any(broker: &Broker, name: &str) -> Result<(Session, usize), AmqpError> {
+        let mut last = None;
+        for node in 0..broker.urls.len() {
+            match Session::open(broker, node, name) {
+                Ok(session) => return Ok((session, node)),
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    log::debug!("{e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("invariant: a config names at least one node"))
+    }
+
     /// `host:port` of the node this session is connected to.
     pub fn address(&self) -> String {
         self.url.address()

@@ -748,20 +748,7 @@ fn kinds(topology: &Topology) -> Vec<(&'static str, &QueueSpec)> {
 /// node's number.
 fn open_any(config: &Config, command: &str) -> Result<(Session, usize), Failure> {
     let name = format!("warren {command} pid {}", std::process::id());
-    let mut last = None;
-    for node in 0..config.broker.urls.len() {
-        match Session::open(&config.broker, node, &name) {
-            Ok(session) => return Ok((session, node)),
-            Err(e) if e.is_fatal() => return Err(Failure::Refused(e)),
-            Err(e) => {
-                log::debug!("{e}");
-                last = Some(e);
-            }
-        }
-    }
-    Err(Failure::Unavailable(
-        last.expect("invariant: a config names at least one node"),
-    ))
+    Session::open_any(&config.broker, &name).map_err(broker)
 }
 
 /// A broker error as a failure: refused (exit 78) if retrying cannot help, else unavailable (69).

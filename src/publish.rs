@@ -130,20 +130,9 @@ pub fn lines(input: impl BufRead) -> impl Iterator<Item = std::io::Result<Vec<u8
 /// Connects to the first of the broker's nodes that answers.
 fn open_any(config: &Config) -> Result<Session, PublishError> {
     let name = format!("warren publish pid {}", std::process::id());
-    let mut last = None;
-    for node in 0..config.broker.urls.len() {
-        match Session::open(&config.broker, node, &name) {
-            Ok(session) => return Ok(session),
-            Err(e) if e.is_fatal() => return Err(PublishError::Unavailable(e)),
-            Err(e) => {
-                log::debug!("{e}");
-                last = Some(e);
-            }
-        }
-    }
-    Err(PublishError::Unavailable(
-        last.expect("invariant: a config names at least one node"),
-    ))
+    Session::open_any(&config.broker, &name)
+        .map(|(session, _)| session)
+        .map_err(PublishError::Unavailable)
 }
 
 fn unavailable_or_lost(e: AmqpError) -> PublishError {
