@@ -10,9 +10,9 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The start of every config here. The broker URL points where nothing listens, so that a
 /// warren that wrongly accepted a config could not touch the test broker; it would retry until
@@ -56,15 +56,8 @@ struct Ran {
 /// Runs the binary with `args` and `WARREN_CONFIG` set to `env_config`, if given. Kills it and
 /// panics if it has not exited within 10 s: every case here must be refused at once.
 fn warren(args: &[&str], env_config: Option<&Path>) -> Ran {
-    let mut command = Command::new(util::warren_bin());
-    command
-        .args(args)
-        .env_remove("WARREN_CONFIG")
-        .env_remove("WARREN_BROKER_URL")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut command = util::warren_command(args);
+    command.stdout(Stdio::null());
     if let Some(path) = env_config {
         command.env("WARREN_CONFIG", path);
     }
@@ -75,20 +68,11 @@ fn warren(args: &[&str], env_config: Option<&Path>) -> Ran {
         let _ = pipe.read_to_end(&mut stderr);
         String::from_utf8_lossy(&stderr).into_owned()
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for warren") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "warren {args:?} was not refused: still running after 10 s; stderr:\n{}",
-                reader.join().unwrap_or_default()
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
+    let Some(status) = util::wait_or_kill(&mut child, Duration::from_secs(10)) else {
+        panic!(
+            "warren {args:?} was not refused: still running after 10 s; stderr:\n{}",
+            reader.join().unwrap_or_default()
+        );
     };
     Ran {
         status,
@@ -126,6 +110,28 @@ fn assert_ends_with(line: &str, expected: &str) {
     );
 }
 
+/// Writes `text` to `name` in `dir` and checks that `warren run` refuses it with an error line
+/// that ends with the file, the number of the line that contains `needle`, and `error`.
+fn assert_rejected_at(dir: &Path, name: &str, text: &str, needle: &str, error: &str) {
+    let path = write(dir, name, text);
+    assert_ends_with(
+        &run_rejects(&path),
+        &format!("] {}:{}: {error}", path.display(), line_of(text, needle)),
+    );
+}
+
+/// Writes `text` to `name` in `dir` and checks that `warren run` refuses it with an error line
+/// that contains the file, the number of the line that contains `needle`, and `error`.
+fn assert_rejected_containing(dir: &Path, name: &str, text: &str, needle: &str, error: &str) {
+    let path = write(dir, name, text);
+    let line = run_rejects(&path);
+    let at = format!("] {}:{}: {error}", path.display(), line_of(text, needle));
+    assert!(
+        line.contains(&at),
+        "the error should contain {at:?}: {line}"
+    );
+}
+
 #[test]
 fn a_missing_config_file_is_named_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -143,33 +149,19 @@ fn a_missing_config_file_is_named_with_the_reason() {
 fn a_toml_syntax_error_names_the_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let text = valid().replace("kind = \"dots\"", "kind = \"dots\" oops");
-    let path = write(dir.path(), "syntax.toml", &text);
-    let line = run_rejects(&path);
-    let at = format!(
-        "] {}:{}: handler.kind: ",
-        path.display(),
-        line_of(&text, "oops")
-    );
-    assert!(
-        line.contains(&at),
-        "the error should contain {at:?}: {line}"
-    );
+    assert_rejected_containing(dir.path(), "syntax.toml", &text, "oops", "handler.kind: ");
 }
 
 #[test]
 fn an_unknown_key_is_named_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let text = format!("{}\n[workers]\ncolour = 3\n", valid());
-    let path = write(dir.path(), "unknown.toml", &text);
-    let line = run_rejects(&path);
-    let at = format!(
-        "] {}:{}: workers.colour: unknown field `colour`",
-        path.display(),
-        line_of(&text, "colour")
-    );
-    assert!(
-        line.contains(&at),
-        "the error should contain {at:?}: {line}"
+    assert_rejected_containing(
+        dir.path(),
+        "unknown.toml",
+        &text,
+        "colour",
+        "workers.colour: unknown field `colour`",
     );
 }
 
@@ -177,14 +169,12 @@ fn an_unknown_key_is_named_with_its_line() {
 fn zero_workers_in_the_file_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
     let text = format!("{}\n[workers]\ncount = 0\n", valid());
-    let path = write(dir.path(), "zero.toml", &text);
-    assert_ends_with(
-        &run_rejects(&path),
-        &format!(
-            "] {}:{}: workers.count: must be at least 1, not 0",
-            path.display(),
-            line_of(&text, "count = 0")
-        ),
+    assert_rejected_at(
+        dir.path(),
+        "zero.toml",
+        &text,
+        "count = 0",
+        "workers.count: must be at least 1, not 0",
     );
 }
 
@@ -193,13 +183,13 @@ fn a_command_handler_whose_program_does_not_exist_names_handler_command_and_its_
     let dir = tempfile::tempdir().unwrap();
     let program = dir.path().join("no-such-job");
     let text = command_handler(&program);
-    let path = write(dir.path(), "missing.toml", &text);
-    assert_ends_with(
-        &run_rejects(&path),
+    assert_rejected_at(
+        dir.path(),
+        "missing.toml",
+        &text,
+        "command = [",
         &format!(
-            "] {}:{}: handler.command: program {} does not exist",
-            path.display(),
-            line_of(&text, "command = ["),
+            "handler.command: program {} does not exist",
             program.display()
         ),
     );
@@ -212,13 +202,13 @@ fn a_command_handler_whose_program_is_not_executable_is_a_config_error() {
     fs::write(&program, "#!/bin/sh\nexit 0\n").unwrap();
     fs::set_permissions(&program, fs::Permissions::from_mode(0o644)).unwrap();
     let text = command_handler(&program);
-    let path = write(dir.path(), "plain.toml", &text);
-    assert_ends_with(
-        &run_rejects(&path),
+    assert_rejected_at(
+        dir.path(),
+        "plain.toml",
+        &text,
+        "command = [",
         &format!(
-            "] {}:{}: handler.command: program {} is not an executable file",
-            path.display(),
-            line_of(&text, "command = ["),
+            "handler.command: program {} is not an executable file",
             program.display()
         ),
     );
@@ -228,14 +218,12 @@ fn a_command_handler_whose_program_is_not_executable_is_a_config_error() {
 fn a_comment_after_a_table_header_does_not_change_the_key_named() {
     let dir = tempfile::tempdir().unwrap();
     let text = format!("{}\n[workers] # how many at once\ncount = 0\n", valid());
-    let path = write(dir.path(), "commented.toml", &text);
-    assert_ends_with(
-        &run_rejects(&path),
-        &format!(
-            "] {}:{}: workers.count: must be at least 1, not 0",
-            path.display(),
-            line_of(&text, "count = 0")
-        ),
+    assert_rejected_at(
+        dir.path(),
+        "commented.toml",
+        &text,
+        "count = 0",
+        "workers.count: must be at least 1, not 0",
     );
 }
 
@@ -244,13 +232,13 @@ fn a_missing_program_under_a_commented_handler_header_still_names_its_line_and_k
     let dir = tempfile::tempdir().unwrap();
     let program = dir.path().join("no-such-job");
     let text = command_handler(&program).replace("[handler]", "[handler] # what runs per message");
-    let path = write(dir.path(), "commented-handler.toml", &text);
-    assert_ends_with(
-        &run_rejects(&path),
+    assert_rejected_at(
+        dir.path(),
+        "commented-handler.toml",
+        &text,
+        "command = [",
         &format!(
-            "] {}:{}: handler.command: program {} does not exist",
-            path.display(),
-            line_of(&text, "command = ["),
+            "handler.command: program {} does not exist",
             program.display()
         ),
     );

@@ -46,16 +46,6 @@ fn edit_config(path: &Path, from: &str, to: &str) {
     fs::write(path, text.replacen(from, to, 1)).expect("write the config file");
 }
 
-/// `host:port` of the test broker itself, as warren names a node in its log.
-fn broker_address() -> String {
-    let url = url::Url::parse(&util::amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
-    format!(
-        "{}:{}",
-        url.host_str().unwrap_or("127.0.0.1"),
-        url.port().unwrap_or(5672)
-    )
-}
-
 /// Established TCP connections accepted on the loopback port `port`: the connections a proxy
 /// listening there currently forwards, whoever opened them. Read from `/proc/net/tcp{,6}`, where
 /// the accepted side of a connection has `port` as its local port (state 01 is ESTABLISHED).
@@ -228,7 +218,7 @@ fn a_worker_whose_first_node_is_down_fails_over_to_the_next_node() {
         "worker-1 starts on node 0, which is down: {line}"
     );
     assert!(
-        line.contains("failing over to amqp://") && line.contains(&broker_address()),
+        line.contains("failing over to amqp://") && line.contains(&util::broker_address()),
         "it fails over to node 1: {line}"
     );
     warren.wait_consuming(&queue, 2);

@@ -52,20 +52,6 @@ impl Ran {
     }
 }
 
-/// A `warren` command with the environment of the tests: no `WARREN_*` variables.
-fn command(args: &[&str]) -> Command {
-    let mut command = Command::new(util::warren_bin());
-    command
-        .args(args)
-        .env_remove("WARREN_BROKER_URL")
-        .env_remove("WARREN_CONFIG")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
-}
-
 /// Reads `pipe` to the end on a thread of its own.
 fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
     thread::spawn(move || {
@@ -80,17 +66,8 @@ fn run(mut command: Command) -> Ran {
     let mut child = command.spawn().expect("start warren");
     let stdout = read_all(child.stdout.take().expect("stdout is piped"));
     let stderr = read_all(child.stderr.take().expect("stderr is piped"));
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for warren") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("warren {command:?} still ran after {WAIT:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
+    let Some(status) = util::wait_or_kill(&mut child, WAIT) else {
+        panic!("warren {command:?} still ran after {WAIT:?}");
     };
     let ran = Ran {
         status,
@@ -116,7 +93,7 @@ fn warren(subcommand: &[&str], config: &Path, extra: &[&str]) -> Ran {
         .chain(["--config", config])
         .chain(extra.iter().copied())
         .collect();
-    run(command(&args))
+    run(util::warren_command(&args))
 }
 
 fn assert_exit(ran: &Ran, code: i32) {
@@ -157,6 +134,33 @@ fn dead_letter(broker: &Broker, queues: &Queues, ids: &[&str]) -> PathBuf {
     config
 }
 
+/// Dead-letters `count` messages with the ids `PREFIX-1` to `PREFIX-COUNT` as [`dead_letter`]
+/// does, and returns the ids and the config.
+fn dead_letter_numbered(
+    broker: &Broker,
+    queues: &Queues,
+    prefix: &str,
+    count: usize,
+) -> (Vec<String>, PathBuf) {
+    let ids: Vec<String> = (1..=count).map(|i| format!("{prefix}-{i}")).collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let config = dead_letter(broker, queues, &id_refs);
+    (ids, config)
+}
+
+/// `warren dead-letters requeue` of `config` that waits 200ms after each confirmed copy before
+/// it removes the original, so that a test can stop it half-way.
+fn paused_requeue(config: &Path) -> Command {
+    util::warren_command(&[
+        "dead-letters",
+        "requeue",
+        "--config",
+        config.to_str().unwrap(),
+        "--test-pause-after-confirm",
+        "200ms",
+    ])
+}
+
 /// Takes every message of `queue` (acking it) and returns their message ids.
 fn drain_ids(queue: &str) -> Vec<String> {
     let session = util::session();
@@ -193,16 +197,6 @@ fn row<'a>(table: &'a [(String, Vec<String>)], queue: &str) -> &'a [String] {
         .find(|(name, _)| name == queue)
         .unwrap_or_else(|| panic!("no row for {queue} in {table:?}"))
         .1
-}
-
-/// `host:port` of the test broker, as `warren stats` names the node.
-fn broker_address() -> String {
-    let url = url::Url::parse(&util::amqp_url()).expect("the test URL parses");
-    format!(
-        "{}:{}",
-        url.host_str().unwrap_or("127.0.0.1"),
-        url.port().unwrap_or(5672)
-    )
 }
 
 #[test]
@@ -251,7 +245,7 @@ fn check_config_prints_every_key_with_defaults_and_no_password() {
     }
 
     // The environment's URL replaces the file's, and is masked too.
-    let mut with_env = command(&["check-config", "--config", path.to_str().unwrap()]);
+    let mut with_env = util::warren_command(&["check-config", "--config", path.to_str().unwrap()]);
     with_env.env(
         "WARREN_BROKER_URL",
         "amqp://ops:env-pw@10.0.0.1:5672/%2f, amqp://ops:env-pw@10.0.0.2:5672/%2f",
@@ -396,7 +390,7 @@ fn stats_shows_ready_messages_and_consumers_of_the_work_retry_and_dead_letter_qu
     assert_exit(&ran, 0);
     assert!(
         ran.stdout
-            .contains(&format!(" broker {}\n", broker_address())),
+            .contains(&format!(" broker {}\n", util::broker_address())),
         "the node is named"
     );
     let table = last_table(&ran.stdout);
@@ -422,10 +416,11 @@ struct Watch {
 
 impl Watch {
     fn start(config: &Path) -> Watch {
-        let mut child = command(&["stats", "--watch", "--config", config.to_str().unwrap()])
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start warren stats --watch");
+        let mut child =
+            util::warren_command(&["stats", "--watch", "--config", config.to_str().unwrap()])
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start warren stats --watch");
         let pipe = child.stdout.take().expect("stdout is piped");
         let stdout = Arc::new(Mutex::new(String::new()));
         let text = Arc::clone(&stdout);
@@ -672,24 +667,15 @@ fn dead_letters_requeue_with_an_id_moves_only_that_message() {
 fn a_requeue_killed_half_way_loses_no_message() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "killed");
-    let ids: Vec<String> = (1..=20).map(|i| format!("killed-{i}")).collect();
-    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let config = dead_letter(&broker, &queues, &id_refs);
+    let (ids, config) = dead_letter_numbered(&broker, &queues, "killed", 20);
 
     // Each original is removed 200ms after its copy is confirmed, so the kill lands in the
     // middle, most likely between a confirm and an ack.
-    let mut requeue = command(&[
-        "dead-letters",
-        "requeue",
-        "--config",
-        config.to_str().unwrap(),
-        "--test-pause-after-confirm",
-        "200ms",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::inherit())
-    .spawn()
-    .expect("start warren dead-letters requeue");
+    let mut requeue = paused_requeue(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start warren dead-letters requeue");
     wait_until(WAIT, "3 messages moved", || {
         util::queue_counts(&queues.work).0 >= 3
     });
@@ -725,20 +711,11 @@ fn a_requeue_killed_half_way_loses_no_message() {
 fn a_requeue_stopped_by_sigterm_moves_each_message_once_and_exits_130() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "stopped");
-    let ids: Vec<String> = (1..=10).map(|i| format!("stopped-{i}")).collect();
-    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let config = dead_letter(&broker, &queues, &id_refs);
+    let (ids, config) = dead_letter_numbered(&broker, &queues, "stopped", 10);
 
-    let mut requeue = command(&[
-        "dead-letters",
-        "requeue",
-        "--config",
-        config.to_str().unwrap(),
-        "--test-pause-after-confirm",
-        "200ms",
-    ])
-    .spawn()
-    .expect("start warren dead-letters requeue");
+    let mut requeue = paused_requeue(&config)
+        .spawn()
+        .expect("start warren dead-letters requeue");
     let stdout = read_all(requeue.stdout.take().expect("stdout is piped"));
     let stderr = read_all(requeue.stderr.take().expect("stderr is piped"));
     wait_until(WAIT, "2 messages moved", || {

@@ -124,6 +124,22 @@ fn assert_dead_letter_headers(
     );
 }
 
+/// Takes the one message of the dead-letter queue of `queues` and checks that it is `id` with
+/// its original `body` and the dead-letter headers of [`assert_dead_letter_headers`].
+fn assert_dead_lettered(
+    queues: &Queues,
+    id: &str,
+    body: &[u8],
+    reason: &str,
+    status: &str,
+    attempts: i64,
+) {
+    let dead = take_only(&queues.dead);
+    assert_eq!(dead.body, body);
+    assert_eq!(dead.message_id.as_deref(), Some(id));
+    assert_dead_letter_headers(&dead, &queues.work, reason, status, attempts);
+}
+
 /// How long the attempt of a `failed` log line took ("... after 1.00s: ...").
 fn took(line: &str) -> Duration {
     let text = line
@@ -255,12 +271,10 @@ fn a_program_that_always_fails_is_dead_lettered_after_max_attempts_with_headers_
         "exactly max_attempts runs"
     );
 
-    let dead = take_only(&queues.dead);
-    assert_eq!(dead.body, b"the original body");
-    assert_eq!(dead.message_id.as_deref(), Some("doomed-1"));
-    assert_dead_letter_headers(
-        &dead,
-        &queues.work,
+    assert_dead_lettered(
+        &queues,
+        "doomed-1",
+        b"the original body",
         "failed all 3 attempts",
         "exit status 3",
         3,
@@ -292,12 +306,10 @@ fn a_program_that_exits_65_is_dead_lettered_at_once() {
     assert_eq!(first_words(&broker, "runs"), ["1"], "it ran once");
     assert!(warren.lines_with(" failed reject-1 ").is_empty());
 
-    let dead = take_only(&queues.dead);
-    assert_eq!(dead.body, b"malformed");
-    assert_eq!(dead.message_id.as_deref(), Some("reject-1"));
-    assert_dead_letter_headers(
-        &dead,
-        &queues.work,
+    assert_dead_lettered(
+        &queues,
+        "reject-1",
+        b"malformed",
         "rejected by the handler",
         "exit status 65",
         1,
@@ -484,12 +496,10 @@ fn on_a_quorum_queue_a_failing_message_is_dead_lettered_by_warren_after_max_atte
     warren.wait_for_log(" failed quorum-fail-1 (attempt 3 of 3)", WAIT);
     queues.wait_settled(1);
     assert_eq!(first_words(&broker, "runs"), ["1", "2", "3"]);
-    let dead = take_only(&queues.dead);
-    assert_eq!(dead.body, b"fails on a quorum queue");
-    assert_eq!(dead.message_id.as_deref(), Some("quorum-fail-1"));
-    assert_dead_letter_headers(
-        &dead,
-        &queues.work,
+    assert_dead_lettered(
+        &queues,
+        "quorum-fail-1",
+        b"fails on a quorum queue",
         "failed all 3 attempts",
         "exit status 3",
         3,

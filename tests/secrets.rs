@@ -56,16 +56,6 @@ fn run_with_credentials(config: &Path, credentials: &Path) -> Warren {
     )
 }
 
-/// The test broker's `host:port`, as warren's start line shows it.
-fn broker_address() -> String {
-    let url = url::Url::parse(&util::amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
-    format!(
-        "{}:{}",
-        url.host_str().unwrap_or("127.0.0.1"),
-        url.port().unwrap_or(5672)
-    )
-}
-
 #[test]
 fn warren_run_reaches_the_broker_through_the_broker_url_credential() {
     let broker = Broker::shared();
@@ -77,7 +67,7 @@ fn warren_run_reaches_the_broker_through_the_broker_url_credential() {
     warren.wait_consuming(&queue, 1);
     let start = warren.wait_for_log("starting 1 workers", Duration::from_secs(5));
     assert!(
-        start.contains(&broker_address()) && !start.contains("127.0.0.1:1/"),
+        start.contains(&util::broker_address()) && !start.contains("127.0.0.1:1/"),
         "the start line names the credential's broker, not the file's: {start}"
     );
     warren.stop(Duration::from_secs(20));
@@ -174,11 +164,12 @@ fn a_world_readable_config_with_a_password_is_warned_about_at_start() {
     );
 }
 
-#[test]
-fn a_config_readable_only_by_its_owner_is_not_warned_about() {
+/// Runs warren with the broker URL credential on a config of mode `mode` that names `url`, for
+/// a queue named after `name`, and checks that it starts and consumes without warning about it.
+fn assert_not_warned_about(name: &str, url: &str, mode: u32) {
     let broker = Broker::shared();
-    let queue = broker.queue("owner-only");
-    let config = config(&broker, &queue, NOWHERE, 0o600);
+    let queue = broker.queue(name);
+    let config = config(&broker, &queue, url, mode);
     let credentials = credentials(&broker, &util::amqp_url());
 
     let warren = run_with_credentials(&config, &credentials);
@@ -190,15 +181,11 @@ fn a_config_readable_only_by_its_owner_is_not_warned_about() {
 }
 
 #[test]
-fn the_guest_account_in_a_world_readable_config_is_not_warned_about() {
-    let broker = Broker::shared();
-    let queue = broker.queue("guest");
-    let config = config(&broker, &queue, "amqp://guest:guest@127.0.0.1:1/%2f", 0o644);
-    let credentials = credentials(&broker, &util::amqp_url());
+fn a_config_readable_only_by_its_owner_is_not_warned_about() {
+    assert_not_warned_about("owner-only", NOWHERE, 0o600);
+}
 
-    let warren = run_with_credentials(&config, &credentials);
-    warren.wait_for_log("starting 1 workers", Duration::from_secs(5));
-    warren.wait_consuming(&queue, 1);
-    assert_eq!(warren.lines_with(WARNING), Vec::<String>::new());
-    warren.stop(Duration::from_secs(20));
+#[test]
+fn the_guest_account_in_a_world_readable_config_is_not_warned_about() {
+    assert_not_warned_about("guest", "amqp://guest:guest@127.0.0.1:1/%2f", 0o644);
 }

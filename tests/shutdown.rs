@@ -4,11 +4,54 @@
 
 mod util;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use util::{publish_ok, ready_and_unacked, wait_for_ready, wait_until, Broker, Warren};
+
+/// A one-worker config for `queue`, with `extra` appended, whose command (the script `name`)
+/// starts a `sleep 60` grandchild, records its pid and then its own in the returned pids file,
+/// and waits.
+fn pid_recording_config(
+    broker: &Broker,
+    queue: &str,
+    name: &str,
+    extra: &str,
+) -> (PathBuf, PathBuf) {
+    let pids = broker.dir.path().join("pids");
+    let script = broker.script(
+        name,
+        &format!(
+            "sleep 60 &\necho $! > {0}\necho $$ >> {0}\nwait",
+            pids.display()
+        ),
+    );
+    let config = broker.command_config(queue, 1, &script, extra);
+    (pids, config)
+}
+
+/// Waits until the task of [`pid_recording_config`] has recorded both of its pids in `pids`.
+fn wait_for_pids(pids: &Path) {
+    wait_until(
+        Duration::from_secs(10),
+        "the task to record its pids",
+        || util::recorded(pids).len() == 2,
+    );
+}
+
+/// Waits until every process recorded in `pids` is gone.
+fn wait_all_killed(pids: &Path) {
+    for pid in util::recorded(pids) {
+        let pid = Pid::from_raw(pid.parse().unwrap());
+        wait_until(
+            Duration::from_secs(5),
+            &format!("process {pid} to be killed"),
+            || kill(pid, None).is_err(),
+        );
+    }
+}
 
 #[test]
 fn sigterm_during_a_task_lets_it_finish_and_be_acked_then_exits_zero() {
@@ -88,16 +131,9 @@ fn deliveries_not_yet_started_at_sigterm_are_returned_to_the_queue_unprocessed()
 fn a_task_still_running_after_the_grace_is_killed_and_its_message_requeued() {
     let broker = Broker::shared();
     let queue = broker.queue("grace");
-    let pids = broker.dir.path().join("pids");
     // The task starts a grandchild too: the whole process group must die.
-    let script = broker.script(
-        "slow-job",
-        &format!(
-            "sleep 60 &\necho $! > {0}\necho $$ >> {0}\nwait",
-            pids.display()
-        ),
-    );
-    let config = broker.command_config(&queue, 1, &script, "[shutdown]\ngrace = \"1s\"\n");
+    let (pids, config) =
+        pid_recording_config(&broker, &queue, "slow-job", "[shutdown]\ngrace = \"1s\"\n");
     publish_ok(&config, &["never finishes"]);
     let mut warren = Warren::run(&config, &[]);
     let received = warren.wait_for_log("received", Duration::from_secs(10));
@@ -107,11 +143,7 @@ fn a_task_still_running_after_the_grace_is_killed_and_its_message_requeued() {
         .nth(1)
         .unwrap()
         .to_string();
-    wait_until(
-        Duration::from_secs(10),
-        "the task to record its pids",
-        || util::recorded(&pids).len() == 2,
-    );
+    wait_for_pids(&pids);
 
     warren.signal(Signal::SIGTERM);
     let status = warren.wait_exit(Duration::from_secs(20));
@@ -131,14 +163,7 @@ fn a_task_still_running_after_the_grace_is_killed_and_its_message_requeued() {
         (1, 0),
         "the message is back in the queue, not acked"
     );
-    for pid in util::recorded(&pids) {
-        let pid = Pid::from_raw(pid.parse().unwrap());
-        wait_until(
-            Duration::from_secs(5),
-            &format!("process {pid} to be killed"),
-            || kill(pid, None).is_err(),
-        );
-    }
+    wait_all_killed(&pids);
 }
 
 #[test]
@@ -184,34 +209,15 @@ fn a_second_ctrl_c_exits_at_once_with_130_and_the_broker_requeues() {
 fn a_second_ctrl_c_kills_a_running_command_with_its_process_group() {
     let broker = Broker::shared();
     let queue = broker.queue("twice-command");
-    let pids = broker.dir.path().join("pids");
-    let script = broker.script(
-        "stubborn-job",
-        &format!(
-            "sleep 60 &\necho $! > {0}\necho $$ >> {0}\nwait",
-            pids.display()
-        ),
-    );
-    let config = broker.command_config(&queue, 1, &script, "");
+    let (pids, config) = pid_recording_config(&broker, &queue, "stubborn-job", "");
     publish_ok(&config, &["takes a minute"]);
     let mut warren = Warren::run(&config, &[]);
-    wait_until(
-        Duration::from_secs(10),
-        "the task to record its pids",
-        || util::recorded(&pids).len() == 2,
-    );
+    wait_for_pids(&pids);
 
     warren.signal(Signal::SIGINT);
     warren.wait_for_log("stopping", Duration::from_secs(5));
     warren.signal(Signal::SIGINT);
     assert_eq!(warren.wait_exit(Duration::from_secs(5)).code(), Some(130));
-    for pid in util::recorded(&pids) {
-        let pid = Pid::from_raw(pid.parse().unwrap());
-        wait_until(
-            Duration::from_secs(5),
-            &format!("process {pid} to be killed"),
-            || kill(pid, None).is_err(),
-        );
-    }
+    wait_all_killed(&pids);
     wait_for_ready(&queue, 1, Duration::from_secs(10));
 }

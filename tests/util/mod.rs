@@ -30,6 +30,16 @@ pub fn amqp_url() -> String {
     std::env::var("WARREN_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_string())
 }
 
+/// `host:port` of the test broker itself, as warren names a node in its log.
+pub fn broker_address() -> String {
+    let url = url::Url::parse(&amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
+    format!(
+        "{}:{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5672)
+    )
+}
+
 /// A test's claim on the broker: holds the broker lock (shared, or exclusive for tests that stop
 /// the broker) and gives unique queue names that are deleted when it drops.
 pub struct Broker {
@@ -349,6 +359,38 @@ pub fn wait_for_ready(queue: &str, ready: u32, timeout: Duration) {
 /// The path of the `warren` binary under test.
 pub fn warren_bin() -> &'static str {
     env!("CARGO_BIN_EXE_warren")
+}
+
+/// A `warren` command with `args` and the environment of the tests: no `WARREN_CONFIG`,
+/// `WARREN_BROKER_URL` or `RUST_LOG`, stdin empty, stdout and stderr piped.
+pub fn warren_command(args: &[&str]) -> Command {
+    let mut command = Command::new(warren_bin());
+    command
+        .args(args)
+        .env_remove("WARREN_CONFIG")
+        .env_remove("WARREN_BROKER_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Waits up to `timeout` for `child` to exit and returns its status; if it is still running
+/// then, kills and reaps it and returns `None`.
+pub fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for warren") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Runs `warren publish` to completion and returns its exit status and log.
