@@ -192,6 +192,27 @@ pub enum HandlerKind {
     Dots,
     /// Run a program per message, body on stdin. `argv[0]` is the program.
     Command { argv: Vec<String> },
+    /// Run one long-lived program per worker and stream messages to it (see `pipe.rs`).
+    Pipe { argv: Vec<String> },
+}
+
+impl HandlerKind {
+    /// The name `kind` takes in the file.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HandlerKind::Dots => "dots",
+            HandlerKind::Command { .. } => "command",
+            HandlerKind::Pipe { .. } => "pipe",
+        }
+    }
+
+    /// The program and its arguments, for the kinds that run one.
+    pub fn argv(&self) -> Option<&[String]> {
+        match self {
+            HandlerKind::Dots => None,
+            HandlerKind::Command { argv } | HandlerKind::Pipe { argv } => Some(argv),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -404,19 +425,28 @@ impl Config {
             let kind = match (section.kind, section.command) {
                 (Kind::Dots, None) => HandlerKind::Dots,
                 (Kind::Dots, Some(command)) => {
-                    return Err(err(command.span(), "only kind = \"command\" takes a command"))
+                    return Err(err(
+                        command.span(),
+                        "only kind = \"command\" or \"pipe\" takes a command",
+                    ))
                 }
-                (Kind::Command, None) => return Err(ConfigError(format!(
-                    "{}: handler.command: missing; kind = \"command\" needs command = [\"/path/to/program\", ...]",
-                    path.display()
-                ))),
-                (Kind::Command, Some(command)) => {
+                (kind, None) => {
+                    let kind = if matches!(kind, Kind::Pipe) { "pipe" } else { "command" };
+                    return Err(ConfigError(format!(
+                        "{}: handler.command: missing; kind = \"{kind}\" needs command = [\"/path/to/program\", ...]",
+                        path.display()
+                    )));
+                }
+                (kind, Some(command)) => {
                     let span = command.span();
                     let argv = command.into_inner();
                     if argv.is_empty() || argv[0].is_empty() {
                         return Err(err(span, "the command must name a program"));
                     }
-                    HandlerKind::Command { argv }
+                    match kind {
+                        Kind::Pipe => HandlerKind::Pipe { argv },
+                        _ => HandlerKind::Command { argv },
+                    }
                 }
             };
             if section.timeout.is_zero() {
@@ -480,11 +510,11 @@ impl Config {
     pub fn handler(&self) -> Result<&Handler, ConfigError> {
         let handler = self.handler.as_ref().ok_or_else(|| {
             ConfigError(format!(
-                "{}: handler.kind: missing; add a [handler] section with kind = \"dots\" or \"command\"",
+                "{}: handler.kind: missing; add a [handler] section with kind = \"dots\", \"command\" or \"pipe\"",
                 self.path.display()
             ))
         })?;
-        let HandlerKind::Command { argv } = &handler.kind else {
+        let Some(argv) = handler.kind.argv() else {
             return Ok(handler);
         };
         match resolve_program(&argv[0]) {
@@ -584,6 +614,7 @@ struct HandlerSection {
 enum Kind {
     Dots,
     Command,
+    Pipe,
 }
 
 impl Default for BrokerSection {
@@ -946,6 +977,36 @@ mod tests {
         assert_eq!(
             err,
             "w.toml:5: handler.command: the command must name a program"
+        );
+    }
+
+    #[test]
+    fn a_pipe_handler_takes_a_command_and_dots_takes_none() {
+        let pipe = parse(
+            "[queue]\nname = \"q\"\n[handler]\nkind = \"pipe\"\ncommand = [\"python3\", \"h.py\"]\n",
+        )
+        .unwrap();
+        let kind = &pipe.handler.unwrap().kind;
+        assert_eq!(
+            kind,
+            &HandlerKind::Pipe {
+                argv: vec!["python3".into(), "h.py".into()]
+            }
+        );
+        assert_eq!(
+            (kind.name(), kind.argv().map(|a| a.len())),
+            ("pipe", Some(2))
+        );
+        let err = parse("[queue]\nname = \"q\"\n[handler]\nkind = \"pipe\"\n").unwrap_err();
+        assert!(
+            err.contains("handler.command: missing; kind = \"pipe\" needs command"),
+            "{err}"
+        );
+        let err = parse("[queue]\nname = \"q\"\n[handler]\nkind = \"dots\"\ncommand = [\"x\"]\n")
+            .unwrap_err();
+        assert!(
+            err.contains("only kind = \"command\" or \"pipe\" takes a command"),
+            "{err}"
         );
     }
 

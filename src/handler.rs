@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, select, Receiver};
+use crossbeam_channel::{bounded, select, Receiver, Sender};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::config;
+use crate::pipe::PipeHandler;
 
 /// One message, as a handler sees it.
 #[derive(Debug, Clone, Copy)]
@@ -41,8 +42,13 @@ pub enum Outcome {
     /// The work failed and may succeed later: retry the message, unless it has had all its
     /// attempts. The text says how the attempt ended ("exit status 3", "timed out after 10m").
     Retry(String),
-    /// The message can never succeed: dead-letter it now. The text says how the attempt ended.
-    DeadLetter(String),
+    /// The message can never succeed: dead-letter it now. `status` says how the attempt ended
+    /// ("exit status 65", "answered dead"); `reason`, if the handler gave one, becomes the
+    /// dead-letter reason.
+    DeadLetter {
+        status: String,
+        reason: Option<String>,
+    },
     /// The [`Abort`] fired (the shutdown grace ran out, or a second stop signal came) and the
     /// work was abandoned: requeue it, unprocessed.
     Aborted,
@@ -51,6 +57,10 @@ pub enum Outcome {
 /// Runs tasks. Each worker owns its own handler, made by a [`HandlerFactory`], so a handler may
 /// keep state (such as a long-lived child process) without locks.
 pub trait Handler: Send {
+    /// Called once the worker is consuming, before its first message, so that a handler can
+    /// start what it keeps running instead of making the first message wait for it.
+    fn start(&mut self) {}
+
     fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome;
 }
 
@@ -90,6 +100,18 @@ pub fn from_config(handler: &config::Handler, queue: &str) -> HandlerFactory {
     let timeout = handler.timeout;
     match &handler.kind {
         config::HandlerKind::Dots => Arc::new(move |_| Box::new(Dots { timeout })),
+        config::HandlerKind::Pipe { argv } => {
+            let (argv, queue, kill_grace) = (argv.clone(), queue.to_string(), handler.kill_grace);
+            Arc::new(move |worker| {
+                Box::new(PipeHandler::new(
+                    argv.clone(),
+                    &queue,
+                    worker,
+                    timeout,
+                    kill_grace,
+                ))
+            })
+        }
         config::HandlerKind::Command { argv } => {
             let command = CommandHandler {
                 argv: argv.clone(),
@@ -151,28 +173,13 @@ const OUTPUT_DRAIN: Duration = Duration::from_millis(250);
 impl Handler for CommandHandler {
     fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome {
         let worker = format!("worker-{}", task.worker);
-        let mut child = match Command::new(&self.argv[0])
-            .args(&self.argv[1..])
+        let mut child = match program(&self.argv, &self.queue, task.worker)
             .env("WARREN_MESSAGE_ID", task.message_id.unwrap_or(""))
-            .env("WARREN_QUEUE", &self.queue)
             .env(
                 "WARREN_REDELIVERED",
                 if task.redelivered { "1" } else { "0" },
             )
-            .env("WARREN_WORKER", task.worker.to_string())
             .env("WARREN_ATTEMPT", task.attempt.to_string())
-            // It may hold the broker password; tasks have no business with it.
-            .env_remove(config::BROKER_URL_ENV)
-            // systemd's notify socket and watchdog are warren's, not its tasks'.
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own process group: a Ctrl+C at the terminal does not reach the task, which
-            // should finish within the grace, and a kill reaches all of its descendants.
-            .process_group(0)
             .spawn()
         {
             Ok(child) => child,
@@ -180,36 +187,23 @@ impl Handler for CommandHandler {
         };
 
         let (logged_tx, logged) = bounded::<()>(2);
-        for (stream, pipe) in [
-            (
+        if let Some(stdout) = child.stdout.take() {
+            log_output(
+                stdout,
+                &worker,
                 "stdout",
-                child
-                    .stdout
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
-            ),
-            (
+                Some(MAX_LOGGED_OUTPUT),
+                Some(&logged_tx),
+            );
+        }
+        if let Some(stderr) = child.stderr.take() {
+            log_output(
+                stderr,
+                &worker,
                 "stderr",
-                child
-                    .stderr
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
-            ),
-        ] {
-            let (Some(pipe), prefix, done) =
-                (pipe, format!("{worker} {stream}:"), logged_tx.clone())
-            else {
-                continue;
-            };
-            let spawned = thread::Builder::new()
-                .name(format!("{worker}-{stream}"))
-                .spawn(move || {
-                    log_lines(pipe, &prefix);
-                    drop(done);
-                });
-            if let Err(e) = spawned {
-                log::warn!("{worker}: cannot start a thread to log the task's {stream}: {e}");
-            }
+                Some(MAX_LOGGED_OUTPUT),
+                Some(&logged_tx),
+            );
         }
         drop(logged_tx);
 
@@ -267,9 +261,10 @@ impl Handler for CommandHandler {
                 humantime::format_duration(self.timeout)
             )),
             Some(Ok(status)) if status.success() => Outcome::Done,
-            Some(Ok(status)) if status.code() == Some(EXIT_DEAD_LETTER) => {
-                Outcome::DeadLetter(describe(status))
-            }
+            Some(Ok(status)) if status.code() == Some(EXIT_DEAD_LETTER) => Outcome::DeadLetter {
+                status: describe(status),
+                reason: None,
+            },
             Some(Ok(status)) if status.code() == Some(EXIT_RETRY) => {
                 Outcome::Retry(format!("{} (asked for a retry)", describe(status)))
             }
@@ -305,7 +300,53 @@ fn feed_and_wait(
     Ok(receiver)
 }
 
-fn describe(status: ExitStatus) -> String {
+/// The command that starts `argv` for a worker: never through a shell, with the environment
+/// every handler program gets, all three standard streams piped, in a process group of its own.
+pub(crate) fn program(argv: &[String], queue: &str, worker: usize) -> Command {
+    let mut command = Command::new(&argv[0]);
+    command
+        .args(&argv[1..])
+        .env("WARREN_QUEUE", queue)
+        .env("WARREN_WORKER", worker.to_string())
+        // It may hold the broker password; tasks have no business with it.
+        .env_remove(config::BROKER_URL_ENV)
+        // systemd's notify socket and watchdog are warren's, not its tasks'.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group: a Ctrl+C at the terminal does not reach the task, which
+        // should finish within the grace, and a kill reaches all of its descendants.
+        .process_group(0);
+    command
+}
+
+/// Logs a program's output stream on a thread of its own (see [`log_lines`]); the thread drops
+/// its clone of `done`, if given, when the stream closes.
+pub(crate) fn log_output(
+    pipe: impl Read + Send + 'static,
+    worker: &str,
+    stream: &str,
+    limit: Option<usize>,
+    done: Option<&Sender<()>>,
+) {
+    let prefix = format!("{worker} {stream}:");
+    let done = done.cloned();
+    let spawned = thread::Builder::new()
+        .name(format!("{worker}-{stream}"))
+        .spawn(move || {
+            log_lines(pipe, &prefix, limit);
+            drop(done);
+        });
+    if let Err(e) = spawned {
+        log::warn!("{worker}: cannot start a thread to log the task's {stream}: {e}");
+    }
+}
+
+/// How a program ended, for the log and the dead-letter headers.
+pub(crate) fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
@@ -318,10 +359,11 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// Logs each line of `pipe` with `prefix`, splitting lines longer than [`MAX_LOG_LINE`], up to
-/// [`MAX_LOGGED_OUTPUT`] bytes; then reads the rest without logging it.
-fn log_lines(pipe: Box<dyn Read + Send>, prefix: &str) {
+/// `limit` bytes if there is one; then reads the rest without logging it.
+fn log_lines(pipe: impl Read, prefix: &str, limit: Option<usize>) {
     let mut reader = BufReader::new(pipe);
     let mut line = Vec::new();
+    let limit = limit.unwrap_or(usize::MAX);
     let mut logged = 0;
     loop {
         line.clear();
@@ -330,14 +372,16 @@ fn log_lines(pipe: Box<dyn Read + Send>, prefix: &str) {
             .read_until(b'\n', &mut line)
         {
             Ok(0) => return,
-            Ok(n) if logged >= MAX_LOGGED_OUTPUT => {
-                logged += n;
-                if logged - n == MAX_LOGGED_OUTPUT {
-                    log::warn!("{prefix} more than {MAX_LOGGED_OUTPUT} bytes of output; the rest is not logged");
+            Ok(n) if logged >= limit => {
+                if logged == limit {
+                    log::warn!(
+                        "{prefix} more than {limit} bytes of output; the rest is not logged"
+                    );
                 }
+                logged = logged.saturating_add(n);
             }
             Ok(n) => {
-                logged = (logged + n).min(MAX_LOGGED_OUTPUT);
+                logged = logged.saturating_add(n).min(limit);
                 let text = line.strip_suffix(b"\n").unwrap_or(&line);
                 log::info!("{prefix} {}", String::from_utf8_lossy(text));
             }
@@ -403,7 +447,10 @@ mod tests {
         );
         assert_eq!(
             command(&["sh", "-c", "exit 65"]).handle(&task(b""), &never),
-            Outcome::DeadLetter("exit status 65".into())
+            Outcome::DeadLetter {
+                status: "exit status 65".into(),
+                reason: None
+            }
         );
         assert_eq!(
             command(&["sh", "-c", "kill -9 $$"]).handle(&task(b""), &never),

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod ops;
+pub mod pipe;
 pub mod pool;
 pub mod publish;
 pub mod retry;
@@ -111,9 +112,9 @@ pub fn daemon(
         config.workers.count,
         config.queue.name,
         config.broker.describe(),
-        match &handler.kind {
-            config::HandlerKind::Dots => "dots".to_string(),
-            config::HandlerKind::Command { argv } => format!("command {argv:?}"),
+        match handler.kind.argv() {
+            None => handler.kind.name().to_string(),
+            Some(argv) => format!("{} {argv:?}", handler.kind.name()),
         },
         config.workers.prefetch,
     );

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{select, Receiver, TryRecvError};
 
 use crate::amqp::{AmqpError, Confirmed, Header, QueueSpec, QueueState, Session};
-use crate::config::{self, Config, Handler, HandlerKind, LogFormat, QueueType};
+use crate::config::{self, Config, Handler, LogFormat, QueueType};
 use crate::retry::{self, Topology};
 use crate::{exit, Failure};
 
@@ -44,9 +44,9 @@ pub fn check_config(config: &Config, connect: bool, out: &mut dyn Write) -> Resu
     }
     let mut checks = Checks::default();
     emit(out, "\n")?;
-    let program = match &handler.kind {
-        HandlerKind::Dots => Ok("kind dots runs no program".to_string()),
-        HandlerKind::Command { argv } => config::resolve_program(&argv[0])
+    let program = match handler.kind.argv() {
+        None => Ok("kind dots runs no program".to_string()),
+        Some(argv) => config::resolve_program(&argv[0])
             .map(|path| format!("program {} exists and is executable", path.display())),
     };
     checks.report(out, "handler", program)?;
@@ -187,22 +187,16 @@ fn effective(config: &Config, handler: &Handler) -> String {
     ));
 
     text.push_str("\n[handler]\n");
-    match &handler.kind {
-        HandlerKind::Dots => text.push_str(&format!("kind = {}\n", s("dots"))),
-        HandlerKind::Command { argv } => {
-            let argv: Vec<String> = argv.iter().map(|arg| mask(config, arg)).collect();
-            text.push_str(&format!(
-                "kind = {}\ncommand = {}\n",
-                s("command"),
-                list(&argv)
-            ));
-            if !argv[0].contains('/') {
-                if let Ok(path) = config::resolve_program(&argv[0]) {
-                    text.push_str(&format!(
-                        "# The program found in PATH: {}\n",
-                        path.display()
-                    ));
-                }
+    text.push_str(&format!("kind = {}\n", s(handler.kind.name())));
+    if let Some(argv) = handler.kind.argv() {
+        let argv: Vec<String> = argv.iter().map(|arg| mask(config, arg)).collect();
+        text.push_str(&format!("command = {}\n", list(&argv)));
+        if !argv[0].contains('/') {
+            if let Ok(path) = config::resolve_program(&argv[0]) {
+                text.push_str(&format!(
+                    "# The program found in PATH: {}\n",
+                    path.display()
+                ));
             }
         }
     }

@@ -221,6 +221,7 @@ impl Worker {
             session.address()
         );
         let mut handler = (self.factory)(self.id);
+        handler.start();
         let mut abandoned = None;
 
         loop {
@@ -296,13 +297,15 @@ impl Worker {
                         }
                     }
                 }
-                Outcome::DeadLetter(status) => {
+                Outcome::DeadLetter { status, reason } => {
                     counted = Some(TaskOutcome::DeadLetter);
                     log::warn!(
-                        "{name} rejected {id} (attempt {attempt}) after {took:.2?}: {status}; dead-lettered to {}",
+                        "{name} rejected {id} (attempt {attempt}) after {took:.2?}: {status}{}; dead-lettered to {}",
+                        reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default(),
                         config.queue.dead_letter
                     );
-                    let reason = format!("rejected by the handler ({status})");
+                    let reason =
+                        reason.unwrap_or_else(|| format!("rejected by the handler ({status})"));
                     let headers =
                         retry::dead_letter_headers(&reason, &status, attempt, &config.queue.name);
                     let dead = &config.queue.dead_letter;

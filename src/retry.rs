@@ -201,9 +201,11 @@ pub enum Decision {
 /// The decision after `attempt` failed and may be retried.
 pub fn after_failure(attempt: u32, queue: &Queue, retry: &Retry) -> Decision {
     if attempt >= retry.max_attempts {
-        return Decision::DeadLetter {
-            reason: format!("failed all {} attempts", retry.max_attempts),
+        let reason = match retry.max_attempts {
+            1 => "failed its only attempt".to_string(),
+            n => format!("failed all {n} attempts"),
         };
+        return Decision::DeadLetter { reason };
     }
     let delay = retry.delay_after(attempt);
     Decision::Retry {

@@ -15,12 +15,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use warren::amqp::{PublishEvent, Session};
+use warren::amqp::{Fetched, Header, PublishEvent, Session};
 use warren::config::Config;
 
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -830,4 +830,102 @@ pub fn session_at(url: &str) -> Result<Session, warren::amqp::AmqpError> {
     );
     let config = Config::parse(Path::new("test.toml"), &text, None).expect("the test URL parses");
     Session::open(&config.broker, 0, "warren tests")
+}
+
+/// Takes the one message of `queue` and checks that there is no second one.
+pub fn take_only(queue: &str) -> Fetched {
+    let session = session();
+    let message = session
+        .get(queue)
+        .expect("basic.get")
+        .unwrap_or_else(|| panic!("{queue} holds no message"));
+    assert!(
+        session.get(queue).expect("basic.get").is_none(),
+        "{queue} holds a second copy"
+    );
+    message
+}
+
+pub fn str_header<'a>(message: &'a Fetched, name: &str) -> &'a str {
+    match message.header(name) {
+        Some(Header::Str(s)) => s,
+        other => panic!(
+            "header {name} is {other:?}, not a string; headers: {:?}",
+            message.headers
+        ),
+    }
+}
+
+pub fn int_header(message: &Fetched, name: &str) -> i64 {
+    match message.header(name) {
+        Some(Header::Int(i)) => *i,
+        other => panic!(
+            "header {name} is {other:?}, not an integer; headers: {:?}",
+            message.headers
+        ),
+    }
+}
+
+/// Checks warren's five dead-letter headers: the reason contains `reason`, the exit status
+/// starts with `status`, and the attempts, the time and the work queue are right.
+pub fn assert_dead_letter_headers(
+    message: &Fetched,
+    queue: &str,
+    reason: &str,
+    status: &str,
+    attempts: i64,
+) {
+    let said = str_header(message, "x-warren-reason");
+    assert!(
+        said.contains(reason),
+        "x-warren-reason {said:?} says {reason:?}"
+    );
+    let exit = str_header(message, "x-warren-exit-status");
+    assert!(
+        exit.starts_with(status),
+        "x-warren-exit-status {exit:?} starts with {status:?}"
+    );
+    assert_eq!(int_header(message, "x-warren-attempts"), attempts);
+    assert_eq!(str_header(message, "x-warren-queue"), queue);
+    let at = str_header(message, "x-warren-dead-lettered-at");
+    let at = humantime::parse_rfc3339(at)
+        .unwrap_or_else(|e| panic!("x-warren-dead-lettered-at {at:?} is not RFC 3339: {e}"));
+    let now = SystemTime::now();
+    assert!(
+        at <= now + Duration::from_secs(5) && at + Duration::from_secs(300) >= now,
+        "x-warren-dead-lettered-at {at:?} is about now ({now:?})"
+    );
+}
+
+/// Takes the one message of the dead-letter queue of `queues` and checks that it is `id` with
+/// its original `body` and the dead-letter headers of [`assert_dead_letter_headers`].
+pub fn assert_dead_lettered(
+    queues: &Queues,
+    id: &str,
+    body: &[u8],
+    reason: &str,
+    status: &str,
+    attempts: i64,
+) {
+    let dead = take_only(&queues.dead);
+    assert_eq!(dead.body, body);
+    assert_eq!(dead.message_id.as_deref(), Some(id));
+    assert_dead_letter_headers(&dead, &queues.work, reason, status, attempts);
+}
+
+/// True once process `pid` is gone (or a zombie waiting to be reaped).
+pub fn gone(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+pub fn wait_gone(pid: &str, timeout: Duration) {
+    let pid: i32 = pid.parse().unwrap_or_else(|e| panic!("pid {pid:?}: {e}"));
+    wait_until(timeout, &format!("process {pid} to be killed"), || {
+        gone(pid)
+    });
 }

@@ -1,0 +1,33 @@
+#!/bin/sh
+# A warren `pipe` handler in POSIX shell, started once per worker:
+#
+#     [handler]
+#     kind = "pipe"
+#     command = ["/path/to/pipe_handler.sh"]
+#
+# For each message warren writes one line of JSON, then exactly `size` bytes of body, and waits
+# for one answer line on stdout: `ack`, `retry` or `dead`, optionally followed by a space and a
+# reason. Log to stderr (it goes to warren's log), never to stdout. Exit when stdin closes.
+#
+# This example counts the body's lines and words with wc and logs them. Each message still
+# starts wc, so a shell pipe handler saves the shell's start, not every fork; it is here to show
+# the protocol. The body is read with `head -c`, which (in GNU coreutils and busybox) reads no
+# more than it is asked for, so the next header stays on stdin.
+
+# `read` takes the header line byte by byte, never reading past its newline.
+while IFS= read -r header; do
+    # warren writes compact JSON with "size" as the last key: {"id":...,"size":11}
+    size=${header##*\"size\":}
+    size=${size%%[!0-9]*}
+    case $size in
+        '' ) echo "cannot find the size in the header: $header" >&2; exit 1 ;;
+    esac
+    if [ "$size" -eq 0 ]; then
+        echo "dead the message is empty"
+        continue
+    fi
+    counts=$(head -c "$size" | wc -l -w) || { echo "retry wc failed"; continue; }
+    set -- $counts
+    echo "body of $size bytes: $1 lines, $2 words" >&2
+    echo "ack"
+done
