@@ -78,6 +78,7 @@ fn drain(run: usize, workers: usize, n: usize, prefetch: u16) -> (f64, f64) {
     };
     let started = Instant::now();
     let pool = Pool::new(Arc::new(config.clone()), factory)
+        .expect("set up the pool")
         .start()
         .expect("start the pool");
     let ended = finish

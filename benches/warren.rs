@@ -264,7 +264,7 @@ fn drain_table(flags: &Flags) -> Result<(), String> {
             );
             for workers in [1, 4] {
                 let label = "pipe `pipe_handler.py`";
-                rows.push(Row::warren("pipe", label, handler.clone(), workers, m / 4));
+                rows.push(Row::warren("pipe", label, handler.clone(), workers, m / 2));
             }
         } else {
             notes.push(PIPE_SKIPPED.to_string());

@@ -33,7 +33,9 @@ def handle(header, body):
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return "dead the body is not UTF-8 text"
-    time.sleep(text.count("."))
+    dots = text.count(".")
+    if dots:
+        time.sleep(dots)  # even sleep(0) costs a timer's slack, about 50µs
     return "ack"
 
 

@@ -5,17 +5,16 @@
 //! worker's job. A handler must return promptly once its [`Abort`] fires (the shutdown grace has
 //! run out), so it waits on that signal rather than sleeping or blocking blind.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::convert::Infallible;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, select, Receiver, Sender};
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use crossbeam_channel::{bounded, Receiver, Sender};
+use nix::fcntl::OFlag;
 
+use crate::child;
 use crate::config;
 use crate::pipe::PipeHandler;
 
@@ -68,30 +67,68 @@ pub trait Handler: Send {
 pub type HandlerFactory = Arc<dyn Fn(usize) -> Box<dyn Handler> + Send + Sync>;
 
 /// Fires when tasks in flight must be abandoned: the shutdown grace has run out, or a second stop
-/// signal came. It fires by its sender being dropped, so it reaches every clone at once.
+/// signal came. It fires when its [`AbortTrigger`] is dropped, which reaches every clone at once,
+/// both as a channel that disconnects (for `select!`) and as a pipe whose write end closes (for
+/// `poll`, next to a program's pipes).
 #[derive(Clone)]
-pub struct Abort(Receiver<std::convert::Infallible>);
+pub struct Abort {
+    receiver: Receiver<Infallible>,
+    /// The read end of the pipe: readable (at end of file) once the abort has fired.
+    fd: Arc<OwnedFd>,
+}
+
+/// Fires its [`Abort`] when dropped.
+pub struct AbortTrigger {
+    _sender: Sender<Infallible>,
+    _write: OwnedFd,
+}
 
 impl Abort {
-    pub fn new(receiver: Receiver<std::convert::Infallible>) -> Abort {
-        Abort(receiver)
+    /// A new abort signal and the trigger that fires it.
+    pub fn new() -> io::Result<(AbortTrigger, Abort)> {
+        let (sender, receiver) = bounded(0);
+        // Close-on-exec: a program that inherited the write end would keep the abort from firing.
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let trigger = AbortTrigger {
+            _sender: sender,
+            _write: write,
+        };
+        Ok((
+            trigger,
+            Abort {
+                receiver,
+                fd: Arc::new(read),
+            },
+        ))
     }
 
     /// An abort signal that never fires, for running a handler outside a pool.
     pub fn never() -> Abort {
-        let (sender, receiver) = bounded(0);
-        // Leaking the sender keeps the channel open for the life of the process.
-        std::mem::forget(sender);
-        Abort(receiver)
+        let (trigger, abort) = Abort::new().expect("invariant: a pipe can be made");
+        // Leaking the trigger keeps the signal unfired for the life of the process.
+        std::mem::forget(trigger);
+        abort
     }
 
-    pub fn receiver(&self) -> &Receiver<std::convert::Infallible> {
-        &self.0
+    pub fn receiver(&self) -> &Receiver<Infallible> {
+        &self.receiver
+    }
+
+    /// Readable once the abort has fired, for `poll`.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// True once the abort has fired.
+    pub fn fired(&self) -> bool {
+        self.receiver.try_recv().is_err_and(|e| e.is_disconnected())
     }
 
     /// Sleeps for `duration` unless the abort fires first. Returns false if it fired.
     pub fn sleep(&self, duration: Duration) -> bool {
-        self.0.recv_timeout(duration).is_err_and(|e| e.is_timeout())
+        self.receiver
+            .recv_timeout(duration)
+            .is_err_and(|e| e.is_timeout())
     }
 }
 
@@ -138,6 +175,9 @@ impl Handler for Dots {
     fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome {
         let dots = task.body.iter().filter(|&&b| b == b'.').count() as u32;
         let work = Duration::from_secs(1) * dots;
+        if work.is_zero() {
+            return Outcome::Done;
+        }
         if !abort.sleep(work.min(self.timeout)) {
             Outcome::Aborted
         } else if work > self.timeout {
@@ -160,235 +200,51 @@ pub struct CommandHandler {
     kill_grace: Duration,
 }
 
-/// Longest line of a child's output that goes to the log as one line; longer lines are split.
-const MAX_LOG_LINE: usize = 4096;
-/// How much of each output stream of one task goes to the log; the rest is read and dropped,
-/// so that a chatty program neither floods the log nor blocks on a full pipe.
-const MAX_LOGGED_OUTPUT: usize = 64 * 1024;
-
-/// How long to wait, after a child exits, for its output to be logged. A grandchild that keeps
-/// the pipes open must not hold up the worker.
-const OUTPUT_DRAIN: Duration = Duration::from_millis(250);
-
 impl Handler for CommandHandler {
     fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome {
-        let worker = format!("worker-{}", task.worker);
-        let mut child = match program(&self.argv, &self.queue, task.worker)
+        let mut command = child::program(&self.argv, &self.queue, task.worker);
+        command
             .env("WARREN_MESSAGE_ID", task.message_id.unwrap_or(""))
             .env(
                 "WARREN_REDELIVERED",
                 if task.redelivered { "1" } else { "0" },
             )
-            .env("WARREN_ATTEMPT", task.attempt.to_string())
-            .spawn()
-        {
-            Ok(child) => child,
-            Err(e) => return Outcome::Retry(format!("cannot start {}: {e}", self.argv[0])),
+            .env("WARREN_ATTEMPT", task.attempt.to_string());
+        let limits = child::Limits {
+            timeout: self.timeout,
+            kill_grace: self.kill_grace,
+            abort,
         };
-
-        let (logged_tx, logged) = bounded::<()>(2);
-        if let Some(stdout) = child.stdout.take() {
-            log_output(
-                stdout,
-                &worker,
-                "stdout",
-                Some(MAX_LOGGED_OUTPUT),
-                Some(&logged_tx),
-            );
+        let worker = format!("worker-{}", task.worker);
+        let run = match child::run(command, task.body, &worker, &limits) {
+            Ok(run) => run,
+            Err(child::RunError::Start(e)) => {
+                return Outcome::Retry(format!("cannot start {}: {e}", self.argv[0]))
+            }
+            Err(child::RunError::Wait(e)) => {
+                return Outcome::Retry(format!("cannot run {}: {e}", self.argv[0]))
+            }
+        };
+        // When the grace is over the task is killed; one that exited successfully just before
+        // the kill landed did its work.
+        if run.aborted && (run.timed_out || !run.status.success()) {
+            return Outcome::Aborted;
         }
-        if let Some(stderr) = child.stderr.take() {
-            log_output(
-                stderr,
-                &worker,
-                "stderr",
-                Some(MAX_LOGGED_OUTPUT),
-                Some(&logged_tx),
-            );
-        }
-        drop(logged_tx);
-
-        let pid = Pid::from_raw(child.id() as i32);
-        let exited = match feed_and_wait(child, task.body.to_vec(), &worker) {
-            Ok(exited) => exited,
-            Err(e) => {
-                let _ = killpg(pid, Signal::SIGKILL);
-                return Outcome::Retry(format!("cannot run {}: {e}", self.argv[0]));
-            }
-        };
-        let mut timed_out = false;
-        let status = select! {
-            recv(exited) -> status => status.ok(),
-            recv(abort.receiver()) -> _ => {
-                // The grace is over: kill the task and everything it started. A task that
-                // exited successfully just before the kill landed did its work.
-                let _ = killpg(pid, Signal::SIGKILL);
-                match exited.recv() {
-                    Ok(Ok(status)) if status.success() => Some(Ok(status)),
-                    _ => return Outcome::Aborted,
-                }
-            }
-            recv(crossbeam_channel::after(self.timeout)) -> _ => {
-                // Ask the whole group to stop, then insist.
-                timed_out = true;
-                log::warn!(
-                    "{worker}: the task ran past handler.timeout ({}); sending SIGTERM to its process group",
-                    humantime::format_duration(self.timeout)
-                );
-                let _ = killpg(pid, Signal::SIGTERM);
-                select! {
-                    recv(exited) -> status => status.ok(),
-                    recv(abort.receiver()) -> _ => {
-                        let _ = killpg(pid, Signal::SIGKILL);
-                        let _ = exited.recv();
-                        return Outcome::Aborted;
-                    }
-                    recv(crossbeam_channel::after(self.kill_grace)) -> _ => {
-                        log::warn!("{worker}: the task outlived handler.kill_grace; sending SIGKILL");
-                        let _ = killpg(pid, Signal::SIGKILL);
-                        exited.recv().ok()
-                    }
-                }
-            }
-        };
-        // Each logger holds a sender and drops it when its pipe closes, which disconnects the
-        // channel; wait for that, briefly, so that the task's output comes before its "done"
-        // line.
-        let _ = logged.recv_timeout(OUTPUT_DRAIN);
-
+        let status = run.status;
         match status {
-            _ if timed_out => Outcome::Retry(format!(
+            _ if run.timed_out => Outcome::Retry(format!(
                 "timed out after {}",
                 humantime::format_duration(self.timeout)
             )),
-            Some(Ok(status)) if status.success() => Outcome::Done,
-            Some(Ok(status)) if status.code() == Some(EXIT_DEAD_LETTER) => Outcome::DeadLetter {
-                status: describe(status),
+            status if status.success() => Outcome::Done,
+            status if status.code() == Some(EXIT_DEAD_LETTER) => Outcome::DeadLetter {
+                status: child::describe(status),
                 reason: None,
             },
-            Some(Ok(status)) if status.code() == Some(EXIT_RETRY) => {
-                Outcome::Retry(format!("{} (asked for a retry)", describe(status)))
+            status if status.code() == Some(EXIT_RETRY) => {
+                Outcome::Retry(format!("{} (asked for a retry)", child::describe(status)))
             }
-            Some(Ok(status)) => Outcome::Retry(describe(status)),
-            Some(Err(e)) => Outcome::Retry(format!("cannot wait for {}: {e}", self.argv[0])),
-            None => Outcome::Retry("the task's waiter thread died".into()),
-        }
-    }
-}
-
-/// Writes `body` to the child's stdin and waits for it to exit, on a thread of its own, so that
-/// the worker can give up on it when the abort fires.
-fn feed_and_wait(
-    mut child: Child,
-    body: Vec<u8>,
-    worker: &str,
-) -> io::Result<Receiver<io::Result<ExitStatus>>> {
-    let (sender, receiver) = bounded(1);
-    thread::Builder::new()
-        .name(format!("{worker}-task"))
-        .spawn(move || {
-            if let Some(mut stdin) = child.stdin.take() {
-                // A program may exit or close stdin without reading it all; that is its choice,
-                // and its exit status says whether it succeeded.
-                match stdin.write_all(&body) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
-                    Err(e) => log::warn!("cannot write the message body to the task's stdin: {e}"),
-                }
-            }
-            let _ = sender.send(child.wait());
-        })?;
-    Ok(receiver)
-}
-
-/// The command that starts `argv` for a worker: never through a shell, with the environment
-/// every handler program gets, all three standard streams piped, in a process group of its own.
-pub(crate) fn program(argv: &[String], queue: &str, worker: usize) -> Command {
-    let mut command = Command::new(&argv[0]);
-    command
-        .args(&argv[1..])
-        .env("WARREN_QUEUE", queue)
-        .env("WARREN_WORKER", worker.to_string())
-        // It may hold the broker password; tasks have no business with it.
-        .env_remove(config::BROKER_URL_ENV)
-        // systemd's notify socket and watchdog are warren's, not its tasks'.
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group: a Ctrl+C at the terminal does not reach the task, which
-        // should finish within the grace, and a kill reaches all of its descendants.
-        .process_group(0);
-    command
-}
-
-/// Logs a program's output stream on a thread of its own (see [`log_lines`]); the thread drops
-/// its clone of `done`, if given, when the stream closes.
-pub(crate) fn log_output(
-    pipe: impl Read + Send + 'static,
-    worker: &str,
-    stream: &str,
-    limit: Option<usize>,
-    done: Option<&Sender<()>>,
-) {
-    let prefix = format!("{worker} {stream}:");
-    let done = done.cloned();
-    let spawned = thread::Builder::new()
-        .name(format!("{worker}-{stream}"))
-        .spawn(move || {
-            log_lines(pipe, &prefix, limit);
-            drop(done);
-        });
-    if let Err(e) = spawned {
-        log::warn!("{worker}: cannot start a thread to log the task's {stream}: {e}");
-    }
-}
-
-/// How a program ended, for the log and the dead-letter headers.
-pub(crate) fn describe(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit status {code}"),
-        (None, Some(signal)) => match Signal::try_from(signal) {
-            Ok(name) => format!("killed by signal {signal} ({name})"),
-            Err(_) => format!("killed by signal {signal}"),
-        },
-        _ => status.to_string(),
-    }
-}
-
-/// Logs each line of `pipe` with `prefix`, splitting lines longer than [`MAX_LOG_LINE`], up to
-/// `limit` bytes if there is one; then reads the rest without logging it.
-fn log_lines(pipe: impl Read, prefix: &str, limit: Option<usize>) {
-    let mut reader = BufReader::new(pipe);
-    let mut line = Vec::new();
-    let limit = limit.unwrap_or(usize::MAX);
-    let mut logged = 0;
-    loop {
-        line.clear();
-        match (&mut reader)
-            .take(MAX_LOG_LINE as u64)
-            .read_until(b'\n', &mut line)
-        {
-            Ok(0) => return,
-            Ok(n) if logged >= limit => {
-                if logged == limit {
-                    log::warn!(
-                        "{prefix} more than {limit} bytes of output; the rest is not logged"
-                    );
-                }
-                logged = logged.saturating_add(n);
-            }
-            Ok(n) => {
-                logged = logged.saturating_add(n).min(limit);
-                let text = line.strip_suffix(b"\n").unwrap_or(&line);
-                log::info!("{prefix} {}", String::from_utf8_lossy(text));
-            }
-            Err(e) => {
-                log::warn!("{prefix} cannot read: {e}");
-                return;
-            }
+            status => Outcome::Retry(child::describe(status)),
         }
     }
 }
@@ -396,6 +252,7 @@ fn log_lines(pipe: impl Read, prefix: &str, limit: Option<usize>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::thread;
 
     fn task(body: &[u8]) -> Task<'_> {
         Task {
@@ -419,8 +276,7 @@ mod tests {
 
     #[test]
     fn dots_sleeps_one_second_per_dot_until_aborted() {
-        let (sender, receiver) = bounded(0);
-        let abort = Abort::new(receiver);
+        let (trigger, abort) = Abort::new().unwrap();
         let mut dots = Dots {
             timeout: Duration::from_millis(200),
         };
@@ -429,7 +285,7 @@ mod tests {
             dots.handle(&task(b"one."), &abort),
             Outcome::Retry("timed out after 200ms".into())
         );
-        drop(sender);
+        drop(trigger);
         assert_eq!(dots.handle(&task(b"many....."), &abort), Outcome::Aborted);
     }
 
@@ -505,11 +361,10 @@ mod tests {
 
     #[test]
     fn an_aborted_command_is_killed_with_its_process_group() {
-        let (sender, receiver) = bounded(0);
-        let abort = Abort::new(receiver);
+        let (trigger, abort) = Abort::new().unwrap();
         let killer = thread::spawn(move || {
             thread::sleep(Duration::from_millis(200));
-            drop(sender);
+            drop(trigger);
         });
         let started = std::time::Instant::now();
         let outcome =

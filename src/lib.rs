@@ -7,6 +7,7 @@
 //! handler: `main.rs` does both, so that tests can drive the library directly.
 
 pub mod amqp;
+pub mod child;
 pub mod config;
 pub mod handler;
 pub mod http;
@@ -120,7 +121,8 @@ pub fn daemon(
     );
     let listen = config.metrics.listen;
     let path = config.path.clone();
-    let pool = Pool::new(Arc::new(config), factory);
+    let pool = Pool::new(Arc::new(config), factory)
+        .map_err(|e| Failure::Software(format!("cannot set up the worker pool: {e}")))?;
     if let Some(listen) = listen {
         http::serve(listen, pool.metrics()).map_err(|e| {
             Failure::Config(ConfigError::new(format!(

@@ -13,24 +13,24 @@
 //! - When warren stops or restarts the worker it closes the program's stdin; the program should
 //!   then exit. [`STOP_WAIT`] later its process group is killed.
 //!
-//! The worker thread writes the frames itself (without blocking past the deadline: stdin is
-//! non-blocking), and two threads per program read its stdout and its stderr, so a wait on the
-//! answer is a `select!` over the answer, the program's exit, the abort and the deadline.
+//! The worker thread does the I/O itself, with no thread hand-off per message: it writes the
+//! frame and reads the answer on non-blocking pipes, `poll`ing them together with the abort's
+//! pipe until the deadline. One thread per program logs its stderr and one waits for its exit.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
-use std::process::{ChildStdin, ExitStatus};
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::process::{ChildStdin, ChildStdout, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use crossbeam_channel::{bounded, select, Receiver};
+use nix::poll::PollFlags;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 
-use crate::handler::{self, Abort, Handler, Outcome, Task};
+use crate::child::{self, set_nonblocking, wait_ready, Waited};
+use crate::handler::{Abort, Handler, Outcome, Task};
 
 /// After closing a program's stdin, how long warren waits for it to exit before killing it.
 pub const STOP_WAIT: Duration = Duration::from_secs(1);
@@ -40,11 +40,8 @@ const MAX_ANSWER: usize = 4096;
 /// first restart is immediate: one crash is usually one bad message.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// How long to wait for a program that closed its stdout to report its exit, and for an answer
-/// written just before an exit to be read.
+/// How long to wait for a program that closed its stdout, or was killed, to report its exit.
 const SETTLE: Duration = Duration::from_millis(500);
-/// While a frame does not fit in the pipe, how often the writer checks the abort signal.
-const WRITE_SLICE: Duration = Duration::from_millis(100);
 
 /// How long to wait before starting the program again after `failures` failures in a row.
 fn backoff(failures: u32) -> Duration {
@@ -88,10 +85,21 @@ pub struct PipeHandler {
 struct Program {
     pid: Pid,
     stdin: ChildStdin,
-    /// Answer lines from its stdout; disconnected when it closes stdout.
-    answers: Receiver<Vec<u8>>,
+    stdout: ChildStdout,
+    /// Bytes read from stdout and not yet taken as an answer.
+    pending: Vec<u8>,
     /// Its exit status, once it has exited.
     exited: Receiver<io::Result<ExitStatus>>,
+}
+
+/// How waiting for an answer line ended.
+enum Answer {
+    Line(Vec<u8>),
+    /// The program closed its stdout (it exited, most likely).
+    Closed,
+    Aborted,
+    TimedOut,
+    Failed(io::Error),
 }
 
 impl Program {
@@ -101,39 +109,33 @@ impl Program {
         worker: usize,
         name: &str,
     ) -> io::Result<(Program, u32)> {
-        let mut child = handler::program(argv, queue, worker).spawn()?;
+        let mut child = child::program(argv, queue, worker).spawn()?;
         let pid = child.id();
         let stdin = child.stdin.take().expect("invariant: stdin is piped");
         let stdout = child.stdout.take().expect("invariant: stdout is piped");
         // The stderr logger's end is not waited for: the program is long-lived.
         if let Some(stderr) = child.stderr.take() {
-            handler::log_output(stderr, name, "stderr", None, None);
+            child::log_output(stderr, name, "stderr");
         }
-        // Frames are written without blocking, so that a program that stops reading cannot
-        // hold the worker past its deadline.
-        let flags = OFlag::from_bits_truncate(fcntl(stdin.as_raw_fd(), FcntlArg::F_GETFL)?);
-        fcntl(
-            stdin.as_raw_fd(),
-            FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK),
-        )?;
-
-        let (answer_tx, answers) = unbounded();
         let (exit_tx, exited) = bounded(1);
-        let reader = thread::Builder::new()
-            .name(format!("{name}-stdout"))
-            .spawn(move || read_answers(stdout, answer_tx));
+        let program = Program {
+            pid: Pid::from_raw(pid as i32),
+            stdin,
+            stdout,
+            pending: Vec::new(),
+            exited,
+        };
         let waiter = thread::Builder::new()
             .name(format!("{name}-wait"))
             .spawn(move || {
                 let _ = exit_tx.send(child.wait());
             });
-        let program = Program {
-            pid: Pid::from_raw(pid as i32),
-            stdin,
-            answers,
-            exited,
-        };
-        if let Err(e) = reader.and(waiter) {
+        // Non-blocking, so that a program that stops reading or writing cannot hold the worker
+        // past its deadline or the abort.
+        let ready = waiter
+            .and_then(|_| set_nonblocking(program.stdin.as_fd()))
+            .and_then(|()| set_nonblocking(program.stdout.as_fd()));
+        if let Err(e) = ready {
             program.kill();
             return Err(e);
         }
@@ -148,7 +150,7 @@ impl Program {
     /// Waits up to `wait` for the program to exit, and describes how it ended.
     fn exit_status(&self, wait: Duration) -> String {
         match self.exited.recv_timeout(wait) {
-            Ok(Ok(status)) => handler::describe(status),
+            Ok(Ok(status)) => child::describe(status),
             Ok(Err(e)) => format!("cannot wait for it: {e}"),
             Err(_) => "its exit status is unknown".to_string(),
         }
@@ -164,27 +166,106 @@ impl Program {
             let _ = killpg(pid, Signal::SIGKILL);
         }
     }
-}
 
-/// Sends each line of `stdout` (without its newline) to `answers`, until it closes.
-fn read_answers(stdout: impl Read, answers: Sender<Vec<u8>>) {
-    let mut reader = BufReader::new(stdout);
-    loop {
-        let mut line = Vec::new();
-        match (&mut reader)
-            .take(MAX_ANSWER as u64)
-            .read_until(b'\n', &mut line)
-        {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if line.last() == Some(&b'\n') {
-                    line.pop();
+    /// Writes all of `frame`, waiting for room in the pipe until `deadline`.
+    fn write(&mut self, mut frame: &[u8], deadline: Instant, abort: &Abort) -> Answer {
+        while !frame.is_empty() {
+            match self.stdin.write(frame) {
+                Ok(0) => return Answer::Failed(io::ErrorKind::WriteZero.into()),
+                Ok(n) => frame = &frame[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The program has not read what came before: wait for room.
+                    if let Some(end) = waited(wait_ready(
+                        self.stdin.as_fd(),
+                        PollFlags::POLLOUT,
+                        deadline,
+                        abort,
+                    )) {
+                        return end;
+                    }
                 }
-                if answers.send(line).is_err() {
-                    return;
-                }
+                Err(e) => return Answer::Failed(e),
             }
         }
+        Answer::Line(Vec::new())
+    }
+
+    /// Reads the next answer line, waiting for it until `deadline`.
+    fn read_line(&mut self, deadline: Instant, abort: &Abort) -> Answer {
+        loop {
+            if let Some(line) = self.take_line() {
+                return Answer::Line(line);
+            }
+            if let Some(end) = waited(wait_ready(
+                self.stdout.as_fd(),
+                PollFlags::POLLIN,
+                deadline,
+                abort,
+            )) {
+                return end;
+            }
+            match self.fill() {
+                Ok(0) => return Answer::Closed,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Answer::Failed(e),
+            }
+        }
+    }
+
+    /// The next complete line read so far, without its newline; or everything read so far once
+    /// that is longer than an answer can be.
+    fn take_line(&mut self) -> Option<Vec<u8>> {
+        match self.pending.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                let mut line: Vec<u8> = self.pending.drain(..=end).collect();
+                line.pop();
+                Some(line)
+            }
+            None if self.pending.len() >= MAX_ANSWER => Some(std::mem::take(&mut self.pending)),
+            None => None,
+        }
+    }
+
+    /// Reads what stdout holds into `pending`, without waiting. Ok(0) means end of file.
+    fn fill(&mut self) -> io::Result<usize> {
+        let mut chunk = [0; 4096];
+        loop {
+            match self.stdout.read(&mut chunk) {
+                Ok(n) => {
+                    self.pending.extend_from_slice(&chunk[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whatever the program wrote while no answer was due: a line, or end of file.
+    fn unasked(&mut self) -> Option<Answer> {
+        if self.pending.is_empty() {
+            match self.fill() {
+                Ok(0) => return Some(Answer::Closed),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        let line = self
+            .take_line()
+            .unwrap_or_else(|| std::mem::take(&mut self.pending));
+        Some(Answer::Line(line))
+    }
+}
+
+/// How a wait ended, as an answer, unless the pipe is ready.
+fn waited(waited: Waited) -> Option<Answer> {
+    match waited {
+        Waited::Ready => None,
+        Waited::Aborted => Some(Answer::Aborted),
+        Waited::TimedOut => Some(Answer::TimedOut),
+        Waited::Failed(e) => Some(Answer::Failed(e)),
     }
 }
 
@@ -219,52 +300,6 @@ fn preview(text: &str) -> String {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_string(),
     }
-}
-
-/// How writing a frame ended, short of success.
-enum WriteEnd {
-    Aborted,
-    TimedOut,
-    Failed(io::Error),
-}
-
-/// Writes `frame` to the non-blocking `stdin`, waiting for room in the pipe until `deadline`.
-fn write_frame(
-    stdin: &mut ChildStdin,
-    mut frame: &[u8],
-    deadline: Instant,
-    abort: &Abort,
-) -> Result<(), WriteEnd> {
-    while !frame.is_empty() {
-        match stdin.write(frame) {
-            Ok(0) => return Err(WriteEnd::Failed(io::ErrorKind::WriteZero.into())),
-            Ok(n) => frame = &frame[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The program has not read what came before: wait for room, keeping an eye on
-                // the abort and the deadline.
-                if abort
-                    .receiver()
-                    .try_recv()
-                    .is_err_and(|e| e.is_disconnected())
-                {
-                    return Err(WriteEnd::Aborted);
-                }
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(WriteEnd::TimedOut);
-                }
-                let wait = left.min(WRITE_SLICE).as_millis().max(1) as u16;
-                let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLOUT)];
-                match poll(&mut fds, PollTimeout::from(wait)) {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => return Err(WriteEnd::Failed(e.into())),
-                }
-            }
-            Err(e) => return Err(WriteEnd::Failed(e)),
-        }
-    }
-    Ok(())
 }
 
 impl PipeHandler {
@@ -355,30 +390,34 @@ impl PipeHandler {
 
     /// Checks that a program idle between messages is still there and quiet.
     fn check_idle(&mut self) {
-        let Some(program) = &self.program else {
+        let Some(program) = &mut self.program else {
             return;
         };
-        if let Ok(status) = program.exited.try_recv() {
-            let status = match status {
-                Ok(status) => handler::describe(status),
-                Err(e) => e.to_string(),
-            };
-            log::warn!(
-                "{}: the pipe program exited between messages ({status}); starting it again",
-                self.worker
-            );
-            self.program = None;
-            self.failed();
-        } else if let Ok(line) = program.answers.try_recv() {
-            let why = format!(
+        let problem = match program.unasked() {
+            Some(Answer::Line(line)) => format!(
                 "wrote {:?} between messages, when no answer was due",
                 preview(&String::from_utf8_lossy(&line))
-            );
-            log::warn!("{}: the pipe program {why}; restarting it", self.worker);
-            program.kill();
-            self.program = None;
-            self.failed();
-        }
+            ),
+            Some(_) => match program.exited.try_recv() {
+                Ok(Ok(status)) => {
+                    format!("exited between messages ({})", child::describe(status))
+                }
+                _ => "closed its stdout between messages".to_string(),
+            },
+            None => match program.exited.try_recv() {
+                Ok(Ok(status)) => {
+                    format!("exited between messages ({})", child::describe(status))
+                }
+                _ => return,
+            },
+        };
+        log::warn!(
+            "{}: the pipe program {problem}; starting it again",
+            self.worker
+        );
+        program.kill();
+        self.program = None;
+        self.failed();
     }
 
     /// The program overran the timeout: SIGTERM to its group, SIGKILL after the kill grace.
@@ -425,98 +464,49 @@ impl Handler for PipeHandler {
         frame.push(b'\n');
         frame.extend_from_slice(task.body);
 
-        let written = match self.ensure_started(abort) {
-            Ok(program) => write_frame(&mut program.stdin, &frame, deadline, abort),
+        let program = match self.ensure_started(abort) {
+            Ok(program) => program,
             Err(outcome) => {
                 self.frame = frame;
                 return outcome;
             }
         };
-        self.frame = frame;
-        match written {
-            Ok(()) => {}
-            Err(WriteEnd::Aborted) => {
-                self.fail("was stopped: warren is stopping".into());
-                return Outcome::Aborted;
-            }
-            Err(WriteEnd::TimedOut) => return self.time_out(abort),
-            // A broken pipe: it has exited, or closed its stdin.
-            Err(WriteEnd::Failed(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
-                return self.died()
-            }
-            Err(WriteEnd::Failed(e)) => return self.fail(format!("could not be written to: {e}")),
-        }
-
-        let program = self.program.as_ref().expect("invariant: written to above");
-        let left = deadline.saturating_duration_since(Instant::now());
-        let waited = select! {
-            recv(program.answers) -> line => Wait::Answer(line.ok()),
-            recv(program.exited) -> status => {
-                // An answer written just before exiting may still be on its way.
-                let answer = program.answers.recv_timeout(SETTLE).ok();
-                Wait::Exited(answer, status.ok())
-            }
-            recv(abort.receiver()) -> _ => {
-                program.kill();
-                Wait::Killed(program.answers.try_recv().ok())
-            }
-            default(left) => Wait::TimedOut,
+        let answer = match program.write(&frame, deadline, abort) {
+            Answer::Line(_) => program.read_line(deadline, abort),
+            end => end,
         };
-        match waited {
-            Wait::Answer(Some(line)) => match parse_answer(&line) {
+        self.frame = frame;
+        match answer {
+            Answer::Line(line) => match parse_answer(&line) {
                 Ok(outcome) => {
                     self.failures = 0;
                     outcome
                 }
                 Err(why) => self.fail(why),
             },
-            Wait::Answer(None) => self.died(),
-            Wait::Exited(answer, status) => {
-                let status = match status {
-                    Some(Ok(status)) => handler::describe(status),
-                    Some(Err(e)) => format!("cannot wait for it: {e}"),
-                    None => "its exit status is unknown".to_string(),
-                };
-                match answer.map(|line| parse_answer(&line)) {
+            Answer::Closed => self.died(),
+            // A broken pipe: it has exited, or closed its stdin.
+            Answer::Failed(e) if e.kind() == io::ErrorKind::BrokenPipe => self.died(),
+            Answer::Failed(e) => self.fail(format!("could not be written to or read from: {e}")),
+            Answer::TimedOut => self.time_out(abort),
+            Answer::Aborted => {
+                let program = self.program.as_mut().expect("invariant: running");
+                program.kill();
+                let _ = program.fill();
+                match program.take_line().map(|line| parse_answer(&line)) {
+                    // It finished just before the kill landed: its answer stands.
                     Some(Ok(outcome)) => {
-                        // It did its work, then exited: start it again for the next message.
-                        log::warn!(
-                            "{}: the pipe program exited after answering ({status}); starting it again",
-                            self.worker
-                        );
                         self.program = None;
-                        self.failures = 0;
                         outcome
                     }
-                    Some(Err(why)) => self.fail(why),
-                    None => self.fail(format!("exited mid-message ({status})")),
+                    _ => {
+                        self.fail("was killed: warren is stopping and cannot wait for it".into());
+                        Outcome::Aborted
+                    }
                 }
             }
-            Wait::Killed(answer) => match answer.map(|line| parse_answer(&line)) {
-                // It finished just before the kill landed: its answer stands.
-                Some(Ok(outcome)) => {
-                    self.program = None;
-                    outcome
-                }
-                _ => {
-                    self.fail("was killed: warren is stopping and cannot wait for it".into());
-                    Outcome::Aborted
-                }
-            },
-            Wait::TimedOut => self.time_out(abort),
         }
     }
-}
-
-/// How the wait for an answer ended.
-enum Wait {
-    /// A line, or `None` when the program closed its stdout.
-    Answer(Option<Vec<u8>>),
-    /// The program exited, perhaps after answering.
-    Exited(Option<Vec<u8>>, Option<io::Result<ExitStatus>>),
-    /// The abort fired and the program was killed, perhaps after answering.
-    Killed(Option<Vec<u8>>),
-    TimedOut,
 }
 
 impl Drop for PipeHandler {

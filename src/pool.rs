@@ -21,7 +21,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::amqp::{AmqpError, Confirmed, Delivery, Header, Next, Publisher, Session, Subscription};
 use crate::config::Config;
-use crate::handler::{Abort, HandlerFactory, Outcome, Task};
+use crate::handler::{Abort, AbortTrigger, HandlerFactory, Outcome, Task};
 use crate::metrics::{Metrics, TaskOutcome};
 use crate::notify::Notifier;
 use crate::retry::{self, Decision, Topology};
@@ -107,11 +107,11 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(config: Arc<Config>, factory: HandlerFactory) -> Pool {
+    pub fn new(config: Arc<Config>, factory: HandlerFactory) -> io::Result<Pool> {
         let (events, inbox) = unbounded();
-        Pool {
-            supervisor: Supervisor::new(config, factory, events, inbox),
-        }
+        Ok(Pool {
+            supervisor: Supervisor::new(config, factory, events, inbox)?,
+        })
     }
 
     /// The pool's metrics, for the HTTP server.
@@ -238,7 +238,10 @@ impl Worker {
             if let Some(warning) = warning {
                 log::warn!("{name} {id}: {warning}");
             }
-            log::info!(
+            // One line per task at most, and at debug: at thousands of tasks a second, lines
+            // per task would cost more than the rest of warren's work on the message (and
+            // trip journald's rate limit, which would drop the warnings too).
+            log::debug!(
                 "{name} received {id} (attempt {attempt}{}) {}",
                 if delivery.redelivered() {
                     ", redelivered"
@@ -265,7 +268,7 @@ impl Worker {
                     counted = Some(TaskOutcome::Ack);
                     subscription
                         .ack(delivery)
-                        .map(|()| log::info!("{name} done {id} (attempt {attempt}) in {took:.2?}"))
+                        .map(|()| log::debug!("{name} done {id} (attempt {attempt}) in {took:.2?}"))
                 }
                 Outcome::Retry(status) => {
                     match retry::after_failure(attempt, &config.queue, &config.retry) {
@@ -520,10 +523,9 @@ struct Supervisor {
     /// taking messages.
     stop: Option<Sender<Infallible>>,
     stop_signal: Receiver<Infallible>,
-    /// This is the only sender of the abort channel, so dropping it tells every handler to
-    /// abandon its task.
-    abort: Option<Sender<Infallible>>,
-    abort_signal: Receiver<Infallible>,
+    /// The only trigger of the abort, so dropping it tells every handler to abandon its task.
+    abort: Option<AbortTrigger>,
+    abort_signal: Abort,
     slots: Vec<Slot>,
     broker: Broker,
     phase: Phase,
@@ -542,9 +544,9 @@ impl Supervisor {
         factory: HandlerFactory,
         events: Sender<Event>,
         inbox: Receiver<Event>,
-    ) -> Supervisor {
+    ) -> io::Result<Supervisor> {
         let (stop, stop_signal) = bounded(0);
-        let (abort, abort_signal) = bounded(0);
+        let (abort, abort_signal) = Abort::new()?;
         let metrics = Arc::new(Metrics::new(&config.queue.name));
         metrics.set_workers(config.workers.count);
         let slots = (0..config.workers.count)
@@ -553,7 +555,7 @@ impl Supervisor {
                 ..Slot::default()
             })
             .collect();
-        Supervisor {
+        Ok(Supervisor {
             config,
             factory,
             events,
@@ -570,7 +572,7 @@ impl Supervisor {
             signalled: false,
             metrics,
             notifier: Notifier::from_env(),
-        }
+        })
     }
 
     fn run(mut self) -> Report {
@@ -682,7 +684,7 @@ impl Supervisor {
             factory: Arc::clone(&self.factory),
             events: self.events.clone(),
             stop: self.stop_signal.clone(),
-            abort: Abort::new(self.abort_signal.clone()),
+            abort: self.abort_signal.clone(),
             metrics: Arc::clone(&self.metrics),
         };
         let slot = &mut self.slots[id - 1];

@@ -63,7 +63,10 @@ fn a_worker_whose_handler_panics_is_restarted_and_its_message_is_not_lost() {
             })
         })
     };
-    let pool = Pool::new(Arc::new(load(&config)), factory).start().unwrap();
+    let pool = Pool::new(Arc::new(load(&config)), factory)
+        .unwrap()
+        .start()
+        .unwrap();
     wait_until(
         Duration::from_secs(20),
         "the redelivered message to be handled",

@@ -353,6 +353,10 @@ impl Setup {
         ] {
             command.env_remove(name);
         }
+        // To measure what logging costs: WARREN_BENCH_RUST_LOG=warn cargo bench --bench warren.
+        if let Ok(level) = std::env::var("WARREN_BENCH_RUST_LOG") {
+            command.env("RUST_LOG", level);
+        }
         command.stdin(stdin).stdout(stdout).stderr(log);
         let spawned = Instant::now();
         let child = command.spawn().map_err(|e| {

@@ -479,7 +479,7 @@ impl Warren {
             .env_remove("WARREN_CONFIG")
             .env(
                 "RUST_LOG",
-                std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "info,warren=debug".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
