@@ -253,6 +253,12 @@ fn drain_table(flags: &Flags) -> Result<(), String> {
                 m / 10,
             ));
         }
+        // With prefetch 1 the broker's round trip, and its wake-up after a millisecond idle, come
+        // on top of every fork and exec; amqp-consume sets no prefetch limit at all.
+        rows.push(Row {
+            prefetch: 10,
+            ..Row::warren("command", "command `/bin/true`", handler, 1, m / 10)
+        });
     }
     let mut notes = Vec::new();
     if wants(Part::Pipe) {
@@ -262,10 +268,14 @@ fn drain_table(flags: &Flags) -> Result<(), String> {
                 "kind = \"pipe\"\ncommand = [\"python3\", \"{}\"]",
                 script.display()
             );
+            let label = "pipe `pipe_handler.py`";
             for workers in [1, 4] {
-                let label = "pipe `pipe_handler.py`";
                 rows.push(Row::warren("pipe", label, handler.clone(), workers, m / 2));
             }
+            rows.push(Row {
+                prefetch: 10,
+                ..Row::warren("pipe", label, handler, 1, m / 2)
+            });
         } else {
             notes.push(PIPE_SKIPPED.to_string());
         }

@@ -284,7 +284,7 @@ fn log_format_json_writes_one_object_per_line() {
         .iter()
         .find(|o| o["msg"].as_str().is_some_and(|m| m.contains(" done ")))
         .expect("a done line");
-    assert_eq!(done["level"], "INFO");
+    assert_eq!(done["level"], "DEBUG", "a task's lines are at debug");
     assert!(
         done["msg"].as_str().unwrap().contains("(attempt 1)"),
         "{done}"
