@@ -238,9 +238,9 @@ impl Worker {
             if let Some(warning) = warning {
                 log::warn!("{name} {id}: {warning}");
             }
-            // One line per task at most, and at debug: at thousands of tasks a second, lines
-            // per task would cost more than the rest of warren's work on the message (and
-            // trip journald's rate limit, which would drop the warnings too).
+            // At debug: at thousands of tasks a second, two lines per task cost about a tenth
+            // of the throughput (BENCHMARKS.md) and would trip journald's rate limit, which
+            // would drop the warnings too.
             log::debug!(
                 "{name} received {id} (attempt {attempt}{}) {}",
                 if delivery.redelivered() {
