@@ -280,6 +280,15 @@ pub enum RunError {
     Wait(io::Error),
 }
 
+/// What one `poll` found ready.
+struct Ready {
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    exited: bool,
+    abort: bool,
+}
+
 /// The pipes of a running task.
 struct Task {
     pid: Pid,
@@ -343,55 +352,21 @@ impl Task {
                 wait = Some(wait.map_or(check, |d| d.min(check)));
             }
             let timeout = poll_timeout(wait).unwrap_or(PollTimeout::ZERO);
-            let (writable, out, err, exited, abort) = {
-                let mut fds = Vec::with_capacity(5);
-                let stdin = slot(
-                    &mut fds,
-                    self.stdin.as_ref().map(|p| p.as_fd()),
-                    PollFlags::POLLOUT,
-                );
-                let stdout = slot(
-                    &mut fds,
-                    self.stdout.as_ref().map(|(p, _)| p.as_fd()),
-                    PollFlags::POLLIN,
-                );
-                let stderr = slot(
-                    &mut fds,
-                    self.stderr.as_ref().map(|(p, _)| p.as_fd()),
-                    PollFlags::POLLIN,
-                );
-                let pidfd = slot(
-                    &mut fds,
-                    self.pidfd.as_ref().map(|p| p.as_fd()),
-                    PollFlags::POLLIN,
-                );
-                let abort = slot(
-                    &mut fds,
-                    (!aborted).then(|| limits.abort.fd()),
-                    PollFlags::POLLIN,
-                );
-                match poll(&mut fds, timeout) {
-                    Ok(_) | Err(Errno::EINTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                let is = |i: Option<usize>| i.is_some_and(|i| ready(&fds[i]));
-                (is(stdin), is(stdout), is(stderr), is(pidfd), is(abort))
-            };
-            if writable {
+            let ready = self.poll(
+                self.pidfd.as_ref().map(|p| p.as_fd()),
+                (!aborted).then_some(limits.abort),
+                timeout,
+            )?;
+            if ready.stdin {
                 body = self.feed(body);
             }
-            if out {
-                drain(&mut self.stdout);
-            }
-            if err {
-                drain(&mut self.stderr);
-            }
-            if abort {
+            self.read_output(&ready);
+            if ready.abort {
                 // The grace is over: kill the task and everything it started.
                 aborted = true;
                 let _ = killpg(self.pid, Signal::SIGKILL);
             }
-            if exited {
+            if ready.exited {
                 continue;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) && !aborted {
@@ -418,6 +393,55 @@ impl Task {
             timed_out,
             aborted,
         })
+    }
+
+    /// One `poll` over the open pipes, and the pidfd and the abort if given.
+    fn poll(
+        &self,
+        pidfd: Option<BorrowedFd<'_>>,
+        abort: Option<&Abort>,
+        timeout: PollTimeout,
+    ) -> io::Result<Ready> {
+        let mut fds = Vec::with_capacity(5);
+        let stdin = slot(
+            &mut fds,
+            self.stdin.as_ref().map(|p| p.as_fd()),
+            PollFlags::POLLOUT,
+        );
+        let stdout = slot(
+            &mut fds,
+            self.stdout.as_ref().map(|(p, _)| p.as_fd()),
+            PollFlags::POLLIN,
+        );
+        let stderr = slot(
+            &mut fds,
+            self.stderr.as_ref().map(|(p, _)| p.as_fd()),
+            PollFlags::POLLIN,
+        );
+        let exited = slot(&mut fds, pidfd, PollFlags::POLLIN);
+        let aborted = slot(&mut fds, abort.map(|a| a.fd()), PollFlags::POLLIN);
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let is = |i: Option<usize>| i.is_some_and(|i| ready(&fds[i]));
+        Ok(Ready {
+            stdin: is(stdin),
+            stdout: is(stdout),
+            stderr: is(stderr),
+            exited: is(exited),
+            abort: is(aborted),
+        })
+    }
+
+    /// Logs what the output pipes that are ready hold.
+    fn read_output(&mut self, ready: &Ready) {
+        if ready.stdout {
+            drain(&mut self.stdout);
+        }
+        if ready.stderr {
+            drain(&mut self.stderr);
+        }
     }
 
     /// Writes as much of `body` as the pipe takes; returns the rest. Closes stdin once it is
@@ -459,30 +483,9 @@ impl Task {
             let Some(timeout) = poll_timeout(Some(deadline)) else {
                 break;
             };
-            let (out, err) = {
-                let mut fds = Vec::with_capacity(2);
-                let stdout = slot(
-                    &mut fds,
-                    self.stdout.as_ref().map(|(p, _)| p.as_fd()),
-                    PollFlags::POLLIN,
-                );
-                let stderr = slot(
-                    &mut fds,
-                    self.stderr.as_ref().map(|(p, _)| p.as_fd()),
-                    PollFlags::POLLIN,
-                );
-                match poll(&mut fds, timeout) {
-                    Ok(_) | Err(Errno::EINTR) => {}
-                    Err(_) => break,
-                }
-                let is = |i: Option<usize>| i.is_some_and(|i| ready(&fds[i]));
-                (is(stdout), is(stderr))
-            };
-            if out {
-                drain(&mut self.stdout);
-            }
-            if err {
-                drain(&mut self.stderr);
+            match self.poll(None, None, timeout) {
+                Ok(ready) => self.read_output(&ready),
+                Err(_) => break,
             }
         }
         if let Some((_, log)) = &mut self.stdout {
