@@ -113,6 +113,23 @@ impl LineLog {
         }
     }
 
+    /// Feeds what `pipe` holds until it would block (false) or is closed or fails (true).
+    pub fn read_from(&mut self, pipe: &mut impl Read) -> bool {
+        let mut chunk = [0; 8192];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(n) => self.feed(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    log::warn!("{} cannot read: {e}", self.prefix);
+                    return true;
+                }
+            }
+        }
+    }
+
     /// Logs what is left of an unfinished last line.
     pub fn finish(&mut self) {
         if !self.line.is_empty() {
@@ -147,18 +164,7 @@ pub fn log_output(pipe: impl Read + Send + 'static, worker: &str, stream: &str) 
         .name(format!("{worker}-{stream}"))
         .spawn(move || {
             let mut pipe = pipe;
-            let mut chunk = [0; 8192];
-            loop {
-                match pipe.read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => log.feed(&chunk[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        log::warn!("{} cannot read: {e}", log.prefix);
-                        break;
-                    }
-                }
-            }
+            log.read_from(&mut pipe);
             log.finish();
         });
     if let Err(e) = spawned {
@@ -499,24 +505,12 @@ impl Task {
 
 /// Reads what an output pipe holds into its log; at end of file (or an error) closes it.
 fn drain<P: Read>(stream: &mut Option<(P, LineLog)>) {
-    let Some((pipe, log)) = stream else {
-        return;
-    };
-    let mut chunk = [0; 8192];
-    loop {
-        match pipe.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => log.feed(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) => {
-                log::warn!("{} cannot read: {e}", log.prefix);
-                break;
-            }
+    if let Some((pipe, log)) = stream {
+        if log.read_from(pipe) {
+            log.finish();
+            *stream = None;
         }
     }
-    log.finish();
-    *stream = None;
 }
 
 #[cfg(test)]
