@@ -17,6 +17,7 @@ use warren::config::Config;
 use warren::handler::{Abort, Handler, HandlerFactory, Outcome, Task};
 use warren::pool::Pool;
 use warren::publish::{self, Options};
+use warren::retry::Topology;
 
 /// Acks at once, and reports when the pool has handled `target` messages.
 struct NoOp {
@@ -91,9 +92,12 @@ fn drain(run: usize, workers: usize, n: usize, prefetch: u16) -> (f64, f64) {
     let session = Session::open(&config.broker, 0, "warren bench").expect("connect");
     let (ready, _) = session.queue_counts(&queue).expect("count");
     assert_eq!(ready, 0, "the queue is empty after the drain");
-    session
-        .delete_queue(&queue)
-        .expect("delete the bench queue");
+    // The work queue and the retry and dead-letter queues the pool declared around it.
+    for spec in Topology::new(&config.queue, &config.retry).all() {
+        session
+            .delete_queue(&spec.name)
+            .expect("delete the bench queues");
+    }
     (rate, published)
 }
 
