@@ -119,11 +119,6 @@ impl Abort {
         self.fd.as_fd()
     }
 
-    /// True once the abort has fired.
-    pub fn fired(&self) -> bool {
-        self.receiver.try_recv().is_err_and(|e| e.is_disconnected())
-    }
-
     /// Sleeps for `duration` unless the abort fires first. Returns false if it fired.
     pub fn sleep(&self, duration: Duration) -> bool {
         self.receiver

@@ -31,6 +31,7 @@ use serde::Serialize;
 
 use crate::child::{self, set_nonblocking, wait_ready, Waited};
 use crate::handler::{Abort, Handler, Outcome, Task};
+use crate::pool::preview;
 
 /// After closing a program's stdin, how long warren waits for it to exit before killing it.
 pub const STOP_WAIT: Duration = Duration::from_secs(1);
@@ -77,8 +78,6 @@ pub struct PipeHandler {
     failures: u32,
     /// The program is not started again before this.
     restart_at: Option<Instant>,
-    /// The frame being written, kept to reuse its allocation.
-    frame: Vec<u8>,
 }
 
 /// A running program.
@@ -88,6 +87,8 @@ struct Program {
     stdout: ChildStdout,
     /// Bytes read from stdout and not yet taken as an answer.
     pending: Vec<u8>,
+    /// The frame being written, kept to reuse its allocation.
+    frame: Vec<u8>,
     /// Its exit status, once it has exited.
     exited: Receiver<io::Result<ExitStatus>>,
 }
@@ -123,6 +124,7 @@ impl Program {
             stdin,
             stdout,
             pending: Vec::new(),
+            frame: Vec::new(),
             exited,
         };
         let waiter = thread::Builder::new()
@@ -167,11 +169,35 @@ impl Program {
         }
     }
 
-    /// Writes all of `frame`, waiting for room in the pipe until `deadline`.
-    fn write(&mut self, mut frame: &[u8], deadline: Instant, abort: &Abort) -> Answer {
+    /// Sends `task` (its header line, then its body) and reads the answer line, all before
+    /// `deadline`.
+    fn exchange(&mut self, task: &Task<'_>, deadline: Instant, abort: &Abort) -> Answer {
+        let mut frame = std::mem::take(&mut self.frame);
+        frame.clear();
+        let header = Frame {
+            id: task.message_id,
+            queue: task.queue,
+            attempt: task.attempt,
+            redelivered: task.redelivered,
+            size: task.body.len(),
+        };
+        serde_json::to_writer(&mut frame, &header).expect("invariant: the header serialises");
+        frame.push(b'\n');
+        frame.extend_from_slice(task.body);
+        let written = self.write(&frame, deadline, abort);
+        self.frame = frame;
+        match written {
+            Ok(()) => self.read_line(deadline, abort),
+            Err(end) => end,
+        }
+    }
+
+    /// Writes all of `frame`, waiting for room in the pipe until `deadline`; or says how the
+    /// wait ended.
+    fn write(&mut self, mut frame: &[u8], deadline: Instant, abort: &Abort) -> Result<(), Answer> {
         while !frame.is_empty() {
             match self.stdin.write(frame) {
-                Ok(0) => return Answer::Failed(io::ErrorKind::WriteZero.into()),
+                Ok(0) => return Err(Answer::Failed(io::ErrorKind::WriteZero.into())),
                 Ok(n) => frame = &frame[n..],
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -182,13 +208,13 @@ impl Program {
                         deadline,
                         abort,
                     )) {
-                        return end;
+                        return Err(end);
                     }
                 }
-                Err(e) => return Answer::Failed(e),
+                Err(e) => return Err(Answer::Failed(e)),
             }
         }
-        Answer::Line(Vec::new())
+        Ok(())
     }
 
     /// Reads the next answer line, waiting for it until `deadline`.
@@ -289,16 +315,9 @@ fn parse_answer(line: &[u8]) -> Result<Outcome, String> {
             reason: reason.map(str::to_string),
         }),
         _ => Err(format!(
-            "answered {:?}, which is not ack, retry or dead",
-            preview(&text)
+            "answered {}, which is not ack, retry or dead",
+            preview(line)
         )),
-    }
-}
-
-fn preview(text: &str) -> String {
-    match text.char_indices().nth(80) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_string(),
     }
 }
 
@@ -320,7 +339,6 @@ impl PipeHandler {
             program: None,
             failures: 0,
             restart_at: None,
-            frame: Vec::new(),
         }
     }
 
@@ -395,20 +413,15 @@ impl PipeHandler {
         };
         let problem = match program.unasked() {
             Some(Answer::Line(line)) => format!(
-                "wrote {:?} between messages, when no answer was due",
-                preview(&String::from_utf8_lossy(&line))
+                "wrote {} between messages, when no answer was due",
+                preview(&line)
             ),
-            Some(_) => match program.exited.try_recv() {
-                Ok(Ok(status)) => {
+            closed => match (program.exited.try_recv(), closed) {
+                (Ok(Ok(status)), _) => {
                     format!("exited between messages ({})", child::describe(status))
                 }
-                _ => "closed its stdout between messages".to_string(),
-            },
-            None => match program.exited.try_recv() {
-                Ok(Ok(status)) => {
-                    format!("exited between messages ({})", child::describe(status))
-                }
-                _ => return,
+                (_, Some(_)) => "closed its stdout between messages".to_string(),
+                (_, None) => return,
             },
         };
         log::warn!(
@@ -451,31 +464,10 @@ impl Handler for PipeHandler {
     fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome {
         self.check_idle();
         let deadline = Instant::now() + self.timeout;
-        let mut frame = std::mem::take(&mut self.frame);
-        frame.clear();
-        let header = Frame {
-            id: task.message_id,
-            queue: task.queue,
-            attempt: task.attempt,
-            redelivered: task.redelivered,
-            size: task.body.len(),
+        let answer = match self.ensure_started(abort) {
+            Ok(program) => program.exchange(task, deadline, abort),
+            Err(outcome) => return outcome,
         };
-        serde_json::to_writer(&mut frame, &header).expect("invariant: the header serialises");
-        frame.push(b'\n');
-        frame.extend_from_slice(task.body);
-
-        let program = match self.ensure_started(abort) {
-            Ok(program) => program,
-            Err(outcome) => {
-                self.frame = frame;
-                return outcome;
-            }
-        };
-        let answer = match program.write(&frame, deadline, abort) {
-            Answer::Line(_) => program.read_line(deadline, abort),
-            end => end,
-        };
-        self.frame = frame;
         match answer {
             Answer::Line(line) => match parse_answer(&line) {
                 Ok(outcome) => {
