@@ -349,9 +349,6 @@ impl Task {
         let mut timed_out = false;
         let mut aborted = false;
         let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
             let mut wait = deadline;
             if self.pidfd.is_none() {
                 let check = Instant::now() + EXIT_CHECK;
@@ -372,8 +369,11 @@ impl Task {
                 aborted = true;
                 let _ = killpg(self.pid, Signal::SIGKILL);
             }
-            if ready.exited {
-                continue;
+            // Without a pidfd, every round checks for the exit.
+            if ready.exited || self.pidfd.is_none() {
+                if let Some(status) = child.try_wait()? {
+                    break status;
+                }
             }
             if deadline.is_some_and(|d| Instant::now() >= d) && !aborted {
                 if timed_out {
