@@ -19,8 +19,36 @@ use crossbeam_channel::{select, Receiver, TryRecvError};
 
 use crate::config::{Broker, BrokerUrl};
 
+/// Why opening a connection failed, once the TCP (and TLS) connection was made.
+fn open_error(url: &BrokerUrl, e: amiquip::Error) -> AmqpError {
+    match e {
+        amiquip::Error::InvalidCredentials => AmqpError::Refused {
+            address: url.address(),
+            reason: format!("invalid credentials for user {:?}", url.username()),
+        },
+        amiquip::Error::ServerClosedConnection {
+            code: NOT_ALLOWED,
+            message,
+        } => AmqpError::Refused {
+            address: url.address(),
+            reason: format!(
+                "user {:?} may not use vhost {:?} ({})",
+                url.username(),
+                url.vhost(),
+                url.redact(&message)
+            ),
+        },
+        other => AmqpError::Unreachable {
+            address: url.address(),
+            reason: url.redact(&other.to_string()),
+        },
+    }
+}
+
 /// The AMQP reply codes that warren branches on.
 const CONNECTION_FORCED: u16 = 320;
+/// Also the reply of a passive declare (or a get, or a purge) that names a missing queue.
+const NOT_FOUND: u16 = 404;
 const PRECONDITION_FAILED: u16 = 406;
 const NOT_ALLOWED: u16 = 530;
 
@@ -108,27 +136,33 @@ impl Session {
             .heartbeat(broker.heartbeat)
             .connection_timeout(Some(broker.connect_timeout))
             .information(Some(name.to_string()));
-        let mut connection =
-            Connection::insecure_open_stream(stream, options, ConnectionTuning::default())
-                .map_err(|e| match e {
-                    amiquip::Error::InvalidCredentials => AmqpError::Refused {
-                        address: url.address(),
-                        reason: format!("invalid credentials for user {:?}", url.username()),
+        let tuning = ConnectionTuning::default();
+        let opened = if url.is_tls() {
+            let tls = (broker.tls.as_ref())
+                .expect("invariant: the config sets broker.tls when a URL is amqps://");
+            let name = tls.server_name(url.host());
+            Connection::open_tls_stream(tls.connector(), name, stream, options, tuning).map_err(
+                |e| match e {
+                    amiquip::Error::TlsHandshake { .. } => {
+                        unreachable(crate::tls::describe_handshake_error(&e.to_string(), name))
+                    }
+                    other => match crate::tls::describe_alert(&other.to_string()) {
+                        Some(reason) => unreachable(reason),
+                        None => match open_error(url, other) {
+                            AmqpError::Unreachable { address, reason } => AmqpError::Unreachable {
+                                address,
+                                reason: reason + tls.refusal_hint(),
+                            },
+                            refused => refused,
+                        },
                     },
-                    amiquip::Error::ServerClosedConnection {
-                        code: NOT_ALLOWED,
-                        message,
-                    } => AmqpError::Refused {
-                        address: url.address(),
-                        reason: format!(
-                            "user {:?} may not use vhost {:?} ({})",
-                            url.username(),
-                            url.vhost(),
-                            url.redact(&message)
-                        ),
-                    },
-                    other => unreachable(other.to_string()),
-                })?;
+                },
+            )
+        } else {
+            Connection::insecure_open_stream(stream, options, tuning)
+                .map_err(|e| open_error(url, e))
+        };
+        let mut connection = opened?;
         let blocked = connection
             .listen_for_connection_blocked()
             .map_err(|e| lost(url, e))?;
@@ -141,12 +175,23 @@ impl Session {
         })
     }
 
-    /// Connects to the first of the broker's nodes that answers, and says which (its number).
+    /// Connects to the first of the broker's nodes that answers, trying them in turn from a
+    /// random one (so that many clients spread over a cluster), and says which (its number).
     /// A fatal error (refused credentials or vhost) ends the search at once; otherwise the last
     /// node's error is returned.
     pub fn open_any(broker: &Broker, name: &str) -> Result<(Session, usize), AmqpError> {
+        Session::open_from(broker, fastrand::usize(..broker.urls.len()), name)
+    }
+
+    /// Like [`Session::open_any`], trying node `first` first.
+    pub fn open_from(
+        broker: &Broker,
+        first: usize,
+        name: &str,
+    ) -> Result<(Session, usize), AmqpError> {
+        let nodes = broker.urls.len();
         let mut last = None;
-        for node in 0..broker.urls.len() {
+        for node in (first..first + nodes).map(|node| node % nodes) {
             match Session::open(broker, node, name) {
                 Ok(session) => return Ok((session, node)),
                 Err(e) if e.is_fatal() => return Err(e),
@@ -330,6 +375,15 @@ impl Session {
 
     fn channel_error(&self, err: amiquip::Error, what: String) -> AmqpError {
         match err {
+            // A classic queue's node is down (in a cluster): it comes back when the node does.
+            amiquip::Error::ServerClosedChannel {
+                code: NOT_FOUND,
+                ref message,
+                ..
+            } if message.contains("is down or inaccessible") => AmqpError::Lost {
+                address: self.url.address(),
+                reason: format!("{what}: {}", self.url.redact(message)),
+            },
             amiquip::Error::ServerClosedChannel { code, message, .. } => AmqpError::Rejected {
                 what,
                 reason: format!("{} (code {code})", self.url.redact(&message)),
@@ -816,9 +870,6 @@ fn returned_event(returned: amiquip::Return) -> PublishEvent {
         reason: format!("{} (code {})", returned.reply_text, returned.reply_code),
     }
 }
-
-/// The reply code of a passive declare (or a get, or a purge) that names a missing queue.
-const NOT_FOUND: u16 = 404;
 
 /// What a passive declare says about a queue that exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

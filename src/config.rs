@@ -16,6 +16,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::tls::{Tls, TlsSection};
+
 /// Where the configuration is read from when neither `--config` nor `WARREN_CONFIG` names it.
 pub const DEFAULT_PATH: &str = "/etc/warren/warren.toml";
 
@@ -101,6 +103,8 @@ pub struct Broker {
     /// The broker's `consumer_timeout`: it closes a channel whose delivery stays unacked longer.
     /// warren does not set it; it refuses a handler timeout that could outlast it.
     pub consumer_timeout: Duration,
+    /// How to make `amqps://` connections: set when any URL is one.
+    pub tls: Option<Tls>,
 }
 
 impl Broker {
@@ -232,9 +236,12 @@ impl BrokerUrl {
     pub fn parse(text: &str) -> Result<BrokerUrl, String> {
         let url = url::Url::parse(text).map_err(|e| format!("invalid URL: {e}"))?;
         match url.scheme() {
-            "amqp" => {}
-            "amqps" => return Err("amqps:// (TLS) is not supported yet; use amqp://".into()),
-            other => return Err(format!("unsupported scheme {other:?}; use amqp://")),
+            "amqp" | "amqps" => {}
+            other => {
+                return Err(format!(
+                    "unsupported scheme {other:?}; use amqp:// or amqps://"
+                ))
+            }
         }
         if url.host_str().unwrap_or("").is_empty() {
             return Err("the URL has no host".into());
@@ -253,7 +260,14 @@ impl BrokerUrl {
     }
 
     pub fn port(&self) -> u16 {
-        self.url.port().unwrap_or(5672)
+        self.url
+            .port()
+            .unwrap_or(if self.is_tls() { 5671 } else { 5672 })
+    }
+
+    /// An `amqps://` URL: the connection is made over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.url.scheme() == "amqps"
     }
 
     /// `host:port`, for messages.
@@ -379,6 +393,31 @@ impl Config {
                 }
             },
         };
+        let tls = if urls.iter().any(BrokerUrl::is_tls) {
+            let base = path.parent().unwrap_or(Path::new("."));
+            let tls = Tls::load(broker.tls.as_ref(), base).map_err(|e| {
+                match find_key(source, "broker.tls", e.key) {
+                    Some(span) => ConfigError::at(path, source, Some(span), &e.message),
+                    None => ConfigError(format!(
+                        "{}: broker.tls.{}: {}",
+                        path.display(),
+                        e.key,
+                        e.message
+                    )),
+                }
+            })?;
+            Some(tls)
+        } else if broker.tls.is_some() {
+            let span = find_table(source, "broker.tls");
+            return Err(ConfigError::at(
+                path,
+                source,
+                span,
+                "[broker.tls] is set but no broker URL uses amqps://; use amqps:// URLs or remove it",
+            ));
+        } else {
+            None
+        };
         if broker.connect_timeout.is_zero() {
             let span = find_key(source, "broker", "connect_timeout");
             return Err(ConfigError::at(
@@ -494,6 +533,7 @@ impl Config {
                 heartbeat: broker.heartbeat,
                 connect_timeout: broker.connect_timeout,
                 consumer_timeout: broker.consumer_timeout,
+                tls,
             },
             queue,
             workers: file.workers.unwrap_or_default(),
@@ -585,6 +625,7 @@ struct BrokerSection {
     connect_timeout: Duration,
     #[serde(default = "default_consumer_timeout", deserialize_with = "duration")]
     consumer_timeout: Duration,
+    tls: Option<TlsSection>,
 }
 
 #[derive(Deserialize)]
@@ -625,6 +666,7 @@ impl Default for BrokerSection {
             heartbeat: default_heartbeat(),
             connect_timeout: default_connect_timeout(),
             consumer_timeout: default_consumer_timeout(),
+            tls: None,
         }
     }
 }
@@ -784,6 +826,18 @@ fn find_key(source: &str, table: &str, key: &str) -> Option<Range<usize>> {
     None
 }
 
+/// The span of the `[table]` header line.
+fn find_table(source: &str, table: &str) -> Option<Range<usize>> {
+    let mut offset = 0;
+    for line in source.split_inclusive('\n') {
+        if table_header(line).as_deref() == Some(table) {
+            return Some(offset..offset + line.len());
+        }
+        offset += line.len();
+    }
+    None
+}
+
 /// The table a `[table]` header line opens (a trailing comment allowed), or `None`.
 fn table_header(line: &str) -> Option<String> {
     let line = line.split('#').next().unwrap_or("").trim();
@@ -850,6 +904,48 @@ mod tests {
         assert!(parse(&text)
             .unwrap_err()
             .starts_with("w.toml:6: workers.count: invalid type"));
+    }
+
+    #[test]
+    fn amqps_urls_use_tls_on_5671_and_broker_tls_needs_one() {
+        let config = parse(&format!(
+            "[broker]\nurl = \"amqps://u:p@rabbit\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert!(config.broker.urls[0].is_tls());
+        assert_eq!(config.broker.urls[0].address(), "rabbit:5671");
+        assert!(
+            config.broker.tls.is_some(),
+            "the system's CAs are trusted by default"
+        );
+        let plain = parse(&format!("[broker]\nurl = \"amqp://u:p@rabbit\"\n{MINIMAL}")).unwrap();
+        assert!(plain.broker.tls.is_none());
+        let text = format!(
+            "[broker]\nurl = \"amqp://rabbit\"\n[broker.tls]\nca_file = \"ca.pem\"\n{MINIMAL}"
+        );
+        assert_eq!(
+            parse(&text).unwrap_err(),
+            "w.toml:3: broker: [broker.tls] is set but no broker URL uses amqps://; use amqps:// URLs or remove it"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_tls_file_is_a_config_error_at_its_key() {
+        let text = format!(
+            "[broker]\nurl = \"amqps://rabbit\"\n[broker.tls]\nserver_name = \"r\"\nca_file = \"/nonexistent/ca.pem\"\n{MINIMAL}"
+        );
+        let err = parse(&text).unwrap_err();
+        assert!(
+            err.starts_with("w.toml:5: broker.tls.ca_file: cannot read /nonexistent/ca.pem: "),
+            "{err}"
+        );
+        let text = format!(
+            "[broker]\nurl = \"amqps://rabbit\"\ntls = {{ key_file = \"k.pem\" }}\n{MINIMAL}"
+        );
+        assert_eq!(
+            parse(&text).unwrap_err(),
+            "w.toml: broker.tls.key_file: needs cert_file, the client certificate"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod pool;
 pub mod publish;
 pub mod retry;
 pub mod secrets;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -183,12 +184,18 @@ pub fn publish_messages(
     if let Some(path) = &options.metrics_file {
         write_metrics_file(path, &options.queue, summary.confirmed as u64)?;
     }
-    let skipped = match summary.skipped_empty {
+    let mut notes = match summary.skipped_empty {
         0 => String::new(),
         n => format!(" ({n} empty lines skipped)"),
     };
+    if summary.republished > 0 {
+        notes.push_str(&format!(
+            " ({} published again after a lost connection: the queue may hold duplicates)",
+            summary.republished
+        ));
+    }
     log::info!(
-        " [x] published {} message{} to queue {}, all confirmed{skipped}",
+        " [x] published {} message{} to queue {}, all confirmed{notes}",
         summary.confirmed,
         if summary.confirmed == 1 { "" } else { "s" },
         options.queue

@@ -78,12 +78,14 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     body if body.is_empty() => "hello".to_string(),
                     body => body,
                 };
-                log::info!(" [x] Sent {}", warren::pool::preview(body.as_bytes()));
+                let preview = warren::pool::preview(body.as_bytes());
                 warren::publish_messages(
                     &config,
                     &options,
                     std::iter::once(Ok(body.into_bytes())),
                 )?;
+                // The tutorial's line, once it is true: the broker has confirmed the message.
+                log::info!(" [x] Sent {preview}");
             }
             Ok(exit::OK)
         }

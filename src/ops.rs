@@ -168,6 +168,27 @@ fn effective(config: &Config, handler: &Handler) -> String {
         d(config.broker.consumer_timeout)
     ));
 
+    if let Some(tls) = &config.broker.tls {
+        let settings = &tls.settings;
+        let path =
+            |path: &Option<std::path::PathBuf>| path.as_ref().map(|p| p.display().to_string());
+        let keys = [
+            ("ca_file", path(&settings.ca_file)),
+            ("cert_file", path(&settings.cert_file)),
+            ("key_file", path(&settings.key_file)),
+            ("server_name", settings.server_name.clone()),
+        ];
+        text.push_str("\n[broker.tls]\n");
+        if settings.ca_file.is_none() {
+            text.push_str("# No ca_file: the system's CAs are trusted.\n");
+        }
+        for (key, value) in keys {
+            if let Some(value) = value {
+                text.push_str(&format!("{key} = {}\n", s(&value)));
+            }
+        }
+    }
+
     let queue = &config.queue;
     let kind = match queue.kind {
         QueueType::Classic => "classic",

@@ -458,7 +458,7 @@ struct Slot {
     /// Waiting for the broker to come back.
     parked: bool,
     /// The broker node its worker connects to (modulo their number). Workers start spread over
-    /// the nodes and move to the next node after each failure.
+    /// the nodes, round-robin from a random one, and move to the next node after each failure.
     node: usize,
     /// Failed connects since it was last consuming: once it has tried every node, the broker
     /// as a whole is unreachable.
@@ -549,9 +549,12 @@ impl Supervisor {
         let (abort, abort_signal) = Abort::new()?;
         let metrics = Arc::new(Metrics::new(&config.queue.name));
         metrics.set_workers(config.workers.count);
+        // Round-robin from a random node, so that many warren hosts with the same list of
+        // nodes do not all put their first worker on the first node.
+        let first = fastrand::usize(..config.broker.urls.len());
         let slots = (0..config.workers.count)
             .map(|i| Slot {
-                node: i,
+                node: first + i,
                 ..Slot::default()
             })
             .collect();

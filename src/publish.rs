@@ -2,10 +2,12 @@
 //!
 //! It succeeds only when the broker has confirmed every message it was given. Confirms are
 //! collected as they arrive while publishing continues, so a large `--stdin` batch costs one
-//! round trip in all, not one per message. This module reads input and counts confirms; the
-//! broker calls themselves are in `amqp.rs`.
+//! round trip in all, not one per message. A lost connection is not the end: publishing goes on
+//! through the next node that answers, and what was unconfirmed is published again (at least
+//! once: duplicates are possible, loss is not). This module reads input and counts confirms;
+//! the broker calls themselves are in `amqp.rs`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::BufRead;
 use std::time::{Duration, Instant};
 
@@ -46,15 +48,119 @@ pub enum PublishError {
 pub struct Summary {
     pub confirmed: usize,
     pub skipped_empty: usize,
+    /// Messages published a second time because a connection was lost before their confirm:
+    /// the queue may hold up to this many duplicates.
+    pub republished: usize,
 }
 
 /// Publishes each of `messages` (already split: one item, one message).
+///
+/// When the connection is lost, publishing goes on through the next node that answers (the
+/// same one, for a single node), and every message not yet confirmed is published again with
+/// its message id: a message may be stored twice, never lost.
 pub fn publish(
     config: &Config,
     options: &Options,
-    messages: impl Iterator<Item = std::io::Result<Vec<u8>>>,
+    mut messages: impl Iterator<Item = std::io::Result<Vec<u8>>>,
 ) -> Result<Summary, PublishError> {
-    let session = open_any(config)?;
+    let name = format!("warren publish pid {}", std::process::id());
+    let (mut session, mut node) =
+        Session::open_any(&config.broker, &name).map_err(PublishError::Unavailable)?;
+    let mut tracker = Tracker::default();
+    let mut summary = Summary::default();
+    // Failovers in a row with no confirm in between: a broker that drops every connection
+    // must not keep warren publishing the same messages forever.
+    let mut fruitless = 0;
+    loop {
+        let confirmed = tracker.confirmed;
+        let lost = match publish_on(
+            &session,
+            config,
+            options,
+            &mut tracker,
+            &mut summary,
+            &mut messages,
+        ) {
+            Ok(()) => break,
+            Err(Stop::Failed(e)) => return Err(e),
+            Err(Stop::Lost(e)) => e,
+        };
+        fruitless = if tracker.confirmed > confirmed {
+            1
+        } else {
+            fruitless + 1
+        };
+        let nodes = config.broker.urls.len();
+        if fruitless > 2 * nodes {
+            return Err(PublishError::NotConfirmed(format!(
+                "{lost}; giving up after {fruitless} connections in a row lost with nothing confirmed"
+            )));
+        }
+        drop(session);
+        let unconfirmed = tracker.unconfirmed();
+        summary.republished += unconfirmed;
+        log::warn!(
+            "{lost}; publishing again through {}, {unconfirmed} unconfirmed messages first",
+            if nodes > 1 {
+                "another node"
+            } else {
+                "a new connection"
+            }
+        );
+        (session, node) = Session::open_from(&config.broker, node + 1, &name).map_err(|e| {
+            PublishError::NotConfirmed(format!(
+                "{lost}; {unconfirmed} messages were not confirmed, and no node answered: {e}"
+            ))
+        })?;
+        log::info!("publishing through {}", session.address());
+    }
+    // The broker sends a message's return before its ack: all returns are in by now.
+    if !tracker.problems.is_empty() {
+        let shown: Vec<_> = tracker.problems.iter().take(5).cloned().collect();
+        let more = tracker.problems.len().saturating_sub(shown.len());
+        return Err(PublishError::NotConfirmed(format!(
+            "{} of {} messages to queue {:?} were not stored: {}{}",
+            tracker.problems.len(),
+            tracker.messages,
+            options.queue,
+            shown.join("; "),
+            if more > 0 {
+                format!("; and {more} more")
+            } else {
+                String::new()
+            }
+        )));
+    }
+    summary.confirmed = tracker.messages;
+    if let Err(e) = session.close() {
+        log::debug!("closing the connection after publishing: {e}");
+    }
+    Ok(summary)
+}
+
+/// Why publishing on one connection stopped early.
+enum Stop {
+    /// The connection or channel was lost: go on through another.
+    Lost(AmqpError),
+    Failed(PublishError),
+}
+
+impl From<PublishError> for Stop {
+    fn from(e: PublishError) -> Stop {
+        Stop::Failed(e)
+    }
+}
+
+/// Publishes on `session`: first the messages a lost connection left unconfirmed, then the rest
+/// of `messages`, and waits for every confirm.
+fn publish_on(
+    session: &Session,
+    config: &Config,
+    options: &Options,
+    tracker: &mut Tracker,
+    summary: &mut Summary,
+    messages: &mut impl Iterator<Item = std::io::Result<Vec<u8>>>,
+) -> Result<(), Stop> {
     if options.declare {
         // Another queue than queue.name gets its own default dead-letter queue.
         let queue = if options.queue == config.queue.name {
@@ -67,87 +173,60 @@ pub fn publish(
             }
         };
         let work = Topology::new(&queue, &config.retry).work;
-        session.declare(&work).map_err(unavailable_or_lost)?;
+        session.declare(&work).map_err(stop)?;
     }
-    let mut publisher = session.publisher().map_err(unavailable_or_lost)?;
-    let mut tracker = Tracker::default();
-    let mut summary = Summary::default();
-
+    let mut publisher = session.publisher().map_err(stop)?;
+    while let Some(message) = tracker.resend.pop_front() {
+        tracker.send(&mut publisher, options, message)?;
+    }
     for message in messages {
         let body = message.map_err(PublishError::Input)?;
         if body.is_empty() {
             summary.skipped_empty += 1;
             continue;
         }
-        while tracker.pending.len() >= MAX_UNCONFIRMED {
-            tracker.wait(&publisher, options.confirm_timeout)?;
-        }
         let id = uuid::Uuid::new_v4().to_string();
-        let tag = publisher
-            .publish(&options.queue, &body, &id)
-            .map_err(|e| PublishError::NotConfirmed(e.to_string()))?;
-        log::debug!("published {id} {}", crate::pool::preview(&body));
-        tracker.pending.insert(tag);
-        tracker.ids.push(id);
-        // Take whatever confirms have already arrived, without waiting.
-        tracker.drain(&publisher)?;
+        log::debug!("publishing {id} {}", crate::pool::preview(&body));
+        tracker.messages += 1;
+        tracker.send(&mut publisher, options, Message { id, body })?;
     }
     while !tracker.pending.is_empty() {
         tracker.wait(&publisher, options.confirm_timeout)?;
     }
-    // The broker sends a message's return before its ack: all returns are in by now.
     tracker.drain(&publisher)?;
-    if !tracker.problems.is_empty() {
-        let shown: Vec<_> = tracker.problems.iter().take(5).cloned().collect();
-        let more = tracker.problems.len().saturating_sub(shown.len());
-        return Err(PublishError::NotConfirmed(format!(
-            "{} of {} messages to queue {:?} were not stored: {}{}",
-            tracker.problems.len(),
-            tracker.ids.len(),
-            options.queue,
-            shown.join("; "),
-            if more > 0 {
-                format!("; and {more} more")
-            } else {
-                String::new()
-            }
-        )));
-    }
-    summary.confirmed = tracker.ids.len();
-    drop(publisher);
-    if let Err(e) = session.close() {
-        log::debug!("closing the connection after publishing: {e}");
-    }
-    Ok(summary)
+    Ok(())
 }
-
 /// Splits `input` into messages, one per line, without the newline. Lines are bytes: they need
 /// not be UTF-8.
 pub fn lines(input: impl BufRead) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
     input.split(b'\n')
 }
 
-/// Connects to the first of the broker's nodes that answers.
-fn open_any(config: &Config) -> Result<Session, PublishError> {
-    let name = format!("warren publish pid {}", std::process::id());
-    Session::open_any(&config.broker, &name)
-        .map(|(session, _)| session)
-        .map_err(PublishError::Unavailable)
+/// A lost connection goes on through another; any other broker error ends the run.
+fn stop(e: AmqpError) -> Stop {
+    match e {
+        AmqpError::Lost { .. } => Stop::Lost(e),
+        other => Stop::Failed(PublishError::Unavailable(other)),
+    }
 }
 
-fn unavailable_or_lost(e: AmqpError) -> PublishError {
-    match e {
-        AmqpError::Lost { .. } => PublishError::NotConfirmed(e.to_string()),
-        other => PublishError::Unavailable(other),
-    }
+/// A message taken from the input, kept until the broker confirms it.
+struct Message {
+    id: String,
+    body: Vec<u8>,
 }
 
 /// The messages published and not yet confirmed.
 #[derive(Default)]
 struct Tracker {
-    pending: BTreeSet<u64>,
-    /// Message ids by tag - 1.
-    ids: Vec<String>,
+    /// Published on the current channel and not yet confirmed, by delivery tag.
+    pending: BTreeMap<u64, Message>,
+    /// Left unconfirmed by a lost connection, oldest first: published again before the rest.
+    resend: VecDeque<Message>,
+    /// Messages taken from the input (each counted once, however often it was published).
+    messages: usize,
+    /// Confirms received.
+    confirmed: usize,
     problems: Vec<String>,
     /// The broker has blocked the connection (a memory or disk alarm): the confirm timeout
     /// does not run while it lasts.
@@ -155,8 +234,38 @@ struct Tracker {
 }
 
 impl Tracker {
-    fn id(&self, tag: u64) -> &str {
-        self.ids.get(tag as usize - 1).map_or("?", String::as_str)
+    /// Publishes `message`, after waiting while too many are unconfirmed, and takes whatever
+    /// confirms have already arrived, without waiting.
+    fn send(
+        &mut self,
+        publisher: &mut Publisher<'_>,
+        options: &Options,
+        message: Message,
+    ) -> Result<(), Stop> {
+        while self.pending.len() >= MAX_UNCONFIRMED {
+            self.wait(publisher, options.confirm_timeout)?;
+        }
+        match publisher.publish(&options.queue, &message.body, &message.id) {
+            Ok(tag) => {
+                self.pending.insert(tag, message);
+                self.drain(publisher)
+            }
+            Err(e) => {
+                self.resend.push_front(message);
+                Err(stop(e))
+            }
+        }
+    }
+
+    /// After a lost connection: every message not confirmed is to be published again, in the
+    /// order it was first published. Returns how many.
+    fn unconfirmed(&mut self) -> usize {
+        let pending = std::mem::take(&mut self.pending);
+        for message in pending.into_values().rev() {
+            self.resend.push_front(message);
+        }
+        self.blocked = false;
+        self.resend.len()
     }
 
     fn apply(&mut self, event: PublishEvent) {
@@ -180,32 +289,37 @@ impl Tracker {
             }
         };
         let settled: Vec<u64> = if multiple {
-            self.pending.range(..=tag).copied().collect()
+            self.pending.range(..=tag).map(|(tag, _)| *tag).collect()
         } else {
             vec![tag]
         };
         for tag in settled {
-            if self.pending.remove(&tag) && nacked {
-                let problem = format!("{} nacked by the broker", self.id(tag));
+            let Some(message) = self.pending.remove(&tag) else {
+                continue;
+            };
+            if nacked {
+                let problem = format!("{} nacked by the broker", message.id);
                 self.problems.push(problem);
+            } else {
+                self.confirmed += 1;
             }
         }
     }
 
-    fn drain(&mut self, publisher: &Publisher<'_>) -> Result<(), PublishError> {
-        while let Some(event) = publisher.next_event(Duration::ZERO).map_err(lost)? {
+    fn drain(&mut self, publisher: &Publisher<'_>) -> Result<(), Stop> {
+        while let Some(event) = publisher.next_event(Duration::ZERO).map_err(stop)? {
             self.apply(event);
         }
         Ok(())
     }
 
     /// Waits for at least one confirm, for up to `timeout`.
-    fn wait(&mut self, publisher: &Publisher<'_>, timeout: Duration) -> Result<(), PublishError> {
+    fn wait(&mut self, publisher: &Publisher<'_>, timeout: Duration) -> Result<(), Stop> {
         let mut deadline = Instant::now() + timeout;
         let before = self.pending.len();
         while self.pending.len() == before {
             let left = deadline.saturating_duration_since(Instant::now());
-            match publisher.next_event(left).map_err(lost)? {
+            match publisher.next_event(left).map_err(stop)? {
                 Some(event) => {
                     let was_blocked = self.blocked;
                     self.apply(event);
@@ -215,18 +329,14 @@ impl Tracker {
                 }
                 None if self.blocked => deadline = Instant::now() + timeout,
                 None if Instant::now() >= deadline => {
-                    return Err(PublishError::NotConfirmed(format!(
+                    return Err(Stop::Failed(PublishError::NotConfirmed(format!(
                         "{} messages were not confirmed within {timeout:?}",
                         self.pending.len()
-                    )))
+                    ))))
                 }
                 None => {}
             }
         }
         Ok(())
     }
-}
-
-fn lost(e: AmqpError) -> PublishError {
-    PublishError::NotConfirmed(e.to_string())
 }

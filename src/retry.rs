@@ -109,17 +109,32 @@ impl Topology {
         delays.dedup();
         let retries = delays
             .into_iter()
-            .map(|delay| QueueSpec {
-                name: retry_queue(queue, delay),
-                durable: queue.durable,
-                arguments: vec![
+            .map(|delay| {
+                let mut arguments = vec![
                     ("x-message-ttl".into(), Arg::Int(delay.as_millis() as i64)),
                     ("x-dead-letter-exchange".into(), Arg::Str(String::new())),
                     (
                         "x-dead-letter-routing-key".into(),
                         Arg::Str(queue.name.clone()),
                     ),
-                ],
+                ];
+                if quorum {
+                    // Replicated like the work queue: a classic retry queue lives on one node,
+                    // and while that node is down its messages wait and its declare fails.
+                    arguments.insert(0, type_arg("quorum"));
+                    arguments.extend([
+                        (
+                            "x-dead-letter-strategy".into(),
+                            Arg::Str("at-least-once".into()),
+                        ),
+                        ("x-overflow".into(), Arg::Str("reject-publish".into())),
+                    ]);
+                }
+                QueueSpec {
+                    name: retry_queue(queue, delay),
+                    durable: queue.durable,
+                    arguments,
+                }
             })
             .collect();
         Topology {
@@ -315,6 +330,23 @@ mod tests {
             Some(Arg::Str("at-least-once".into()))
         );
         assert_eq!(arg("x-overflow"), Some(Arg::Str("reject-publish".into())));
+        // The retry queues are replicated too, so that losing a node loses no retry.
+        for retry_queue in &topology.retries {
+            let arg = |name: &str| {
+                (retry_queue.arguments.iter())
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            };
+            assert_eq!(arg("x-queue-type"), Some(Arg::Str("quorum".into())));
+            assert_eq!(
+                arg("x-dead-letter-routing-key"),
+                Some(Arg::Str("jobs".into()))
+            );
+            assert_eq!(
+                arg("x-dead-letter-strategy"),
+                Some(Arg::Str("at-least-once".into()))
+            );
+        }
     }
 
     #[test]

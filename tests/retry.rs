@@ -388,7 +388,14 @@ fn on_a_quorum_queue_a_failing_message_is_dead_lettered_by_warren_after_max_atte
         &command_keys(&script),
     );
     let warren = start(&config, &queues.work);
-    assert_eq!(queue_type(&queues.work), "quorum");
+    for queue in [
+        &queues.work,
+        &queues.retries[0],
+        &queues.retries[1],
+        &queues.dead,
+    ] {
+        assert_eq!(queue_type(queue), "quorum", "{queue} is replicated");
+    }
     publish_confirmed(
         &queues.work,
         &[("quorum-fail-1", b"fails on a quorum queue")],

@@ -6,6 +6,9 @@
 //! that stop the broker take the broker lock exclusively; every other test holds it shared.
 #![allow(dead_code)]
 
+pub mod certs;
+pub mod nodes;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
@@ -473,14 +476,18 @@ impl Warren {
         )
     }
 
+    /// Starts `command` (a `warren` command line) with its log collected. `RUST_LOG` is
+    /// `$WARREN_TEST_LOG`, else `info,warren=debug`, unless `command` sets it.
     pub fn spawn(command: &mut Command) -> Warren {
+        if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            command.env(
+                "RUST_LOG",
+                std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "info,warren=debug".into()),
+            );
+        }
         let mut child = command
             .env_remove("WARREN_BROKER_URL")
             .env_remove("WARREN_CONFIG")
-            .env(
-                "RUST_LOG",
-                std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "info,warren=debug".into()),
-            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,461 @@
+//! warren on a real 3-node RabbitMQ cluster with a quorum queue, while nodes fail: thousands of
+//! numbered tasks go through three `warren run` processes (standing in for three hosts, 4
+//! workers each, `broker.urls` listing every node) while the node leading the queue is killed
+//! with SIGKILL, the nodes are restarted one by one with a publisher running, or one node is
+//! down for the whole run.
+//!
+//! Every scenario checks that no task was lost (each was completed; none dead-lettered, since
+//! the handler always succeeds), counts duplicates, and measures the longest pause in
+//! processing: the longest gap between two completions. Each prints one line, `cluster:
+//! scenario=... tasks=N node_failures=N lost=0 duplicates=N longest_pause=T`, whose figures the
+//! README quotes; run `cargo test --test cluster -- --nocapture 2>&1 | grep '^cluster:'`.
+//!
+//! The nodes are extra RabbitMQ nodes on this machine (tests/util/nodes.rs); the system broker
+//! is not involved. Tests that use extra nodes run one at a time.
+
+mod util;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use util::nodes::Cluster;
+use util::{wait_until, Warren};
+
+const QUEUE: &str = "cluster-jobs";
+/// warren processes, each standing in for a host.
+const HOSTS: usize = 3;
+const WORKERS: usize = 4;
+/// How long the work may take to finish once the faults are over.
+const SETTLE: Duration = Duration::from_secs(120);
+
+/// The handler: a `pipe` program that, for each task, waits a little, appends `ID TIME` to the
+/// file named by its first argument (one write, so lines of many programs do not mix) and acks.
+const RECORDER: &str = r#"import json, sys, time
+done = open(sys.argv[1], "ab", buffering=0)
+delay = float(sys.argv[2])
+tasks = sys.stdin.buffer
+while True:
+    header = tasks.readline()
+    if not header:
+        break
+    body = tasks.read(json.loads(header)["size"])
+    time.sleep(delay)
+    done.write(b"%s %.6f\n" % (body, time.time()))
+    sys.stdout.write("ack\n")
+    sys.stdout.flush()
+"#;
+
+/// One scenario: a fresh 3-node cluster, a config that lists every node, and the file the
+/// handlers record completions in.
+struct Scenario {
+    name: &'static str,
+    started: Instant,
+    config: PathBuf,
+    done: PathBuf,
+    _dir: tempfile::TempDir,
+    // Last: the nodes stop (and the nodes lock is released) after everything else.
+    cluster: Cluster,
+}
+
+impl Scenario {
+    /// Starts the cluster and writes the config: a quorum queue, 4 workers with prefetch 1, and
+    /// the recorder, which spends `delay` per task.
+    fn new(name: &'static str, delay: Duration) -> Scenario {
+        let cluster = Cluster::start(3);
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let recorder = dir.path().join("recorder.py");
+        fs::write(&recorder, RECORDER).unwrap();
+        fs::set_permissions(&recorder, fs::Permissions::from_mode(0o644)).unwrap();
+        let done = dir.path().join("done");
+        let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+        let config = dir.path().join("warren.toml");
+        fs::write(
+            &config,
+            format!(
+                "[broker]\nurls = [{}]\nheartbeat = \"5s\"\nconnect_timeout = \"3s\"\n\n\
+                 [queue]\nname = \"{QUEUE}\"\ntype = \"quorum\"\n\n\
+                 [workers]\ncount = {WORKERS}\nprefetch = 1\n\n\
+                 [handler]\nkind = \"pipe\"\ncommand = [\"python3\", \"{}\", \"{}\", \"{}\"]\n",
+                urls.join(", "),
+                recorder.display(),
+                done.display(),
+                delay.as_secs_f64()
+            ),
+        )
+        .unwrap();
+        Scenario {
+            name,
+            started: Instant::now(),
+            config,
+            done,
+            _dir: dir,
+            cluster,
+        }
+    }
+
+    /// Publishes the tasks `ids` with one `warren publish --stdin` and returns its log.
+    fn publish(&self, ids: std::ops::RangeInclusive<u64>) -> String {
+        let mut publisher = Publisher::start(&self.config);
+        let lines: String = ids.map(|id| format!("{id}\n")).collect();
+        publisher.write(&lines);
+        publisher.finish()
+    }
+
+    /// Starts the `warren run` processes and waits until all their workers consume.
+    fn start_warrens(&self) -> Vec<Warren> {
+        let warrens: Vec<Warren> = (0..HOSTS)
+            .map(|_| {
+                Warren::spawn(
+                    Command::new(util::warren_bin())
+                        .args(["run", "--config"])
+                        .arg(&self.config)
+                        .env("RUST_LOG", "info"),
+                )
+            })
+            .collect();
+        wait_until(
+            Duration::from_secs(60),
+            "every worker of every warren to consume",
+            || {
+                self.queue_info(QUEUE)
+                    .is_some_and(|(_, _, consumers)| consumers == HOSTS * WORKERS)
+            },
+        );
+        warrens
+    }
+
+    /// Every completion recorded so far: task id and time, duplicates included.
+    fn completions(&self) -> Vec<(u64, f64)> {
+        let text = fs::read_to_string(&self.done).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| {
+                let (id, time) = line.split_once(' ')?;
+                Some((id.parse().ok()?, time.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Distinct tasks completed so far.
+    fn distinct(&self) -> usize {
+        let ids: std::collections::BTreeSet<u64> =
+            self.completions().into_iter().map(|(id, _)| id).collect();
+        ids.len()
+    }
+
+    /// Waits until `count` distinct tasks are done.
+    fn wait_done(&self, count: usize, timeout: Duration) {
+        wait_until(timeout, &format!("{count} tasks to be done"), || {
+            self.distinct() >= count
+        });
+    }
+
+    /// Waits until every task `1..=tasks` is done and the queues are empty with nothing
+    /// unacked, stops the warrens (each must exit 0), and checks and reports the outcome.
+    fn finish(&self, warrens: Vec<Warren>, tasks: u64, node_failures: usize) -> Tally {
+        self.wait_done(tasks as usize, SETTLE);
+        wait_until(
+            Duration::from_secs(30),
+            "the work and dead-letter queues to be empty with nothing unacked",
+            || {
+                let dead = format!("{QUEUE}.dead");
+                [QUEUE, dead.as_str()].iter().all(|queue| {
+                    self.queue_info(queue)
+                        .is_some_and(|(ready, unacked, _)| ready == 0 && unacked == 0)
+                })
+            },
+        );
+        for mut warren in warrens {
+            warren.signal(Signal::SIGTERM);
+            let status = warren.wait_exit(Duration::from_secs(30));
+            assert_eq!(status.code(), Some(0), "warren stopped cleanly: {status}");
+        }
+        let tally = Tally::new(&self.completions(), tasks);
+        eprintln!(
+            "cluster: scenario={} tasks={tasks} node_failures={node_failures} lost={} duplicates={} longest_pause={:.2}s took={:.1?}",
+            self.name,
+            tally.lost.len(),
+            tally.duplicates,
+            tally.longest_pause,
+            self.started.elapsed()
+        );
+        assert!(
+            tally.lost.is_empty(),
+            "{} tasks were never done: {:?}",
+            tally.lost.len(),
+            tally.lost.iter().take(20).collect::<Vec<_>>()
+        );
+        tally
+    }
+
+    /// Ready and unacked messages and consumers of `queue`, from the first node that answers
+    /// `list_queues`.
+    fn queue_info(&self, queue: &str) -> Option<(u64, u64, usize)> {
+        self.cluster.nodes().iter().find_map(|node| {
+            let out = node
+                .try_rabbitmqctl(
+                    &[
+                        "list_queues",
+                        "-q",
+                        "--no-table-headers",
+                        "name",
+                        "messages_ready",
+                        "messages_unacknowledged",
+                        "consumers",
+                    ],
+                    Duration::from_secs(15),
+                )
+                .ok()?;
+            out.lines().find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                match fields.as_slice() {
+                    [name, ready, unacked, consumers] if *name == queue => Some((
+                        ready.parse().ok()?,
+                        unacked.parse().ok()?,
+                        consumers.parse().ok()?,
+                    )),
+                    _ => None,
+                }
+            })
+        })
+    }
+}
+
+/// A `warren publish --stdin` fed by the test.
+struct Publisher {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Publisher {
+    fn start(config: &Path) -> Publisher {
+        let mut child = Command::new(util::warren_bin())
+            .args(["publish", "--stdin", "--config"])
+            .arg(config)
+            .env_remove("WARREN_BROKER_URL")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start warren publish");
+        let stdin = child.stdin.take();
+        Publisher { child, stdin }
+    }
+
+    fn write(&mut self, lines: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        stdin
+            .write_all(lines.as_bytes())
+            .expect("write tasks to warren publish");
+        stdin.flush().unwrap();
+    }
+
+    /// Closes its input and asserts that it confirmed everything (exit 0); returns its log.
+    fn finish(mut self) -> String {
+        drop(self.stdin.take());
+        let out = self
+            .child
+            .wait_with_output()
+            .expect("wait for warren publish");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "warren publish failed: {}\n{log}",
+            out.status
+        );
+        log
+    }
+}
+
+/// Feeds task ids to a publisher at about `per_second` from a thread, until stopped.
+struct Feed {
+    stop: Arc<AtomicBool>,
+    fed: Arc<AtomicU64>,
+    thread: Option<thread::JoinHandle<Publisher>>,
+}
+
+impl Feed {
+    fn start(mut publisher: Publisher, per_second: u64) -> Feed {
+        let stop = Arc::new(AtomicBool::new(false));
+        let fed = Arc::new(AtomicU64::new(0));
+        let (stop2, fed2) = (Arc::clone(&stop), Arc::clone(&fed));
+        let thread = thread::spawn(move || {
+            let started = Instant::now();
+            while !stop2.load(Ordering::Relaxed) {
+                let due = (started.elapsed().as_secs_f64() * per_second as f64) as u64;
+                let from = fed2.load(Ordering::Relaxed);
+                if due > from {
+                    let lines: String = (from + 1..=due).map(|id| format!("{id}\n")).collect();
+                    publisher.write(&lines);
+                    fed2.store(due, Ordering::Relaxed);
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            publisher
+        });
+        Feed {
+            stop,
+            fed,
+            thread: Some(thread),
+        }
+    }
+
+    fn fed(&self) -> u64 {
+        self.fed.load(Ordering::Relaxed)
+    }
+
+    /// Stops feeding; returns how many ids were fed and the publisher's log once it has exited 0.
+    fn finish(mut self) -> (u64, String) {
+        self.stop.store(true, Ordering::Relaxed);
+        let publisher = self.thread.take().unwrap().join().expect("the feed thread");
+        let log = publisher.finish();
+        (self.fed(), log)
+    }
+}
+
+/// What became of the tasks of one scenario.
+struct Tally {
+    lost: Vec<u64>,
+    duplicates: usize,
+    /// The longest gap between two completions, in seconds.
+    longest_pause: f64,
+}
+
+impl Tally {
+    fn new(completions: &[(u64, f64)], tasks: u64) -> Tally {
+        let mut done: BTreeMap<u64, usize> = BTreeMap::new();
+        for (id, _) in completions {
+            assert!((1..=tasks).contains(id), "task {id} was never published");
+            *done.entry(*id).or_default() += 1;
+        }
+        let mut times: Vec<f64> = completions.iter().map(|(_, time)| *time).collect();
+        times.sort_by(f64::total_cmp);
+        Tally {
+            lost: (1..=tasks).filter(|id| !done.contains_key(id)).collect(),
+            duplicates: done.values().map(|n| n - 1).sum(),
+            longest_pause: times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max),
+        }
+    }
+}
+
+#[test]
+fn three_warrens_drain_a_quorum_queue_through_every_node() {
+    const TASKS: u64 = 3000;
+    let scenario = Scenario::new("three-hosts", Duration::from_millis(2));
+    let warrens = scenario.start_warrens();
+    scenario.publish(1..=TASKS);
+    // Each warren spreads its 4 workers over the 3 nodes, two connections per worker.
+    let counts: Vec<usize> = scenario
+        .cluster
+        .nodes()
+        .iter()
+        .map(|node| node.connection_count())
+        .collect();
+    assert!(
+        counts.iter().all(|&n| n >= 2),
+        "every node has connections: {counts:?}"
+    );
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        HOSTS * WORKERS * 2,
+        "{counts:?}"
+    );
+    let tally = scenario.finish(warrens, TASKS, 0);
+    assert_eq!(tally.duplicates, 0, "no fault, no duplicates");
+}
+
+#[test]
+fn killing_the_quorum_leader_mid_run_loses_nothing() {
+    const TASKS: u64 = 4000;
+    let scenario = Scenario::new("kill-leader", Duration::from_millis(10));
+    let warrens = scenario.start_warrens();
+    let leader = scenario.cluster.quorum_leader(QUEUE);
+    scenario.publish(1..=TASKS);
+    scenario.wait_done(TASKS as usize * 3 / 10, SETTLE);
+    let done_at_kill = scenario.distinct();
+    scenario.cluster.node(leader).kill9();
+    assert!(
+        done_at_kill < TASKS as usize,
+        "the run ended before the fault"
+    );
+    // The queue stays available: a new leader is elected and the drain goes on without the node.
+    scenario.wait_done(TASKS as usize, SETTLE);
+    let new_leader = scenario.cluster.quorum_leader(QUEUE);
+    assert_ne!(new_leader, leader, "another node leads the queue");
+    scenario.cluster.node(leader).restart();
+    scenario.cluster.wait_all_running(Duration::from_secs(60));
+    let tally = scenario.finish(warrens, TASKS, 1);
+    assert!(
+        tally.duplicates <= HOSTS * WORKERS,
+        "at most one duplicate per worker: {}",
+        tally.duplicates
+    );
+}
+
+#[test]
+fn a_rolling_restart_with_a_publisher_running_loses_nothing() {
+    let scenario = Scenario::new("rolling-restart", Duration::from_millis(5));
+    let warrens = scenario.start_warrens();
+    let feed = Feed::start(Publisher::start(&scenario.config), 150);
+    scenario.wait_done(300, SETTLE);
+    for i in 0..3 {
+        let node = scenario.cluster.node(i);
+        node.stop_app();
+        // Work goes on while the node is down.
+        let before = scenario.distinct();
+        scenario.wait_done(before + 200, SETTLE);
+        node.start_app();
+        scenario.cluster.wait_all_running(Duration::from_secs(60));
+        let before = scenario.distinct();
+        scenario.wait_done(before + 200, SETTLE);
+    }
+    let (tasks, log) = feed.finish();
+    assert!(tasks >= 1000, "the publisher ran throughout: {tasks} tasks");
+    assert!(
+        log.contains("publishing again through another node"),
+        "the publisher failed over at least once: {log}"
+    );
+    let tally = scenario.finish(warrens, tasks, 3);
+    assert!(
+        tally.duplicates <= 3 * HOSTS * WORKERS,
+        "at most one duplicate per worker per restart: {}",
+        tally.duplicates
+    );
+}
+
+#[test]
+fn one_node_down_for_the_whole_run_loses_nothing() {
+    const TASKS: u64 = 3000;
+    let scenario = Scenario::new("one-node-down", Duration::from_millis(2));
+    let down = scenario.cluster.node(2);
+    down.stop_app();
+    let warrens = scenario.start_warrens();
+    let feed = Feed::start(Publisher::start(&scenario.config), 1000);
+    wait_until(SETTLE, "the publisher to feed every task", || {
+        feed.fed() >= TASKS
+    });
+    // The feed may overshoot a little: every task it fed counts.
+    let (tasks, _) = feed.finish();
+    for warren in &warrens {
+        assert!(
+            !warren.lines_with("failing over to").is_empty(),
+            "each warren has a worker whose first node was the stopped one: {:#?}",
+            warren.log()
+        );
+    }
+    let tally = scenario.finish(warrens, tasks, 1);
+    assert_eq!(
+        tally.duplicates, 0,
+        "a node that is down from the start costs nothing"
+    );
+    down.start_app();
+}
