@@ -823,6 +823,20 @@ mod tests {
     }
 
     #[test]
+    fn the_printed_tls_settings_read_back_as_the_same() {
+        let text = "[broker]\nurl = \"amqps://u:pw@rabbit\"\n[broker.tls]\nserver_name = \"rabbit.internal\"\n\
+                    [queue]\nname = \"jobs\"\n[handler]\nkind = \"dots\"\n";
+        let config = parse(text);
+        let printed = effective(&config, config.handler.as_ref().unwrap());
+        assert!(
+            printed.contains("[broker.tls]\n# No ca_file: the system's CAs are trusted.\nserver_name = \"rabbit.internal\"\n"),
+            "{printed}"
+        );
+        let back = parse(&printed.replace("***", "pw"));
+        assert_eq!(format!("{back:?}"), format!("{config:?}"));
+    }
+
+    #[test]
     fn passwords_in_the_command_line_are_masked() {
         let config = parse("[broker]\nurl = \"amqp://u:hunter2@h\"\n[queue]\nname = \"q\"\n");
         assert_eq!(

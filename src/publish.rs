@@ -83,7 +83,8 @@ pub fn publish(
         ) {
             Ok(()) => break,
             Err(Stop::Failed(e)) => return Err(e),
-            Err(Stop::Lost(e)) => e,
+            // The connection's own error says more than a channel that stopped answering.
+            Err(Stop::Lost(e)) => session.close_after(e),
         };
         fruitless = if tracker.confirmed > confirmed {
             1
@@ -96,7 +97,6 @@ pub fn publish(
                 "{lost}; giving up after {fruitless} connections in a row lost with nothing confirmed"
             )));
         }
-        drop(session);
         let unconfirmed = tracker.unconfirmed();
         summary.republished += unconfirmed;
         log::warn!(

@@ -334,3 +334,120 @@ fn the_published_count_can_be_written_for_the_textfile_collector() {
     );
     assert!(!broker.dir.path().join("warren_publish.prom.tmp").exists());
 }
+
+#[test]
+fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again() {
+    const FIRST: usize = 2_000;
+    const AFTER_FREEZE: usize = 3_000;
+    let broker = Broker::shared();
+    let queue = broker.queue("failover");
+    // Two "nodes", each a proxy to the test broker.
+    let proxies = [
+        util::Proxy::start(util::Proxy::free_port()),
+        util::Proxy::start(util::Proxy::free_port()),
+    ];
+    let config = broker.dir.path().join("two-nodes.toml");
+    fs::write(
+        &config,
+        format!(
+            "[broker]\nurls = [\"{}\", \"{}\"]\n\n[queue]\nname = \"{queue}\"\n",
+            proxies[0].url(),
+            proxies[1].url()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(util::warren_bin())
+        .args(["publish", "--stdin", "--confirm-timeout", "60s", "--config"])
+        .arg(&config)
+        .env_remove("WARREN_BROKER_URL")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start warren publish");
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let lines = |range: std::ops::Range<usize>| -> String {
+        range.map(|i| format!("task {i}\n")).collect()
+    };
+    stdin.write_all(lines(0..FIRST).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    util::wait_until(
+        Duration::from_secs(20),
+        "the first tasks to reach the queue",
+        || {
+            util::try_session()
+                .ok()
+                .and_then(|session| session.queue_counts(&queue).ok())
+                .is_some_and(|(ready, _)| ready as usize == FIRST)
+        },
+    );
+
+    // The network dies: what is published now is neither stored nor confirmed.
+    let sent: Vec<u64> = proxies.iter().map(util::Proxy::received).collect();
+    proxies.iter().for_each(util::Proxy::freeze);
+    stdin
+        .write_all(lines(FIRST..FIRST + AFTER_FREEZE).as_bytes())
+        .unwrap();
+    drop(stdin);
+    let mut active = None;
+    util::wait_until(
+        Duration::from_secs(20),
+        "the publisher to send into the dead network",
+        || {
+            active = (0..2).find(|&i| proxies[i].received() > sent[i]);
+            active.is_some()
+        },
+    );
+    // Its node goes away for good; the other node is fine.
+    let [first, second] = proxies;
+    let (dead, alive) = if active == Some(0) {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    alive.thaw();
+    drop(dead);
+
+    let out = child.wait_with_output().expect("wait for warren publish");
+    let log = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{log}");
+    assert!(
+        out.status.success(),
+        "publish failed over: {}\n{log}",
+        out.status
+    );
+    let failover = log
+        .lines()
+        .find(|l| l.contains("publishing again through another node"))
+        .unwrap_or_else(|| panic!("no failover line:\n{log}"));
+    let republished: usize = failover
+        .split(", ")
+        .last()
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the failover line counts the unconfirmed: {failover}"));
+    assert!(republished > 0, "{failover}");
+    assert!(
+        log.contains(&format!(
+            "published {} messages to queue {queue}, all confirmed ({republished} published again after a lost connection",
+            FIRST + AFTER_FREEZE
+        )),
+        "the summary counts every message once and says how many went twice:\n{log}"
+    );
+
+    // Every line is in the queue; a line appears twice only if it was published again.
+    let stored = queue_counts(&queue).0 as usize;
+    assert!(
+        (FIRST + AFTER_FREEZE..=FIRST + AFTER_FREEZE + republished).contains(&stored),
+        "{stored} messages stored for {} lines, {republished} published again",
+        FIRST + AFTER_FREEZE
+    );
+    let (connection, channel) = open_channel();
+    let bodies: HashSet<String> = consume(&channel, &queue, stored).iter().map(body).collect();
+    let missing: Vec<usize> = (0..FIRST + AFTER_FREEZE)
+        .filter(|i| !bodies.contains(&format!("task {i}")))
+        .collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    connection.close().expect("close the connection");
+}

@@ -661,6 +661,8 @@ pub struct Proxy {
     pub port: u16,
     /// While set, the proxy keeps every connection open but forwards nothing: a dead network.
     frozen: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes read from clients, forwarded or held.
+    received: Arc<std::sync::atomic::AtomicU64>,
     stop: Option<crossbeam_channel::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -690,8 +692,11 @@ impl Proxy {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let frozen_in_thread = Arc::clone(&frozen);
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let received_in_thread = Arc::clone(&received);
         let thread = thread::spawn(move || {
             let frozen = frozen_in_thread;
+            let received = received_in_thread;
             let mut open: Vec<TcpStream> = Vec::new();
             loop {
                 if !matches!(
@@ -709,15 +714,26 @@ impl Proxy {
                         let Ok(server) = TcpStream::connect(&target) else {
                             continue;
                         };
-                        for (mut from, mut to) in [
-                            (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                            (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                        for (mut from, mut to, count) in [
+                            (
+                                client.try_clone().unwrap(),
+                                server.try_clone().unwrap(),
+                                Some(Arc::clone(&received)),
+                            ),
+                            (
+                                server.try_clone().unwrap(),
+                                client.try_clone().unwrap(),
+                                None,
+                            ),
                         ] {
                             let frozen = Arc::clone(&frozen);
                             thread::spawn(move || {
                                 use std::io::{Read, Write};
                                 let mut buf = [0u8; 16 * 1024];
                                 while let Ok(n @ 1..) = from.read(&mut buf) {
+                                    if let Some(count) = &count {
+                                        count.fetch_add(n as u64, Ordering::SeqCst);
+                                    }
                                     // Hold what was read until the network "comes back".
                                     while frozen.load(Ordering::SeqCst) {
                                         thread::sleep(Duration::from_millis(10));
@@ -739,6 +755,7 @@ impl Proxy {
         Proxy {
             port,
             frozen,
+            received,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -752,6 +769,11 @@ impl Proxy {
     /// Forwards again, including what was held while frozen.
     pub fn thaw(&self) {
         self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// How many bytes clients have sent through the proxy so far (forwarded or held).
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
     }
 
     /// The test broker's URL, through this proxy.
@@ -774,6 +796,9 @@ impl Drop for Proxy {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        // The connections are shut down: what a frozen proxy held is dropped, not delivered,
+        // and its forwarding threads end.
+        self.frozen.store(false, Ordering::SeqCst);
     }
 }
 
