@@ -4,8 +4,10 @@
 //!
 //! warren opens each TCP connection itself, with the configured connect timeout and with
 //! `TCP_NODELAY` set, and hands the stream to amiquip: amiquip's own URL connect has no timeout
-//! and leaves Nagle's algorithm on, which delays small ack frames. Every error text that leaves
-//! this module has the broker password masked, because amiquip's errors print whole URLs.
+//! and leaves Nagle's algorithm on, which delays small ack frames. For an `amqps://` node amiquip
+//! runs the TLS handshake on that stream with the connector of `[broker.tls]` (see `tls.rs`).
+//! Every error text that leaves this module has the broker password masked, because amiquip's
+//! errors print whole URLs.
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -18,6 +20,7 @@ use amiquip::{
 use crossbeam_channel::{select, Receiver, TryRecvError};
 
 use crate::config::{Broker, BrokerUrl};
+use crate::tls::{self, Tls};
 
 /// Why opening a connection failed, once the TCP (and TLS) connection was made.
 fn open_error(url: &BrokerUrl, e: amiquip::Error) -> AmqpError {
@@ -42,6 +45,29 @@ fn open_error(url: &BrokerUrl, e: amiquip::Error) -> AmqpError {
             address: url.address(),
             reason: url.redact(&other.to_string()),
         },
+    }
+}
+
+/// As [`open_error`], for a TLS connection: a failed handshake, or the broker's refusal of the
+/// client certificate, in words.
+fn tls_open_error(url: &BrokerUrl, tls: &Tls, name: &str, e: amiquip::Error) -> AmqpError {
+    let text = e.to_string();
+    let reason = if matches!(e, amiquip::Error::TlsHandshake { .. }) {
+        tls::describe_handshake_error(&text, name)
+    } else if let Some(refusal) = tls::describe_alert(&text) {
+        refusal
+    } else {
+        return match open_error(url, e) {
+            AmqpError::Unreachable { address, reason } => AmqpError::Unreachable {
+                address,
+                reason: reason + tls.refusal_hint(),
+            },
+            refused => refused,
+        };
+    };
+    AmqpError::Unreachable {
+        address: url.address(),
+        reason: url.redact(&reason),
     }
 }
 
@@ -141,23 +167,8 @@ impl Session {
             let tls = (broker.tls.as_ref())
                 .expect("invariant: the config sets broker.tls when a URL is amqps://");
             let name = tls.server_name(url.host());
-            Connection::open_tls_stream(tls.connector(), name, stream, options, tuning).map_err(
-                |e| match e {
-                    amiquip::Error::TlsHandshake { .. } => {
-                        unreachable(crate::tls::describe_handshake_error(&e.to_string(), name))
-                    }
-                    other => match crate::tls::describe_alert(&other.to_string()) {
-                        Some(reason) => unreachable(reason),
-                        None => match open_error(url, other) {
-                            AmqpError::Unreachable { address, reason } => AmqpError::Unreachable {
-                                address,
-                                reason: reason + tls.refusal_hint(),
-                            },
-                            refused => refused,
-                        },
-                    },
-                },
-            )
+            Connection::open_tls_stream(tls.connector(), name, stream, options, tuning)
+                .map_err(|e| tls_open_error(url, tls, name, e))
         } else {
             Connection::insecure_open_stream(stream, options, tuning)
                 .map_err(|e| open_error(url, e))

@@ -459,3 +459,52 @@ fn one_node_down_for_the_whole_run_loses_nothing() {
     );
     down.start_app();
 }
+
+#[test]
+fn a_classic_queue_whose_node_is_down_is_waited_for_not_fatal() {
+    let cluster = Cluster::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let done = dir.path().join("done");
+    let recorder = dir.path().join("recorder.py");
+    fs::write(&recorder, RECORDER).unwrap();
+    let write_config = |name: &str, urls: &[String]| {
+        let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        let path = dir.path().join(name);
+        fs::write(
+            &path,
+            format!(
+                "[broker]\nurls = [{}]\n\n[queue]\nname = \"{QUEUE}\"\n\n[workers]\ncount = 1\n\n\
+                 [handler]\nkind = \"pipe\"\ncommand = [\"python3\", \"{}\", \"{}\", \"0\"]\n",
+                urls.join(", "),
+                recorder.display(),
+                done.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    // The classic queue (and its retry and dead-letter queues) live on node 1, which declared them.
+    let on_first = write_config("first.toml", &cluster.urls()[..1]);
+    let (status, log) = util::publish(&on_first, &["1"]);
+    assert!(status.success(), "publish through node 1: {log}");
+    cluster.node(0).stop_app();
+
+    let both = write_config("both.toml", &cluster.urls());
+    let mut warren = Warren::run(&both, &[]);
+    let line = warren.wait_for_log("is down or inaccessible", Duration::from_secs(30));
+    assert!(
+        line.contains("restarting it in"),
+        "retried, not fatal: {line}"
+    );
+    assert!(
+        warren.lines_with("ERROR").is_empty(),
+        "nothing fatal: {:#?}",
+        warren.log()
+    );
+    cluster.node(0).start_app();
+    wait_until(Duration::from_secs(60), "the task to be done", || {
+        fs::read_to_string(&done).is_ok_and(|text| text.starts_with("1 "))
+    });
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
