@@ -52,17 +52,20 @@ fn open_error(url: &BrokerUrl, e: amiquip::Error) -> AmqpError {
 /// client certificate, in words.
 fn tls_open_error(url: &BrokerUrl, tls: &Tls, name: &str, e: amiquip::Error) -> AmqpError {
     let text = e.to_string();
-    let reason = if matches!(e, amiquip::Error::TlsHandshake { .. }) {
-        tls::describe_handshake_error(&text, name)
-    } else if let Some(refusal) = tls::describe_alert(&text) {
+    let reason = if let Some(refusal) = tls::describe_alert(&text) {
         refusal
+    } else if matches!(e, amiquip::Error::TlsHandshake { .. }) {
+        tls::describe_handshake_error(&text, name)
     } else {
+        // A socket that failed during the AMQP handshake: maybe the broker's refusal of the
+        // client certificate, whose alert was lost with the connection.
+        let socket = text.contains("socket");
         return match open_error(url, e) {
-            AmqpError::Unreachable { address, reason } => AmqpError::Unreachable {
+            AmqpError::Unreachable { address, reason } if socket => AmqpError::Unreachable {
                 address,
                 reason: reason + tls.refusal_hint(),
             },
-            refused => refused,
+            other => other,
         };
     };
     AmqpError::Unreachable {
@@ -384,6 +387,26 @@ impl Session {
         }
     }
 
+    /// Closes a session whose channel ended with `ended`, and says whether the connection was
+    /// lost too (`Err`, with the connection's own reason when it has one) or was still up
+    /// (`Ok(ended)`): then the broker closed only the channel, as it does for an error of the
+    /// channel's own (access refused, a message over the size limit), and another connection
+    /// would meet the same.
+    pub fn close_after_channel(self, ended: AmqpError) -> Result<AmqpError, AmqpError> {
+        let Session {
+            url,
+            channel,
+            connection,
+            ..
+        } = self;
+        drop(channel);
+        match connection.close() {
+            Ok(()) => Ok(ended),
+            Err(amiquip::Error::ClientClosedConnection) => Err(ended),
+            Err(e) => Err(lost(&url, e)),
+        }
+    }
+
     fn channel_error(&self, err: amiquip::Error, what: String) -> AmqpError {
         match err {
             // A classic queue's node is down (in a cluster): it comes back when the node does.
@@ -391,10 +414,12 @@ impl Session {
                 code: NOT_FOUND,
                 ref message,
                 ..
-            } if message.contains("is down or inaccessible") => AmqpError::Lost {
-                address: self.url.address(),
-                reason: format!("{what}: {}", self.url.redact(message)),
-            },
+            } if message.contains("home node") && message.contains("down or inaccessible") => {
+                AmqpError::Lost {
+                    address: self.url.address(),
+                    reason: format!("{what}: {}", self.url.redact(message)),
+                }
+            }
             amiquip::Error::ServerClosedChannel { code, message, .. } => AmqpError::Rejected {
                 what,
                 reason: format!("{} (code {code})", self.url.redact(&message)),

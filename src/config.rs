@@ -359,6 +359,7 @@ impl Config {
             |span: Range<usize>, message: &str| ConfigError::at(path, source, Some(span), message);
 
         let broker = file.broker.unwrap_or_default();
+        let overridden = broker_url_env.is_some();
         let urls = match broker_url_env {
             Some(env) => env
                 .split(',')
@@ -409,12 +410,12 @@ impl Config {
             Some(tls)
         } else if broker.tls.is_some() {
             let span = find_table(source, "broker.tls");
-            return Err(ConfigError::at(
-                path,
-                source,
-                span,
-                "[broker.tls] is set but no broker URL uses amqps://; use amqps:// URLs or remove it",
-            ));
+            let message = if overridden {
+                format!("[broker.tls] is set but none of the URLs of {BROKER_URL_ENV} (or the broker-url credential) uses amqps://")
+            } else {
+                "[broker.tls] is set but no broker URL uses amqps://; use amqps:// URLs or remove it".to_string()
+            };
+            return Err(ConfigError::at(path, source, span, &message));
         } else {
             None
         };

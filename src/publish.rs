@@ -83,8 +83,15 @@ pub fn publish(
         ) {
             Ok(()) => break,
             Err(Stop::Failed(e)) => return Err(e),
-            // The connection's own error says more than a channel that stopped answering.
-            Err(Stop::Lost(e)) => session.close_after(e),
+            Err(Stop::Lost(e)) => match session.close_after_channel(e) {
+                Ok(closed) => {
+                    return Err(PublishError::NotConfirmed(format!(
+                        "{closed}: the broker closed the channel but not the connection, for an error another node would give too (such as access refused or a message over its size limit); not publishing again"
+                    )))
+                }
+                // The connection's own error says more than a channel that stopped answering.
+                Err(lost) => lost,
+            },
         };
         fruitless = if tracker.confirmed > confirmed {
             1
@@ -193,7 +200,12 @@ fn publish_on(
     while !tracker.pending.is_empty() {
         tracker.wait(&publisher, options.confirm_timeout)?;
     }
-    tracker.drain(&publisher)?;
+    // Every message is confirmed, and returns come before acks: a connection lost now loses
+    // nothing, and must not make warren publish anything again.
+    match tracker.drain(&publisher) {
+        Err(Stop::Lost(e)) => log::debug!("after the last confirm: {e}"),
+        other => other?,
+    }
     Ok(())
 }
 /// Splits `input` into messages, one per line, without the newline. Lines are bytes: they need
@@ -243,7 +255,11 @@ impl Tracker {
         message: Message,
     ) -> Result<(), Stop> {
         while self.pending.len() >= MAX_UNCONFIRMED {
-            self.wait(publisher, options.confirm_timeout)?;
+            if let Err(e) = self.wait(publisher, options.confirm_timeout) {
+                // Not published yet: it goes first on the next connection.
+                self.resend.push_front(message);
+                return Err(e);
+            }
         }
         match publisher.publish(&options.queue, &message.body, &message.id) {
             Ok(tag) => {

@@ -13,7 +13,7 @@ use native_tls::{Certificate, Identity, TlsConnector};
 use serde::Deserialize;
 
 /// `[broker.tls]` as written in the file (relative paths are relative to the file's
-/// directory), or as loaded (absolute paths).
+/// directory), or as loaded (the paths joined to that directory).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
@@ -33,7 +33,8 @@ pub struct TlsSection {
 #[derive(Clone)]
 pub struct Tls {
     connector: TlsConnector,
-    /// The settings it was built from, with the file paths made absolute.
+    /// The settings it was built from, with the file paths joined to the config file's
+    /// directory.
     pub settings: TlsSection,
 }
 
@@ -154,14 +155,14 @@ pub fn describe_handshake_error(text: &str, server_name: &str) -> String {
         .and_then(|(_, reason)| reason.strip_suffix(')'))
         .filter(|_| text.contains("certificate verify failed"));
     let Some(reason) = verify else {
-        // Not a verification failure: keep OpenSSL's reason, which is its last `:`-field that
-        // is not a source location.
-        let reason = text
-            .split(':')
-            .filter(|field| !field.contains(".c") && !field.trim().is_empty())
-            .map(str::trim)
-            .next_back()
-            .unwrap_or(text);
+        // Not a verification failure: keep OpenSSL's reason, the `:`-field before the source
+        // file (`error:CODE:LIBRARY:FUNCTION:REASON:FILE.c:LINE:DATA`).
+        let fields: Vec<&str> = text.split(':').collect();
+        let reason = fields
+            .iter()
+            .position(|field| field.ends_with(".c"))
+            .and_then(|file| file.checked_sub(1))
+            .map_or(text, |reason| fields[reason].trim());
         return format!("TLS handshake failed: {reason}");
     };
     let hint = match reason {
@@ -232,7 +233,13 @@ mod tests {
         let alert = "error:0A00045C:SSL routines:ssl3_read_bytes:tlsv13 alert certificate required:../ssl/record/rec_layer_s3.c:1586:SSL alert number 116";
         assert_eq!(
             describe_handshake_error(alert, "h"),
-            "TLS handshake failed: SSL alert number 116"
+            "TLS handshake failed: tlsv13 alert certificate required"
+        );
+        // amqps:// pointed at a plain AMQP port.
+        let plain = "TLS handshake failed: error:0A00010B:SSL routines:ssl3_get_record:wrong version number:../ssl/record/ssl3_record.c:354:";
+        assert_eq!(
+            describe_handshake_error(plain, "h"),
+            "TLS handshake failed: wrong version number"
         );
         let read = format!("I/O error while reading socket: {alert}");
         assert_eq!(

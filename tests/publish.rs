@@ -335,10 +335,17 @@ fn the_published_count_can_be_written_for_the_textfile_collector() {
     assert!(!broker.dir.path().join("warren_publish.prom.tmp").exists());
 }
 
+/// Line `i` of the failover test: 100 bytes.
+fn line(i: usize) -> String {
+    format!("task {i:<6} {}", "x".repeat(88))
+}
+
 #[test]
 fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again() {
     const FIRST: usize = 2_000;
-    const AFTER_FREEZE: usize = 3_000;
+    // More than warren keeps unconfirmed at once (4096): it is waiting for confirms, a message
+    // in hand, when the connection dies.
+    const AFTER_FREEZE: usize = 6_000;
     let broker = Broker::shared();
     let queue = broker.queue("failover");
     // Two "nodes", each a proxy to the test broker.
@@ -368,7 +375,7 @@ fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again(
         .expect("start warren publish");
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let lines = |range: std::ops::Range<usize>| -> String {
-        range.map(|i| format!("task {i}\n")).collect()
+        range.map(|i| format!("{}\n", line(i))).collect()
     };
     stdin.write_all(lines(0..FIRST).as_bytes()).unwrap();
     stdin.flush().unwrap();
@@ -383,13 +390,28 @@ fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again(
         },
     );
 
-    // The network dies: what is published now is neither stored nor confirmed.
+    // The network dies: what is published now is neither stored nor confirmed. Lines are
+    // written from a thread, since warren stops reading its input while it waits for confirms.
     let sent: Vec<u64> = proxies.iter().map(util::Proxy::received).collect();
     proxies.iter().for_each(util::Proxy::freeze);
-    stdin
-        .write_all(lines(FIRST..FIRST + AFTER_FREEZE).as_bytes())
-        .unwrap();
-    drop(stdin);
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = {
+        let written = std::sync::Arc::clone(&written);
+        thread::spawn(move || {
+            for i in FIRST..FIRST + AFTER_FREEZE {
+                stdin.write_all(lines(i..i + 1).as_bytes())?;
+                written.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok::<(), std::io::Error>(())
+        })
+    };
+    // Lines are 100 bytes and a pipe holds 64 KiB: once 1,000 lines more than warren keeps
+    // unconfirmed are written, it has read 4,096 it cannot get confirmed, and waits.
+    util::wait_until(
+        Duration::from_secs(20),
+        "warren to read more lines than it may keep unconfirmed",
+        || written.load(std::sync::atomic::Ordering::SeqCst) >= 4096 + 500,
+    );
     let mut active = None;
     util::wait_until(
         Duration::from_secs(20),
@@ -408,10 +430,13 @@ fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again(
     };
     alive.thaw();
     drop(dead);
+    writer
+        .join()
+        .expect("the writer thread")
+        .expect("write warren's input");
 
     let out = child.wait_with_output().expect("wait for warren publish");
     let log = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{log}");
     assert!(
         out.status.success(),
         "publish failed over: {}\n{log}",
@@ -446,7 +471,7 @@ fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again(
     let (connection, channel) = open_channel();
     let bodies: HashSet<String> = consume(&channel, &queue, stored).iter().map(body).collect();
     let missing: Vec<usize> = (0..FIRST + AFTER_FREEZE)
-        .filter(|i| !bodies.contains(&format!("task {i}")))
+        .filter(|&i| !bodies.contains(&line(i)))
         .collect();
     assert!(missing.is_empty(), "lost: {missing:?}");
     connection.close().expect("close the connection");
