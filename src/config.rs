@@ -394,6 +394,13 @@ impl Config {
                 }
             },
         };
+        if urls.iter().any(BrokerUrl::is_tls) && !urls.iter().all(BrokerUrl::is_tls) {
+            let message = "the broker URLs mix amqp:// and amqps://: the password would travel unencrypted to some nodes; use amqps:// for every node";
+            return Err(match (overridden, find_key(source, "broker", "urls")) {
+                (false, Some(span)) => ConfigError::at(path, source, Some(span), message),
+                _ => ConfigError(format!("{}: broker.urls: {message}", path.display())),
+            });
+        }
         let tls = if urls.iter().any(BrokerUrl::is_tls) {
             let base = path.parent().unwrap_or(Path::new("."));
             let tls = Tls::load(broker.tls.as_ref(), base).map_err(|e| {
@@ -928,6 +935,14 @@ mod tests {
             parse(&text).unwrap_err(),
             "w.toml:3: broker: [broker.tls] is set but no broker URL uses amqps://; use amqps:// URLs or remove it"
         );
+    }
+
+    #[test]
+    fn a_cluster_is_all_tls_or_not_at_all() {
+        let text = format!("[broker]\nurls = [\"amqps://u:p@n1\", \"amqp://u:p@n2\"]\n{MINIMAL}");
+        assert!(parse(&text)
+            .unwrap_err()
+            .starts_with("w.toml:2: broker.urls: the broker URLs mix amqp:// and amqps://"));
     }
 
     #[test]

@@ -105,7 +105,6 @@ pub fn publish(
             )));
         }
         let unconfirmed = tracker.unconfirmed();
-        summary.republished += unconfirmed;
         log::warn!(
             "{lost}; publishing again through {}, {unconfirmed} unconfirmed messages first",
             if nodes > 1 {
@@ -139,6 +138,7 @@ pub fn publish(
         )));
     }
     summary.confirmed = tracker.messages;
+    summary.republished = tracker.republished;
     if let Err(e) = session.close() {
         log::debug!("closing the connection after publishing: {e}");
     }
@@ -195,7 +195,8 @@ fn publish_on(
         let id = uuid::Uuid::new_v4().to_string();
         log::debug!("publishing {id} {}", crate::pool::preview(&body));
         tracker.messages += 1;
-        tracker.send(&mut publisher, options, Message { id, body })?;
+        let message = Message { id, body, sends: 0 };
+        tracker.send(&mut publisher, options, message)?;
     }
     while !tracker.pending.is_empty() {
         tracker.wait(&publisher, options.confirm_timeout)?;
@@ -226,6 +227,8 @@ fn stop(e: AmqpError) -> Stop {
 struct Message {
     id: String,
     body: Vec<u8>,
+    /// How often it was published: more than once after a lost connection.
+    sends: u32,
 }
 
 /// The messages published and not yet confirmed.
@@ -239,6 +242,10 @@ struct Tracker {
     messages: usize,
     /// Confirms received.
     confirmed: usize,
+    /// Messages confirmed after they were published more than once.
+    republished: usize,
+    /// Ids of messages the broker returned as unroutable, until their confirm settles them.
+    returned: BTreeMap<String, String>,
     problems: Vec<String>,
     /// The broker has blocked the connection (a memory or disk alarm): the confirm timeout
     /// does not run while it lasts.
@@ -263,6 +270,10 @@ impl Tracker {
         }
         match publisher.publish(&options.queue, &message.body, &message.id) {
             Ok(tag) => {
+                let message = Message {
+                    sends: message.sends + 1,
+                    ..message
+                };
                 self.pending.insert(tag, message);
                 self.drain(publisher)
             }
@@ -274,14 +285,20 @@ impl Tracker {
     }
 
     /// After a lost connection: every message not confirmed is to be published again, in the
-    /// order it was first published. Returns how many.
+    /// order it was first published. Returns how many of them were published (and not just
+    /// read).
     fn unconfirmed(&mut self) -> usize {
         let pending = std::mem::take(&mut self.pending);
         for message in pending.into_values().rev() {
             self.resend.push_front(message);
         }
+        // Their returns are settled by the confirms of their next publication.
+        self.returned.clear();
         self.blocked = false;
-        self.resend.len()
+        self.resend
+            .iter()
+            .filter(|message| message.sends > 0)
+            .count()
     }
 
     fn apply(&mut self, event: PublishEvent) {
@@ -297,10 +314,8 @@ impl Tracker {
                 return;
             }
             PublishEvent::Returned { message_id, reason } => {
-                self.problems.push(format!(
-                    "{} returned as unroutable: {reason}",
-                    message_id.as_deref().unwrap_or("?")
-                ));
+                let id = message_id.unwrap_or_else(|| "?".into());
+                self.returned.insert(id, reason);
                 return;
             }
         };
@@ -316,8 +331,13 @@ impl Tracker {
             if nacked {
                 let problem = format!("{} nacked by the broker", message.id);
                 self.problems.push(problem);
+            } else if let Some(reason) = self.returned.remove(&message.id) {
+                // The broker sends a message's return before its ack.
+                let problem = format!("{} returned as unroutable: {reason}", message.id);
+                self.problems.push(problem);
             } else {
                 self.confirmed += 1;
+                self.republished += usize::from(message.sends > 1);
             }
         }
     }
