@@ -374,16 +374,8 @@ impl Session {
     /// connection has one. When amiquip's I/O thread dies (missed heartbeats, a reset socket),
     /// the consumer only sees its channel disconnect; the cause comes out of the close.
     pub fn close_after(self, ended: AmqpError) -> AmqpError {
-        let Session {
-            url,
-            channel,
-            connection,
-            ..
-        } = self;
-        drop(channel);
-        match connection.close() {
-            Err(e) if !matches!(e, amiquip::Error::ClientClosedConnection) => lost(&url, e),
-            _ => ended,
+        match self.close_after_channel(ended) {
+            Ok(ended) | Err(ended) => ended,
         }
     }
 

@@ -20,7 +20,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -237,16 +237,7 @@ struct Publisher {
 
 impl Publisher {
     fn start(config: &Path) -> Publisher {
-        let mut child = Command::new(util::warren_bin())
-            .args(["publish", "--stdin", "--config"])
-            .arg(config)
-            .env_remove("WARREN_BROKER_URL")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start warren publish");
+        let mut child = util::spawn_publish_stdin(config, &[]);
         let stdin = child.stdin.take();
         Publisher { child, stdin }
     }

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -66,18 +66,7 @@ fn consume(channel: &Channel, queue: &str, count: usize) -> Vec<Delivery> {
 /// Runs `warren publish --config CONFIG --stdin` with `input` on its standard input and returns
 /// its exit status and log.
 fn publish_stdin(config: &Path, input: Vec<u8>) -> (ExitStatus, String) {
-    let mut child = Command::new(util::warren_bin())
-        .arg("publish")
-        .arg("--config")
-        .arg(config)
-        .arg("--stdin")
-        .env_remove("WARREN_BROKER_URL")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start warren publish");
+    let mut child = util::spawn_publish_stdin(config, &[]);
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let writer = thread::spawn(move || stdin.write_all(&input));
     let out = child.wait_with_output().expect("wait for warren publish");
@@ -363,16 +352,7 @@ fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again(
         ),
     )
     .unwrap();
-    let mut child = Command::new(util::warren_bin())
-        .args(["publish", "--stdin", "--confirm-timeout", "60s", "--config"])
-        .arg(&config)
-        .env_remove("WARREN_BROKER_URL")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start warren publish");
+    let mut child = util::spawn_publish_stdin(&config, &["--confirm-timeout", "60s"]);
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let lines = |range: std::ops::Range<usize>| -> String {
         range.map(|i| format!("{}\n", line(i))).collect()

@@ -412,6 +412,22 @@ pub fn publish(config: &Path, args: &[&str]) -> (ExitStatus, String) {
     )
 }
 
+/// Starts `warren publish --stdin --config CONFIG` with `args` appended, its standard input and
+/// error piped, at log level info.
+pub fn spawn_publish_stdin(config: &Path, args: &[&str]) -> Child {
+    Command::new(warren_bin())
+        .args(["publish", "--stdin", "--config"])
+        .arg(config)
+        .args(args)
+        .env_remove("WARREN_BROKER_URL")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start warren publish")
+}
+
 /// Publishes each message with `warren publish` and asserts that it succeeded.
 pub fn publish_ok(config: &Path, messages: &[&str]) {
     for message in messages {
