@@ -6,10 +6,13 @@
 //! and prints the report. BENCHMARKS.md says what each figure means and holds the results.
 //!
 //! Run: `cargo bench --bench warren` (all parts, about five minutes), or some of them with
-//! `cargo bench --bench warren -- --messages 20000 --runs 3 --only drain,command,pipe,publish,memory,idle`.
+//! `cargo bench --bench warren -- --messages 20000 --runs 3 --only drain,command,pipe,publish,memory,idle,tls`.
 //! The report is Markdown on standard output; progress goes to standard error.
 
 mod driver;
+// The tests' helpers, for the extra RabbitMQ node with a TLS listener that the tls part starts.
+#[path = "../tests/util/mod.rs"]
+mod util;
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -36,15 +39,17 @@ enum Part {
     Publish,
     Memory,
     Idle,
+    Tls,
 }
 
-const PARTS: [(&str, Part); 6] = [
+const PARTS: [(&str, Part); 7] = [
     ("drain", Part::Drain),
     ("command", Part::Command),
     ("pipe", Part::Pipe),
     ("publish", Part::Publish),
     ("memory", Part::Memory),
     ("idle", Part::Idle),
+    ("tls", Part::Tls),
 ];
 
 struct Flags {
@@ -81,11 +86,14 @@ fn run() -> Result<(), String> {
     if wants(Part::Idle) {
         idle()?;
     }
+    if wants(Part::Tls) {
+        tls(&flags)?;
+    }
     Ok(())
 }
 
 fn flags() -> Result<Flags, String> {
-    let usage = "use --messages N, --runs N, --only drain,command,pipe,publish,memory,idle";
+    let usage = "use --messages N, --runs N, --only drain,command,pipe,publish,memory,idle,tls";
     let mut flags = Flags {
         messages: 20_000,
         runs: 3,
@@ -412,6 +420,89 @@ fn publish(flags: &Flags) -> Result<(), String> {
         thousands(high),
         flags.runs
     );
+    Ok(())
+}
+
+/// What TLS costs: draining no-op tasks with 4 workers (prefetch 1 and 10) and `warren publish
+/// --stdin`, over `amqp://` and over `amqps://` to the same node, an extra RabbitMQ node with
+/// both listeners started for the bench (by the tests' helper), interleaved run by run.
+fn tls(flags: &Flags) -> Result<(), String> {
+    const LINES: usize = PUBLISH_LINES / 5;
+    let certs = util::certs::Certs::generate();
+    let conf = certs.tls_conf(&certs.server_cert, &certs.server_key, false);
+    let cluster = util::nodes::Cluster::start_with(1, &conf);
+    let node = cluster.node(0);
+    let tls_keys = format!(
+        "url = \"{}\"\n\n[broker.tls]\nca_file = \"{}\"",
+        node.amqps_url(),
+        certs.ca_cert.display()
+    );
+    // The driver reads the broker from the environment: this node's plain listener, or its TLS
+    // listener through the [broker] keys.
+    std::env::set_var("WARREN_TEST_AMQP_URL", node.amqp_url());
+    std::env::set_var(driver::NODE_ENV, node.name());
+    let modes = [("amqp://", None), ("amqps://", Some(tls_keys))];
+    // Rates by mode, then by what: prefetch 1, prefetch 10, publish.
+    let mut rates = [[(); 3].map(|()| Vec::new()), [(); 3].map(|()| Vec::new())];
+    for run in 1..=flags.runs {
+        for (mode, (name, keys)) in modes.iter().enumerate() {
+            match keys {
+                Some(keys) => std::env::set_var(driver::BROKER_ENV, keys),
+                None => std::env::remove_var(driver::BROKER_ENV),
+            }
+            for (what, prefetch) in [1, 10].into_iter().enumerate() {
+                let measured = driver::measure(&Scenario {
+                    name: "tls".into(),
+                    consumer: Consumer::Warren {
+                        handler: DOTS.into(),
+                    },
+                    workers: 4,
+                    prefetch,
+                    messages: flags.messages,
+                })
+                .map_err(|e| format!("tls: {name} drain: {e}"))?;
+                eprintln!(
+                    "tls {run}/{} {name} prefetch {prefetch}: {} msg/s",
+                    flags.runs,
+                    thousands(measured.rate)
+                );
+                rates[mode][what].push(measured.rate);
+            }
+            let rate =
+                driver::publish_stdin(LINES).map_err(|e| format!("tls: {name} publish: {e}"))?;
+            eprintln!(
+                "tls {run}/{} {name} publish: {} msg/s",
+                flags.runs,
+                thousands(rate)
+            );
+            rates[mode][2].push(rate);
+        }
+    }
+    std::env::remove_var(driver::BROKER_ENV);
+    std::env::remove_var("WARREN_TEST_AMQP_URL");
+    std::env::remove_var(driver::NODE_ENV);
+    println!(
+        "\n| TLS, one extra node (medians of {} interleaved runs) | `amqp://` | `amqps://` | amqps / amqp |\n|---|---|---|---|",
+        flags.runs
+    );
+    let labels = [
+        "dots (no-op), 4 workers, prefetch 1".to_string(),
+        "dots (no-op), 4 workers, prefetch 10".to_string(),
+        format!(
+            "`warren publish --stdin`, {} lines",
+            thousands(LINES as f64)
+        ),
+    ];
+    for (what, label) in labels.iter().enumerate() {
+        let plain = median(rates[0][what].clone());
+        let tls = median(rates[1][what].clone());
+        println!(
+            "| {label} | {} msg/s | {} msg/s | {:.2} |",
+            thousands(plain),
+            thousands(tls),
+            tls / plain
+        );
+    }
     Ok(())
 }
 

@@ -59,6 +59,20 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
 }
 
+/// Replaces the `[broker]` keys of the configs the driver writes (`url = ...` by default), for
+/// a broker reached differently, such as over TLS: `url = "amqps://..."` followed by a
+/// `[broker.tls]` table. The driver's own connections use the same keys.
+pub const BROKER_ENV: &str = "WARREN_BENCH_BROKER";
+
+/// The RabbitMQ node `rabbitmqctl` asks about the queues, when it is not the local default one.
+pub const NODE_ENV: &str = "WARREN_BENCH_RABBITMQ_NODE";
+
+/// The `[broker]` keys of the configs the driver writes: [`BROKER_ENV`], else the URL of
+/// [`amqp_url`].
+fn broker_keys() -> String {
+    std::env::var(BROKER_ENV).unwrap_or_else(|_| format!("url = \"{}\"", amqp_url()))
+}
+
 /// The consumer a scenario measures.
 pub enum Consumer {
     /// `warren run` (the binary cargo built with the bench or test) with these `[handler]` keys.
@@ -305,9 +319,9 @@ impl Setup {
             .map_err(|e| failed(format!("cannot create a temporary directory: {e}")))?;
         let config_path = dir.path().join("warren.toml");
         let text = format!(
-            "[broker]\nurl = \"{}\"\n\n[queue]\nname = \"{queue}\"\n\n[workers]\ncount = {workers}\n\
+            "[broker]\n{}\n\n[queue]\nname = \"{queue}\"\n\n[workers]\ncount = {workers}\n\
              prefetch = {prefetch}\n\n[handler]\n{handler}\n\n[shutdown]\ngrace = \"{GRACE}\"\n",
-            amqp_url()
+            broker_keys()
         );
         fs::write(&config_path, &text)
             .map_err(|e| failed(format!("cannot write {}: {e}", config_path.display())))?;
@@ -639,9 +653,14 @@ fn fill(config: &Config, count: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// Ready and unacknowledged messages of `queue`, as `rabbitmqctl list_queues` reports them.
+/// Ready and unacknowledged messages of `queue`, as `rabbitmqctl list_queues` reports them (on
+/// the node [`NODE_ENV`] names, if set).
 fn ready_and_unacked(vhost: &str, queue: &str) -> Result<(u64, u64), Error> {
-    let out = Command::new("rabbitmqctl")
+    let mut rabbitmqctl = Command::new("rabbitmqctl");
+    if let Ok(node) = std::env::var(NODE_ENV) {
+        rabbitmqctl.args(["-n", &node]);
+    }
+    let out = rabbitmqctl
         .args(["list_queues", "-p", vhost, "-q", "--no-table-headers"])
         .args(["name", "messages_ready", "messages_unacknowledged"])
         .output()
