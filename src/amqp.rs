@@ -74,6 +74,12 @@ fn tls_open_error(url: &BrokerUrl, tls: &Tls, name: &str, e: amiquip::Error) -> 
     }
 }
 
+/// Whether a 404 says that the queue exists but lives on a node that is down (a classic queue
+/// in a cluster), rather than that there is no such queue.
+fn home_node_down(message: &str) -> bool {
+    message.contains("home node") && message.contains("down or inaccessible")
+}
+
 /// The AMQP reply codes that warren branches on.
 const CONNECTION_FORCED: u16 = 320;
 /// Also the reply of a passive declare (or a get, or a purge) that names a missing queue.
@@ -406,12 +412,10 @@ impl Session {
                 code: NOT_FOUND,
                 ref message,
                 ..
-            } if message.contains("home node") && message.contains("down or inaccessible") => {
-                AmqpError::Lost {
-                    address: self.url.address(),
-                    reason: format!("{what}: {}", self.url.redact(message)),
-                }
-            }
+            } if home_node_down(message) => AmqpError::Lost {
+                address: self.url.address(),
+                reason: format!("{what}: {}", self.url.redact(message)),
+            },
             amiquip::Error::ServerClosedChannel { code, message, .. } => AmqpError::Rejected {
                 what,
                 reason: format!("{} (code {code})", self.url.redact(&message)),
@@ -931,8 +935,10 @@ impl Session {
             }
             // The broker has closed the channel already; dropping it only frees its id.
             Err(amiquip::Error::ServerClosedChannel {
-                code: NOT_FOUND, ..
-            }) => Ok(None),
+                code: NOT_FOUND,
+                ref message,
+                ..
+            }) if !home_node_down(message) => Ok(None),
             Err(other) => {
                 Err(self.channel_error(other, format!("a passive declare of queue {queue:?}")))
             }

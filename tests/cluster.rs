@@ -492,6 +492,22 @@ fn a_classic_queue_whose_node_is_down_is_waited_for_not_fatal() {
     cluster.node(0).stop_app();
 
     let both = write_config("both.toml", &cluster.urls());
+    // The operator's check does not call the queue missing: it says where it is.
+    let check = Command::new(util::warren_bin())
+        .args(["check-config", "--connect", "--config"])
+        .arg(&both)
+        .output()
+        .expect("run warren check-config");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert_ne!(check.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("is down or inaccessible") && !said.contains("missing;"),
+        "{said}"
+    );
     let mut warren = Warren::run(&both, &[]);
     let line = warren.wait_for_log("is down or inaccessible", Duration::from_secs(30));
     assert!(
