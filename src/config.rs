@@ -49,6 +49,19 @@ impl ConfigError {
         };
         ConfigError(format!("{location}: {}", one_line(message)))
     }
+
+    /// An error about `key` of `[table]`: at its line when the file has it as `key = ...` in
+    /// that table, else (an inline table, say) naming `table.key` after the file.
+    fn at_key(path: &Path, source: &str, table: &str, key: &str, message: &str) -> ConfigError {
+        match find_key(source, table, key) {
+            Some(span) => ConfigError::at(path, source, Some(span), message),
+            None => ConfigError(format!(
+                "{}: {table}.{key}: {}",
+                path.display(),
+                one_line(message)
+            )),
+        }
+    }
 }
 
 /// The validated configuration of one warren process.
@@ -396,24 +409,16 @@ impl Config {
         };
         if urls.iter().any(BrokerUrl::is_tls) && !urls.iter().all(BrokerUrl::is_tls) {
             let message = "the broker URLs mix amqp:// and amqps://: the password would travel unencrypted to some nodes; use amqps:// for every node";
-            return Err(match (overridden, find_key(source, "broker", "urls")) {
-                (false, Some(span)) => ConfigError::at(path, source, Some(span), message),
-                _ => ConfigError(format!("{}: broker.urls: {message}", path.display())),
+            return Err(if overridden {
+                ConfigError(format!("{}: broker.urls: {message}", path.display()))
+            } else {
+                ConfigError::at_key(path, source, "broker", "urls", message)
             });
         }
         let tls = if urls.iter().any(BrokerUrl::is_tls) {
             let base = path.parent().unwrap_or(Path::new("."));
-            let tls = Tls::load(broker.tls.as_ref(), base).map_err(|e| {
-                match find_key(source, "broker.tls", e.key) {
-                    Some(span) => ConfigError::at(path, source, Some(span), &e.message),
-                    None => ConfigError(format!(
-                        "{}: broker.tls.{}: {}",
-                        path.display(),
-                        e.key,
-                        e.message
-                    )),
-                }
-            })?;
+            let tls = Tls::load(broker.tls.as_ref(), base)
+                .map_err(|e| ConfigError::at_key(path, source, "broker.tls", e.key, &e.message))?;
             Some(tls)
         } else if broker.tls.is_some() {
             let span = find_table(source, "broker.tls");

@@ -259,7 +259,7 @@ impl Tracker {
         &mut self,
         publisher: &mut Publisher<'_>,
         options: &Options,
-        message: Message,
+        mut message: Message,
     ) -> Result<(), Stop> {
         while self.pending.len() >= MAX_UNCONFIRMED {
             if let Err(e) = self.wait(publisher, options.confirm_timeout) {
@@ -270,10 +270,7 @@ impl Tracker {
         }
         match publisher.publish(&options.queue, &message.body, &message.id) {
             Ok(tag) => {
-                let message = Message {
-                    sends: message.sends + 1,
-                    ..message
-                };
+                message.sends += 1;
                 self.pending.insert(tag, message);
                 self.drain(publisher)
             }

@@ -88,19 +88,9 @@ impl Topology {
                     "x-delivery-limit".into(),
                     Arg::Int(i64::from(retry.max_attempts) - 1),
                 ),
-                ("x-dead-letter-exchange".into(), Arg::Str(String::new())),
-                (
-                    "x-dead-letter-routing-key".into(),
-                    Arg::Str(queue.dead_letter.clone()),
-                ),
-                // At-least-once dead-lettering needs the queue to refuse publishes when full
-                // rather than drop its oldest messages.
-                (
-                    "x-dead-letter-strategy".into(),
-                    Arg::Str("at-least-once".into()),
-                ),
-                ("x-overflow".into(), Arg::Str("reject-publish".into())),
             ];
+            work.arguments
+                .extend(dead_letter_to(&queue.dead_letter, quorum));
             dead.arguments = vec![type_arg("quorum")];
         }
         let mut delays: Vec<Duration> = (1..retry.max_attempts)
@@ -110,26 +100,14 @@ impl Topology {
         let retries = delays
             .into_iter()
             .map(|delay| {
-                let mut arguments = vec![
-                    ("x-message-ttl".into(), Arg::Int(delay.as_millis() as i64)),
-                    ("x-dead-letter-exchange".into(), Arg::Str(String::new())),
-                    (
-                        "x-dead-letter-routing-key".into(),
-                        Arg::Str(queue.name.clone()),
-                    ),
-                ];
+                let mut arguments = Vec::new();
                 if quorum {
                     // Replicated like the work queue: a classic retry queue lives on one node,
                     // and while that node is down its messages wait and its declare fails.
-                    arguments.insert(0, type_arg("quorum"));
-                    arguments.extend([
-                        (
-                            "x-dead-letter-strategy".into(),
-                            Arg::Str("at-least-once".into()),
-                        ),
-                        ("x-overflow".into(), Arg::Str("reject-publish".into())),
-                    ]);
+                    arguments.push(type_arg("quorum"));
                 }
+                arguments.push(("x-message-ttl".into(), Arg::Int(delay.as_millis() as i64)));
+                arguments.extend(dead_letter_to(&queue.name, quorum));
                 QueueSpec {
                     name: retry_queue(queue, delay),
                     durable: queue.durable,
@@ -150,6 +128,26 @@ impl Topology {
             .chain(&self.retries)
             .chain(std::iter::once(&self.dead))
     }
+}
+
+/// The `x-` arguments that dead-letter a queue's messages to the queue `target` through the
+/// default exchange; on a quorum queue at least once, which needs the queue to refuse
+/// publishes when full rather than drop its oldest messages.
+fn dead_letter_to(target: &str, quorum: bool) -> Vec<(String, Arg)> {
+    let mut arguments = vec![
+        ("x-dead-letter-exchange".into(), Arg::Str(String::new())),
+        ("x-dead-letter-routing-key".into(), Arg::Str(target.into())),
+    ];
+    if quorum {
+        arguments.extend([
+            (
+                "x-dead-letter-strategy".into(),
+                Arg::Str("at-least-once".into()),
+            ),
+            ("x-overflow".into(), Arg::Str("reject-publish".into())),
+        ]);
+    }
+    arguments
 }
 
 /// The retry queue that holds messages for `delay`: `<queue>.retry.<delay>`, such as
@@ -304,6 +302,13 @@ mod tests {
             .is_empty());
     }
 
+    /// The value of `spec`'s argument `name`, if it has one.
+    fn argument(spec: &QueueSpec, name: &str) -> Option<Arg> {
+        (spec.arguments.iter())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+
     #[test]
     fn a_quorum_queue_counts_deliveries_and_dead_letters_at_least_once() {
         let queue = Queue {
@@ -311,14 +316,7 @@ mod tests {
             ..Queue::classic("jobs")
         };
         let topology = Topology::new(&queue, &retry(5));
-        let arg = |name: &str| {
-            topology
-                .work
-                .arguments
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
+        let arg = |name: &str| argument(&topology.work, name);
         assert_eq!(arg("x-queue-type"), Some(Arg::Str("quorum".into())));
         assert_eq!(arg("x-delivery-limit"), Some(Arg::Int(4)));
         assert_eq!(
@@ -332,11 +330,7 @@ mod tests {
         assert_eq!(arg("x-overflow"), Some(Arg::Str("reject-publish".into())));
         // The retry queues are replicated too, so that losing a node loses no retry.
         for retry_queue in &topology.retries {
-            let arg = |name: &str| {
-                (retry_queue.arguments.iter())
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-            };
+            let arg = |name: &str| argument(retry_queue, name);
             assert_eq!(arg("x-queue-type"), Some(Arg::Str("quorum".into())));
             assert_eq!(
                 arg("x-dead-letter-routing-key"),

@@ -493,8 +493,7 @@ fn a_classic_queue_whose_node_is_down_is_waited_for_not_fatal() {
 
     let both = write_config("both.toml", &cluster.urls());
     // The operator's check does not call the queue missing: it says where it is.
-    let check = Command::new(util::warren_bin())
-        .args(["check-config", "--connect", "--config"])
+    let check = util::warren_command(&["check-config", "--connect", "--config"])
         .arg(&both)
         .output()
         .expect("run warren check-config");

@@ -102,6 +102,14 @@ fn assert_refused(config: &Path, reason: &str) -> String {
     errors[0].to_string()
 }
 
+/// Asserts that `warren publish` is refused (exit 69, one line) for its client certificate: the
+/// line says `alert` when warren read the broker's TLS alert, or ends with `reset_hint` when the
+/// connection was reset before it could.
+fn assert_client_refused(config: &Path, alert: &str, reset_hint: &str) {
+    let line = assert_refused(config, "cannot reach the broker at localhost:");
+    assert!(line.contains(alert) || line.contains(reset_hint), "{line}");
+}
+
 /// The `ssl` flag of every client connection of `node`.
 fn connections_over_tls(node: &Node) -> Vec<String> {
     node.rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "ssl"])
@@ -180,13 +188,10 @@ fn warren_works_over_mutual_tls_and_refuses_a_broker_it_cannot_trust() {
         ..TlsKeys::good(&certs)
     };
     let no_cert = config(dir.path(), "no-cert.toml", &node.amqps_url(), &anonymous);
-    // The broker's alert says why, unless the connection was reset before warren read it.
-    let line = assert_refused(&no_cert, "cannot reach the broker at localhost:");
-    assert!(
-        line.contains("the broker requires a client certificate")
-            || line
-                .contains("if the broker requires a client certificate, set broker.tls.cert_file"),
-        "{line}"
+    assert_client_refused(
+        &no_cert,
+        "the broker requires a client certificate",
+        "if the broker requires a client certificate, set broker.tls.cert_file",
     );
 
     // A client certificate from a CA the node does not trust.
@@ -195,12 +200,10 @@ fn warren_works_over_mutual_tls_and_refuses_a_broker_it_cannot_trust() {
         ..TlsKeys::good(&certs)
     };
     let untrusted = config(dir.path(), "untrusted.toml", &node.amqps_url(), &stranger);
-    let line = assert_refused(&untrusted, "cannot reach the broker at localhost:");
-    assert!(
-        line.contains("the broker does not trust the client certificate")
-            || line
-                .contains("does the broker trust the client certificate in broker.tls.cert_file?"),
-        "{line}"
+    assert_client_refused(
+        &untrusted,
+        "the broker does not trust the client certificate",
+        "does the broker trust the client certificate in broker.tls.cert_file?",
     );
 
     // warren run retries a broker it cannot trust, saying why, and stops cleanly.
