@@ -410,7 +410,10 @@ impl Config {
         if urls.iter().any(BrokerUrl::is_tls) && !urls.iter().all(BrokerUrl::is_tls) {
             let message = "the broker URLs mix amqp:// and amqps://: the password would travel unencrypted to some nodes; use amqps:// for every node";
             return Err(if overridden {
-                ConfigError(format!("{}: broker.urls: {message}", path.display()))
+                ConfigError(format!(
+                    "{BROKER_URL_ENV} (overriding broker.url in {}): {message}",
+                    path.display()
+                ))
             } else {
                 ConfigError::at_key(path, source, "broker", "urls", message)
             });
@@ -948,6 +951,11 @@ mod tests {
         assert!(parse(&text)
             .unwrap_err()
             .starts_with("w.toml:2: broker.urls: the broker URLs mix amqp:// and amqps://"));
+        let env = Some("amqps://u:p@n1,amqp://u:p@n2".to_string());
+        let err = Config::parse(Path::new("w.toml"), MINIMAL, env).unwrap_err();
+        assert!(err.to_string().starts_with(
+            "WARREN_BROKER_URL (overriding broker.url in w.toml): the broker URLs mix"
+        ));
     }
 
     #[test]
