@@ -59,7 +59,15 @@ fn consume(channel: &Channel, queue: &str, count: usize) -> Vec<Delivery> {
             ),
         }
     }
+    // amiquip's I/O thread tells the consumer that its cancel is confirmed after it has told
+    // the channel; a consumer dropped in between makes that second send fail, and the I/O
+    // thread ends the whole connection. So wait for the consumer's own notice before dropping it.
     consumer.cancel().expect("basic.cancel");
+    match consumer.receiver().recv_timeout(Duration::from_secs(20)) {
+        Ok(ConsumerMessage::ClientCancelled) => {}
+        Ok(ConsumerMessage::Delivery(_)) => panic!("{queue} held more than {count} messages"),
+        other => panic!("the consumer's cancel was not confirmed: {other:?}"),
+    }
     deliveries
 }
 
