@@ -17,7 +17,7 @@ use amiquip::{
     ConnectionOptions, ConnectionTuning, ConsumerMessage, ConsumerOptions, FieldTable, Publish,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use crossbeam_channel::{select, Receiver, TryRecvError};
+use crossbeam_channel::{select_biased, Receiver, TryRecvError};
 
 use crate::config::{Broker, BrokerUrl};
 use crate::tls::{self, Tls};
@@ -575,10 +575,7 @@ impl Subscription<'_> {
     /// Waits for the next delivery, or for `stop` to become ready or disconnected.
     /// A stop that has already fired wins over a delivery that is ready at the same moment.
     pub fn next<T>(&self, stop: &Receiver<T>) -> Next {
-        if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
-            return Next::Stop;
-        }
-        select! {
+        select_biased! {
             recv(stop) -> _ => Next::Stop,
             recv(self.consumer.receiver()) -> message => self.classify(message.ok()),
         }
@@ -800,12 +797,11 @@ impl Publisher<'_> {
     }
 
     /// Waits up to `timeout` for the next confirm, return or alarm. Returns come first: the
-    /// broker sends a message's return before its ack.
+    /// broker sends a message's return before its ack, and amiquip passes them on in that order
+    /// but on two channels, so a plain `select!`, which picks at random among ready channels,
+    /// could hand out the ack first and report an unroutable message as stored.
     pub fn next_event(&self, timeout: Duration) -> Result<Option<PublishEvent>, AmqpError> {
-        if let Ok(returned) = self.returns.try_recv() {
-            return Ok(Some(returned_event(returned)));
-        }
-        select! {
+        select_biased! {
             recv(self.returns) -> returned => match returned {
                 Ok(returned) => Ok(Some(returned_event(returned))),
                 Err(_) => Err(self.closed()),

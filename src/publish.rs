@@ -120,7 +120,14 @@ pub fn publish(
         })?;
         log::info!("publishing through {}", session.address());
     }
-    // The broker sends a message's return before its ack: all returns are in by now.
+    // The broker sends a message's return before its ack: all returns are in by now, and each
+    // was settled by its ack. One left over was still not stored.
+    let unsettled = std::mem::take(&mut tracker.returned);
+    tracker.problems.extend(
+        unsettled
+            .into_iter()
+            .map(|(id, reason)| format!("{id} returned as unroutable: {reason}")),
+    );
     if !tracker.problems.is_empty() {
         let shown: Vec<_> = tracker.problems.iter().take(5).cloned().collect();
         let more = tracker.problems.len().saturating_sub(shown.len());

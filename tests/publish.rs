@@ -71,10 +71,10 @@ fn consume(channel: &Channel, queue: &str, count: usize) -> Vec<Delivery> {
     deliveries
 }
 
-/// Runs `warren publish --config CONFIG --stdin` with `input` on its standard input and returns
-/// its exit status and log.
-fn publish_stdin(config: &Path, input: Vec<u8>) -> (ExitStatus, String) {
-    let mut child = util::spawn_publish_stdin(config, &[]);
+/// Runs `warren publish --config CONFIG --stdin ARGS` with `input` on its standard input and
+/// returns its exit status and log.
+fn publish_stdin(config: &Path, args: &[&str], input: Vec<u8>) -> (ExitStatus, String) {
+    let mut child = util::spawn_publish_stdin(config, args);
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let writer = thread::spawn(move || stdin.write_all(&input));
     let out = child.wait_with_output().expect("wait for warren publish");
@@ -170,7 +170,7 @@ fn stdin_publishes_each_line_byte_for_byte_and_skips_empty_lines() {
     }
     input.push(b'\n');
 
-    let (status, log) = publish_stdin(&config, input);
+    let (status, log) = publish_stdin(&config, &[], input);
     assert!(
         status.success(),
         "warren publish --stdin failed: {status}\n{log}"
@@ -251,6 +251,31 @@ fn an_unroutable_message_exits_75_and_says_so() {
         !queue_exists(&configured),
         "--queue overrides queue.name, which was not declared either"
     );
+}
+
+#[test]
+fn every_unroutable_message_of_a_batch_is_reported_as_not_stored() {
+    const LINES: usize = 3_000;
+    let broker = Broker::shared();
+    let configured = broker.queue("configured");
+    let absent = broker.queue("absent");
+    let config = broker.config(&configured, "[handler]\nkind = \"dots\"\n");
+    // Thousands of returns, each followed by its ack, arrive while warren is still publishing:
+    // each return must be seen before its ack, or that message would be counted as stored.
+    let input: String = (0..LINES).map(|i| format!("unroutable {i}\n")).collect();
+    let (status, log) = publish_stdin(
+        &config,
+        &["--no-declare", "--queue", &absent],
+        input.into_bytes(),
+    );
+    assert_eq!(status.code(), Some(75), "{status}\n{log}");
+    assert!(
+        log.contains(&format!(
+            "{LINES} of {LINES} messages to queue {absent:?} were not stored"
+        )),
+        "every message is counted as not stored:\n{log}"
+    );
+    assert!(!queue_exists(&absent), "--no-declare declared no queue");
 }
 
 #[test]
