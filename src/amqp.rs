@@ -10,7 +10,7 @@
 //! errors print whole URLs.
 
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amiquip::{
     AmqpProperties, AmqpValue, Auth, Channel, Confirm, Connection, ConnectionBlockedNotification,
@@ -22,13 +22,39 @@ use crossbeam_channel::{select_biased, Receiver, TryRecvError};
 use crate::config::{Broker, BrokerUrl};
 use crate::tls::{self, Tls};
 
+/// How one connection attempt failed.
+enum Failed {
+    /// The broker closed the connection after warren sent its login and before it accepted
+    /// it. That is how RabbitMQ refuses a login, and also how a dying node ends one.
+    Login,
+    Other(AmqpError),
+}
+
+impl From<AmqpError> for Failed {
+    fn from(e: AmqpError) -> Failed {
+        Failed::Other(e)
+    }
+}
+
+/// RabbitMQ closes a refused login this long after it, without a word.
+const LOGIN_REFUSAL_DELAY: Duration = Duration::from_secs(3);
+
+/// Why a login that ran out of time is only retried: a broker that is starting, stopping or
+/// overloaded. With a timeout under RabbitMQ's delay for refusing wrong credentials, those look
+/// the same, so the line says so.
+fn login_timeout(timeout: Duration) -> String {
+    let mut reason = format!("no answer to the login within {timeout:?}");
+    if timeout <= LOGIN_REFUSAL_DELAY + Duration::from_secs(1) {
+        reason.push_str(&format!(
+            " (RabbitMQ takes {LOGIN_REFUSAL_DELAY:?} to refuse wrong credentials, so with a broker.connect_timeout this short they look the same: check them too)"
+        ));
+    }
+    reason
+}
+
 /// Why opening a connection failed, once the TCP (and TLS) connection was made.
 fn open_error(url: &BrokerUrl, e: amiquip::Error) -> AmqpError {
     match e {
-        amiquip::Error::InvalidCredentials => AmqpError::Refused {
-            address: url.address(),
-            reason: format!("invalid credentials for user {:?}", url.username()),
-        },
         amiquip::Error::ServerClosedConnection {
             code: NOT_ALLOWED,
             message,
@@ -119,6 +145,9 @@ impl AmqpError {
 /// `warren publish` uses one.
 pub struct Session {
     url: BrokerUrl,
+    /// The connection's TCP socket, shared with amiquip's I/O thread, to cut a connection that
+    /// has gone silent: amiquip's own close waits for the broker's answer.
+    socket: TcpStream,
     blocked: Receiver<ConnectionBlockedNotification>,
     // Field order matters: the channel must close before its connection.
     channel: Channel,
@@ -153,13 +182,40 @@ impl Session {
     /// Connects to node `node` (modulo their number) of the broker and opens a channel. `name`
     /// is sent as the client property `information`, shown by `rabbitmqctl list_connections
     /// client_properties` and the management UI.
+    ///
+    /// A login that the broker ends without a word is tried once more before it counts as
+    /// refused: RabbitMQ refuses wrong credentials that way (3 s after the login), but a node
+    /// that dies or stops during the login ends it the same way, and retrying that one is right.
     pub fn open(broker: &Broker, node: usize, name: &str) -> Result<Session, AmqpError> {
         let url = &broker.urls[node % broker.urls.len()];
+        match Session::attempt(broker, url, name) {
+            Err(Failed::Login) => {
+                log::debug!(
+                    "the broker at {} closed the connection during the login; trying once more",
+                    url.address()
+                );
+            }
+            Err(Failed::Other(e)) => return Err(e),
+            Ok(session) => return Ok(session),
+        }
+        match Session::attempt(broker, url, name) {
+            Err(Failed::Login) => Err(AmqpError::Refused {
+                address: url.address(),
+                reason: format!("invalid credentials for user {:?}", url.username()),
+            }),
+            Err(Failed::Other(e)) => Err(e),
+            Ok(session) => Ok(session),
+        }
+    }
+
+    /// One connection attempt to `url`.
+    fn attempt(broker: &Broker, url: &BrokerUrl, name: &str) -> Result<Session, Failed> {
         let unreachable = |reason: String| AmqpError::Unreachable {
             address: url.address(),
             reason: url.redact(&reason),
         };
         let stream = connect_tcp(url, broker.connect_timeout).map_err(unreachable)?;
+        let socket = stream.try_clone().map_err(|e| unreachable(e.to_string()))?;
         let stream =
             mio::net::TcpStream::from_stream(stream).map_err(|e| unreachable(e.to_string()))?;
         let options = ConnectionOptions::default()
@@ -172,23 +228,43 @@ impl Session {
             .connection_timeout(Some(broker.connect_timeout))
             .information(Some(name.to_string()));
         let tuning = ConnectionTuning::default();
-        let opened = if url.is_tls() {
+        let started = Instant::now();
+        let tls = url.is_tls().then(|| {
             let tls = (broker.tls.as_ref())
                 .expect("invariant: the config sets broker.tls when a URL is amqps://");
-            let name = tls.server_name(url.host());
-            Connection::open_tls_stream(tls.connector(), name, stream, options, tuning)
-                .map_err(|e| tls_open_error(url, tls, name, e))
-        } else {
-            Connection::insecure_open_stream(stream, options, tuning)
-                .map_err(|e| open_error(url, e))
+            (tls, tls.server_name(url.host()))
+        });
+        let opened = match tls {
+            Some((tls, name)) => {
+                Connection::open_tls_stream(tls.connector(), name, stream, options, tuning)
+            }
+            None => Connection::insecure_open_stream(stream, options, tuning),
         };
-        let mut connection = opened?;
+        let mut connection = match opened {
+            Ok(connection) => connection,
+            // amiquip says "invalid credentials" for whatever ends a connection after the
+            // login was sent and before the broker accepted it, its own timeout included.
+            Err(amiquip::Error::InvalidCredentials)
+                if started.elapsed() >= broker.connect_timeout =>
+            {
+                return Err(unreachable(login_timeout(broker.connect_timeout)).into())
+            }
+            Err(amiquip::Error::InvalidCredentials) => return Err(Failed::Login),
+            Err(e) => {
+                return Err(match tls {
+                    Some((tls, name)) => tls_open_error(url, tls, name, e),
+                    None => open_error(url, e),
+                }
+                .into())
+            }
+        };
         let blocked = connection
             .listen_for_connection_blocked()
             .map_err(|e| lost(url, e))?;
         let channel = connection.open_channel(None).map_err(|e| lost(url, e))?;
         Ok(Session {
             url: url.clone(),
+            socket,
             blocked,
             channel,
             connection,
@@ -374,6 +450,14 @@ impl Session {
         let channel_result = channel.close();
         connection.close().map_err(|e| lost(&url, e))?;
         channel_result.map_err(|e| lost(&url, e))
+    }
+
+    /// Cuts the connection without waiting for the broker: for a connection that has gone
+    /// silent, whose clean close would wait for an answer until heartbeats give up on it. The
+    /// broker requeues what was unacked when it sees the connection go, as for any lost one.
+    pub fn cut(self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        drop(self);
     }
 
     /// Closes a session whose consumer ended with `ended`, and returns the better reason if the

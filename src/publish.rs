@@ -83,6 +83,21 @@ pub fn publish(
         ) {
             Ok(()) => break,
             Err(Stop::Failed(e)) => return Err(e),
+            // A node that stops answering without closing anything (powered off, cut off)
+            // would hold the connection until heartbeats give up on it, after the confirm
+            // timeout: with other nodes to go to, that is a lost connection too.
+            // Its clean close would wait as long: cut it.
+            Err(Stop::Silent(why)) => {
+                let address = session.address();
+                session.cut();
+                if config.broker.urls.len() == 1 {
+                    return Err(PublishError::NotConfirmed(why));
+                }
+                AmqpError::Lost {
+                    address,
+                    reason: format!("{why}: the node has gone silent"),
+                }
+            }
             Err(Stop::Lost(e)) => match session.close_after_channel(e) {
                 Ok(closed) => {
                     return Err(PublishError::NotConfirmed(format!(
@@ -156,6 +171,9 @@ pub fn publish(
 enum Stop {
     /// The connection or channel was lost: go on through another.
     Lost(AmqpError),
+    /// The broker confirmed nothing within the confirm timeout, and did not close anything
+    /// either; the reason says how many messages wait.
+    Silent(String),
     Failed(PublishError),
 }
 
@@ -369,10 +387,10 @@ impl Tracker {
                 }
                 None if self.blocked => deadline = Instant::now() + timeout,
                 None if Instant::now() >= deadline => {
-                    return Err(Stop::Failed(PublishError::NotConfirmed(format!(
+                    return Err(Stop::Silent(format!(
                         "{} messages were not confirmed within {timeout:?}",
                         self.pending.len()
-                    ))))
+                    )))
                 }
                 None => {}
             }

@@ -333,6 +333,85 @@ fn a_worker_whose_node_dies_reconnects_through_another_node_and_work_goes_on() {
 }
 
 #[test]
+fn a_node_that_ends_the_login_is_tried_again_not_taken_for_refused_credentials() {
+    let broker = Broker::shared();
+    let queue = broker.queue("logincut");
+    let node = Proxy::start(Proxy::free_port());
+    let config = cluster_config(
+        &broker,
+        &queue,
+        &[node.url()],
+        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
+    );
+
+    // amiquip reports any connection that ends between the login and its acceptance as
+    // invalid credentials; a node that goes away at that moment must not stop warren (exit 78,
+    // which systemd does not restart).
+    node.fail_next_login(util::LoginFault::Cut);
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 1);
+    assert_eq!(node.login_faults_left(), 0, "the first login was cut");
+    warren.wait_for_log(
+        "closed the connection during the login; trying once more",
+        Duration::from_secs(5),
+    );
+
+    // warren publish tells the two apart the same way.
+    node.fail_next_login(util::LoginFault::Cut);
+    publish_ok(&config, &["after", "the cut"]);
+    assert_eq!(node.login_faults_left(), 0, "publish's first login was cut");
+    warren.wait_for_count(" done ", 2, Duration::from_secs(20));
+    assert!(
+        warren.lines_with("invalid credentials").is_empty(),
+        "{:#?}",
+        warren.log()
+    );
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert_eq!(ready_and_unacked(&queue), (0, 0));
+}
+
+#[test]
+fn a_login_the_broker_does_not_answer_in_time_is_retried_and_says_why() {
+    let broker = Broker::shared();
+    let queue = broker.queue("loginstall");
+    let node = Proxy::start(Proxy::free_port());
+    let config = cluster_config(
+        &broker,
+        &queue,
+        &[node.url()],
+        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
+    );
+    edit_config(
+        &config,
+        "heartbeat = ",
+        "connect_timeout = \"1s\"\nheartbeat = ",
+    );
+
+    // warren publish: an unavailable broker (69), not refused credentials (78).
+    node.fail_next_login(util::LoginFault::Stall);
+    let (status, log) = util::publish(&config, &["stalled"]);
+    assert_eq!(status.code(), Some(69), "{status}\n{log}");
+    assert!(
+        log.contains("no answer to the login within 1s")
+            && log.contains("check them too")
+            && !log.contains("invalid credentials"),
+        "the line says the login timed out, and that with so short a timeout wrong credentials look the same:\n{log}"
+    );
+
+    // warren run retries it.
+    node.fail_next_login(util::LoginFault::Stall);
+    let mut warren = Warren::run(&config, &[]);
+    let line = warren.wait_for_log("no answer to the login", Duration::from_secs(10));
+    assert!(line.contains("retrying in"), "{line}");
+    warren.wait_consuming(&queue, 1);
+    publish_ok(&config, &["answered"]);
+    warren.wait_for_count(" done ", 1, Duration::from_secs(20));
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
 fn a_dead_network_is_caught_by_heartbeats_and_the_task_in_flight_is_redelivered() {
     let broker = Broker::shared();
     let queue = broker.queue("heartbeat");

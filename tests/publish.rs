@@ -357,7 +357,36 @@ fn the_published_count_can_be_written_for_the_textfile_collector() {
     assert!(!broker.dir.path().join("warren_publish.prom.tmp").exists());
 }
 
-/// Line `i` of the failover test: 100 bytes.
+/// A config whose `broker.urls` are `proxies`, standing in for the nodes of a cluster.
+fn config_through(broker: &Broker, queue: &str, proxies: &[util::Proxy]) -> PathBuf {
+    let urls: Vec<String> = proxies.iter().map(|p| format!("\"{}\"", p.url())).collect();
+    let config = broker.dir.path().join("nodes.toml");
+    fs::write(
+        &config,
+        format!(
+            "[broker]\nurls = [{}]\n\n[queue]\nname = \"{queue}\"\n",
+            urls.join(", ")
+        ),
+    )
+    .expect("write the config file");
+    config
+}
+
+/// Waits until `queue` exists and holds `count` ready messages.
+fn wait_for_stored(queue: &str, count: usize) {
+    util::wait_until(
+        Duration::from_secs(20),
+        &format!("{count} messages in {queue}"),
+        || {
+            util::try_session()
+                .ok()
+                .and_then(|session| session.queue_counts(queue).ok())
+                .is_some_and(|(ready, _)| ready as usize == count)
+        },
+    );
+}
+
+/// Line `i` of the failover tests: 100 bytes.
 fn line(i: usize) -> String {
     format!("task {i:<6} {}", "x".repeat(88))
 }
@@ -375,16 +404,7 @@ fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again(
         util::Proxy::start(util::Proxy::free_port()),
         util::Proxy::start(util::Proxy::free_port()),
     ];
-    let config = broker.dir.path().join("two-nodes.toml");
-    fs::write(
-        &config,
-        format!(
-            "[broker]\nurls = [\"{}\", \"{}\"]\n\n[queue]\nname = \"{queue}\"\n",
-            proxies[0].url(),
-            proxies[1].url()
-        ),
-    )
-    .unwrap();
+    let config = config_through(&broker, &queue, &proxies);
     let mut child = util::spawn_publish_stdin(&config, &["--confirm-timeout", "60s"]);
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let lines = |range: std::ops::Range<usize>| -> String {
@@ -392,16 +412,7 @@ fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again(
     };
     stdin.write_all(lines(0..FIRST).as_bytes()).unwrap();
     stdin.flush().unwrap();
-    util::wait_until(
-        Duration::from_secs(20),
-        "the first tasks to reach the queue",
-        || {
-            util::try_session()
-                .ok()
-                .and_then(|session| session.queue_counts(&queue).ok())
-                .is_some_and(|(ready, _)| ready as usize == FIRST)
-        },
-    );
+    wait_for_stored(&queue, FIRST);
 
     // The network dies: what is published now is neither stored nor confirmed. Lines are
     // written from a thread, since warren stops reading its input while it waits for confirms.
@@ -488,4 +499,95 @@ fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again(
         .collect();
     assert!(missing.is_empty(), "lost: {missing:?}");
     connection.close().expect("close the connection");
+}
+
+/// Runs `warren publish --stdin --confirm-timeout 2s` through `proxies` (the nodes of its
+/// config): 500 lines, then the proxy in use goes silent for good (nothing is closed, nothing
+/// gets through), then 500 more lines. Returns warren's exit status and log; fails if warren
+/// takes 30 s, when missed heartbeats (30 s apart by default) would give up on the connection
+/// only after a minute.
+fn publish_into_silence(
+    broker: &Broker,
+    queue: &str,
+    proxies: &[util::Proxy],
+) -> (ExitStatus, String) {
+    let config = config_through(broker, queue, proxies);
+    let mut child = util::spawn_publish_stdin(&config, &["--confirm-timeout", "2s"]);
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let lines = |range: std::ops::Range<usize>| -> String {
+        range.map(|i| format!("{}\n", line(i))).collect()
+    };
+    stdin.write_all(lines(0..SILENCE_AT).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    wait_for_stored(queue, SILENCE_AT);
+    let active = proxies
+        .iter()
+        .find(|p| p.received() > 0)
+        .expect("warren publish connected through one of the proxies");
+    active.freeze();
+    stdin
+        .write_all(lines(SILENCE_AT..2 * SILENCE_AT).as_bytes())
+        .unwrap();
+    drop(stdin);
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let reader = thread::spawn(move || {
+        let mut log = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut log).map(|_| log)
+    });
+    let status = util::wait_or_kill(&mut child, Duration::from_secs(30))
+        .expect("warren publish ends long before heartbeats give up on the silent node");
+    let log = reader
+        .join()
+        .expect("the log reader")
+        .expect("read warren's log");
+    (status, log)
+}
+
+/// Lines published before [`publish_into_silence`] silences the node, and after.
+const SILENCE_AT: usize = 500;
+
+#[test]
+fn a_node_that_goes_silent_mid_publish_is_left_for_another_after_the_confirm_timeout() {
+    let broker = Broker::shared();
+    let queue = broker.queue("silent");
+    let proxies = [
+        util::Proxy::start(util::Proxy::free_port()),
+        util::Proxy::start(util::Proxy::free_port()),
+    ];
+    let (status, log) = publish_into_silence(&broker, &queue, &proxies);
+    assert!(status.success(), "{status}\n{log}");
+    assert!(
+        log.lines().any(|l| l.contains("were not confirmed within 2s: the node has gone silent; publishing again through another node")),
+        "the confirm timeout moves publishing to the other node:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "published {} messages to queue {queue}, all confirmed",
+            2 * SILENCE_AT
+        )),
+        "{log}"
+    );
+    let stored = queue_counts(&queue).0 as usize;
+    let (connection, channel) = open_channel();
+    let bodies: HashSet<String> = consume(&channel, &queue, stored).iter().map(body).collect();
+    let missing: Vec<usize> = (0..2 * SILENCE_AT)
+        .filter(|&i| !bodies.contains(&line(i)))
+        .collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    connection.close().expect("close the connection");
+}
+
+#[test]
+fn a_single_node_that_goes_silent_fails_the_publish_at_the_confirm_timeout() {
+    let broker = Broker::shared();
+    let queue = broker.queue("silentone");
+    let proxy = util::Proxy::start(util::Proxy::free_port());
+    let (status, log) = publish_into_silence(&broker, &queue, std::slice::from_ref(&proxy));
+    assert_eq!(status.code(), Some(75), "{status}\n{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("messages were not confirmed within 2s")),
+        "{log}"
+    );
+    assert!(!log.contains("publishing again"), "{log}");
 }

@@ -671,12 +671,25 @@ pub fn connections_named(marker: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// What a [`Proxy`] does to a connection's login: the client's first frame after the protocol
+/// header (connection.start-ok, which carries the credentials).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginFault {
+    /// Closes the connection instead of passing the login on: a node that dies or stops just
+    /// then.
+    Cut,
+    /// Keeps the connection open and never passes the login on: a node too busy to answer.
+    Stall,
+}
+
 /// A loopback TCP proxy to the test broker, to make the broker appear and disappear for one
 /// client without stopping it for every test.
 pub struct Proxy {
     pub port: u16,
     /// While set, the proxy keeps every connection open but forwards nothing: a dead network.
     frozen: Arc<std::sync::atomic::AtomicBool>,
+    /// Faults for the logins of the next connections, one each, in order of their accept.
+    login_faults: Arc<std::sync::Mutex<std::collections::VecDeque<LoginFault>>>,
     /// Bytes read from clients, forwarded or held.
     received: Arc<std::sync::atomic::AtomicU64>,
     stop: Option<crossbeam_channel::Sender<()>>,
@@ -710,9 +723,13 @@ impl Proxy {
         let frozen_in_thread = Arc::clone(&frozen);
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let received_in_thread = Arc::clone(&received);
+        let login_faults = Arc::default();
+        let login_faults_in_thread = Arc::clone(&login_faults);
         let thread = thread::spawn(move || {
             let frozen = frozen_in_thread;
             let received = received_in_thread;
+            let login_faults: Arc<std::sync::Mutex<std::collections::VecDeque<LoginFault>>> =
+                login_faults_in_thread;
             let mut open: Vec<TcpStream> = Vec::new();
             loop {
                 if !matches!(
@@ -730,15 +747,18 @@ impl Proxy {
                         let Ok(server) = TcpStream::connect(&target) else {
                             continue;
                         };
-                        for (mut from, mut to, count) in [
+                        let fault = login_faults.lock().expect("login faults").pop_front();
+                        for (mut from, mut to, count, fault) in [
                             (
                                 client.try_clone().unwrap(),
                                 server.try_clone().unwrap(),
                                 Some(Arc::clone(&received)),
+                                fault,
                             ),
                             (
                                 server.try_clone().unwrap(),
                                 client.try_clone().unwrap(),
+                                None,
                                 None,
                             ),
                         ] {
@@ -746,9 +766,21 @@ impl Proxy {
                             thread::spawn(move || {
                                 use std::io::{Read, Write};
                                 let mut buf = [0u8; 16 * 1024];
+                                // The client's bytes so far: the protocol header is 8, and
+                                // the login comes after it.
+                                let mut sent = 0;
                                 while let Ok(n @ 1..) = from.read(&mut buf) {
                                     if let Some(count) = &count {
                                         count.fetch_add(n as u64, Ordering::SeqCst);
+                                    }
+                                    sent += n;
+                                    match fault {
+                                        Some(LoginFault::Cut) if sent > 8 => {
+                                            let _ = from.shutdown(std::net::Shutdown::Both);
+                                            break;
+                                        }
+                                        Some(LoginFault::Stall) if sent > 8 => continue,
+                                        _ => {}
                                     }
                                     // Hold what was read until the network "comes back".
                                     while frozen.load(Ordering::SeqCst) {
@@ -771,6 +803,7 @@ impl Proxy {
         Proxy {
             port,
             frozen,
+            login_faults,
             received,
             stop: Some(stop),
             thread: Some(thread),
@@ -780,6 +813,20 @@ impl Proxy {
     /// Stops forwarding without closing anything, as a dead network does.
     pub fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes the login of the next connection accepted fail with `fault`; called again, of the
+    /// connection after it.
+    pub fn fail_next_login(&self, fault: LoginFault) {
+        self.login_faults
+            .lock()
+            .expect("login faults")
+            .push_back(fault);
+    }
+
+    /// Login faults not yet used by a connection.
+    pub fn login_faults_left(&self) -> usize {
+        self.login_faults.lock().expect("login faults").len()
     }
 
     /// Forwards again, including what was held while frozen.
