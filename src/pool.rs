@@ -458,7 +458,8 @@ struct Slot {
     /// Waiting for the broker to come back.
     parked: bool,
     /// The broker node its worker connects to (modulo their number). Workers start spread over
-    /// the nodes, round-robin from a random one, and move to the next node after each failure.
+    /// the nodes, round-robin from a random one; a failed connect moves to the next node, a
+    /// lost connection to the least used other node ([`Supervisor::failover_node`]).
     node: usize,
     /// Failed connects since it was last consuming: once it has tried every node, the broker
     /// as a whole is unreachable.
@@ -527,6 +528,9 @@ struct Supervisor {
     abort: Option<AbortTrigger>,
     abort_signal: Abort,
     slots: Vec<Slot>,
+    /// By node: a connect to it failed, and no worker has consumed there since. A worker that
+    /// loses its connection goes to another node, not to one of these if it can help it.
+    failing: Vec<bool>,
     broker: Broker,
     phase: Phase,
     requeued: Vec<String>,
@@ -551,7 +555,8 @@ impl Supervisor {
         metrics.set_workers(config.workers.count);
         // Round-robin from a random node, so that many warren hosts with the same list of
         // nodes do not all put their first worker on the first node.
-        let first = fastrand::usize(..config.broker.urls.len());
+        let nodes = config.broker.urls.len();
+        let first = fastrand::usize(..nodes);
         let slots = (0..config.workers.count)
             .map(|i| Slot {
                 node: first + i,
@@ -568,6 +573,7 @@ impl Supervisor {
             abort: Some(abort),
             abort_signal,
             slots,
+            failing: vec![false; nodes],
             broker: Broker::Up,
             phase: Phase::Running,
             requeued: Vec::new(),
@@ -720,6 +726,8 @@ impl Supervisor {
         let slot = &mut self.slots[worker - 1];
         slot.ready_since = Some(Instant::now());
         slot.connect_failures = 0;
+        let nodes = self.failing.len();
+        self.failing[slot.node % nodes] = false;
         self.metrics.worker_consuming(slot.consumed);
         slot.consumed = true;
         log::debug!(
@@ -773,6 +781,9 @@ impl Supervisor {
             Exit::ConnectFailed(e) => {
                 let nodes = self.config.broker.urls.len();
                 let slot = &mut self.slots[worker - 1];
+                self.failing[slot.node % nodes] = true;
+                // Every node in turn, so that the broker counts as unreachable only once each
+                // has failed.
                 slot.node += 1;
                 slot.connect_failures += 1;
                 if slot.connect_failures < nodes {
@@ -799,13 +810,32 @@ impl Supervisor {
     }
 
     fn schedule_restart(&mut self, worker: usize, why: &str) {
+        let node = self.failover_node(worker);
         let slot = &mut self.slots[worker - 1];
-        // The node may be what failed: the next attempt goes to the next node, if there are
-        // several.
-        slot.node += 1;
+        slot.node = node;
         let delay = slot.next_delay();
         slot.restart_at = Some(Instant::now() + delay);
         log::warn!("{why}; restarting it in {delay:.1?}");
+    }
+
+    /// Where `worker` goes after its connection ended. The node may be what failed, so another
+    /// one if there are several: the one with the fewest of this process's workers, so that a
+    /// rolling restart of the nodes does not end with every worker on the node restarted first,
+    /// and one that no connect has just failed on if there is such a node. Ties go to the node
+    /// after its own, in the order of `broker.urls`.
+    fn failover_node(&self, worker: usize) -> usize {
+        let nodes = self.config.broker.urls.len();
+        let current = self.slots[worker - 1].node % nodes;
+        let mut load = vec![0usize; nodes];
+        for (id, slot) in (1..).zip(&self.slots) {
+            if id != worker && (slot.thread.is_some() || slot.restart_at.is_some()) {
+                load[slot.node % nodes] += 1;
+            }
+        }
+        (1..nodes.max(2))
+            .map(|step| (current + step) % nodes)
+            .min_by_key(|&node| (self.failing[node], load[node]))
+            .expect("invariant: there is at least one step")
     }
 
     fn on_unreachable(&mut self, worker: usize, e: AmqpError) {

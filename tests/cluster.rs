@@ -409,6 +409,20 @@ fn a_rolling_restart_with_a_publisher_running_loses_nothing() {
         let before = scenario.distinct();
         scenario.wait_done(before + 200, SETTLE);
     }
+    // Workers that lose their node go to the least used of the others, so the restart does not
+    // end with them all on one node (moving each to the next node would put all on node 0).
+    let mut counts = Vec::new();
+    util::wait_until(
+        Duration::from_secs(30),
+        "the workers' connections to be spread over two nodes",
+        || {
+            counts = (scenario.cluster.nodes().iter())
+                .map(|node| node.connection_count())
+                .collect();
+            counts.iter().filter(|&&n| n >= HOSTS * WORKERS / 2).count() >= 2
+        },
+    );
+    eprintln!("cluster: scenario=rolling-restart connections_after={counts:?}");
     let (tasks, log) = feed.finish();
     assert!(tasks >= 1000, "the publisher ran throughout: {tasks} tasks");
     assert!(

@@ -333,6 +333,85 @@ fn a_worker_whose_node_dies_reconnects_through_another_node_and_work_goes_on() {
 }
 
 #[test]
+fn after_a_rolling_restart_workers_are_spread_over_the_nodes_not_piled_on_one() {
+    let broker = Broker::shared();
+    let queue = broker.queue("rolling");
+    let mut nodes: Vec<Option<Proxy>> = (0..3)
+        .map(|_| Some(Proxy::start(Proxy::free_port())))
+        .collect();
+    let ports: Vec<u16> = nodes.iter().flatten().map(|n| n.port).collect();
+    let urls: Vec<String> = nodes.iter().flatten().map(Proxy::url).collect();
+    let config = cluster_config(
+        &broker,
+        &queue,
+        &urls,
+        "[workers]\ncount = 6\n\n[handler]\nkind = \"dots\"\n",
+    );
+
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 6);
+    // Two connections per worker (it consumes on one and publishes on the other), two workers
+    // per node.
+    wait_for_connections_through(&ports, &[4, 4, 4]);
+
+    // Each node in turn goes away and comes back on the same port. Its workers go to the least
+    // used of the others: [0, 3, 3], then [3, 0, 3], then [3, 3, 0]. Moving each to the next
+    // node instead would end with all six on node 0.
+    let expected = [[0, 6, 6], [6, 0, 6], [6, 6, 0]];
+    for (down, counts) in expected.iter().enumerate() {
+        nodes[down] = None;
+        wait_for_connections_through(&ports, counts);
+        nodes[down] = Some(Proxy::start(ports[down]));
+        warren.wait_consuming(&queue, 6);
+    }
+
+    publish_ok(&config, &["after", "the", "rolling", "restart"]);
+    warren.wait_for_count(" done ", 4, Duration::from_secs(20));
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert_eq!(ready_and_unacked(&queue), (0, 0));
+}
+
+#[test]
+fn a_worker_whose_node_dies_does_not_move_to_a_node_that_refused_a_connect() {
+    let broker = Broker::shared();
+    let queue = broker.queue("avoiddown");
+    let first = Proxy::start(Proxy::free_port());
+    let second = Proxy::start(Proxy::free_port());
+    let ports = [first.port, second.port];
+    let config = cluster_config(
+        &broker,
+        &queue,
+        &[
+            first.url(),
+            second.url(),
+            util::proxied_url(Proxy::free_port()),
+        ],
+        "[workers]\ncount = 3\n\n[handler]\nkind = \"dots\"\n",
+    );
+
+    // One worker per node; the one on node 2, which is down, fails over to node 0.
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 3);
+    wait_for_connections_through(&ports, &[4, 2]);
+    let failovers = warren.lines_with("failing over").len();
+    assert_eq!(failovers, 1, "{:#?}", warren.log());
+
+    // Node 0 dies. Node 2 carries no worker, but a connect to it failed: both go to node 1.
+    drop(first);
+    wait_for_connections_through(&ports, &[0, 6]);
+    warren.wait_consuming(&queue, 3);
+    assert_eq!(
+        warren.lines_with("failing over").len(),
+        failovers,
+        "no worker tried node 2 again: {:#?}",
+        warren.log()
+    );
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
 fn a_node_that_ends_the_login_is_tried_again_not_taken_for_refused_credentials() {
     let broker = Broker::shared();
     let queue = broker.queue("logincut");
