@@ -273,6 +273,84 @@ fn workers_start_spread_over_the_nodes_of_a_cluster() {
     assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
 
+/// How many processes the random-start tests run: all of them start on the same one of two
+/// nodes with a chance of 2 in 2^20, if the start is random.
+const PROCESSES: usize = 20;
+
+#[test]
+fn each_warren_process_starts_its_workers_at_a_random_node() {
+    let broker = Broker::shared();
+    let queue = broker.queue("randomstart");
+    let nodes = [
+        Proxy::start(Proxy::free_port()),
+        Proxy::start(Proxy::free_port()),
+    ];
+    let config = cluster_config(
+        &broker,
+        &queue,
+        &[nodes[0].url(), nodes[1].url()],
+        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
+    );
+    // Many hosts with the same broker.urls: with one worker each, a fixed start would put every
+    // one of them on node 0.
+    let warrens: Vec<Warren> = (0..PROCESSES).map(|_| Warren::run(&config, &[])).collect();
+    warrens[0].wait_consuming(&queue, PROCESSES as u32);
+    let ports = [nodes[0].port, nodes[1].port];
+    let mut counts = [0; 2];
+    wait_until(
+        Duration::from_secs(20),
+        "two connections per warren through the proxies",
+        || {
+            counts = ports.map(connections_through);
+            counts.iter().sum::<usize>() == 2 * PROCESSES
+        },
+    );
+    assert!(
+        counts.iter().all(|&n| n > 0),
+        "both nodes have workers: {counts:?}"
+    );
+    for warren in &warrens {
+        warren.signal(Signal::SIGTERM);
+    }
+    for mut warren in warrens {
+        assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    }
+}
+
+#[test]
+fn each_warren_publish_starts_at_a_random_node() {
+    let broker = Broker::shared();
+    let queue = broker.queue("randompublish");
+    let nodes = [
+        Proxy::start(Proxy::free_port()),
+        Proxy::start(Proxy::free_port()),
+    ];
+    let config = cluster_config(
+        &broker,
+        &queue,
+        &[nodes[0].url(), nodes[1].url()],
+        "[handler]\nkind = \"dots\"\n",
+    );
+    let mut used = [0; 2];
+    for i in 0..PROCESSES {
+        let before = nodes.each_ref().map(Proxy::received);
+        publish_ok(&config, &[&format!("message {i}")]);
+        for node in 0..2 {
+            used[node] += usize::from(nodes[node].received() > before[node]);
+        }
+    }
+    assert_eq!(
+        used.iter().sum::<usize>(),
+        PROCESSES,
+        "one node each: {used:?}"
+    );
+    assert!(
+        used.iter().all(|&n| n > 0),
+        "both nodes were used: {used:?}"
+    );
+    assert_eq!(queue_counts(&queue).0 as usize, PROCESSES);
+}
+
 #[test]
 fn a_worker_whose_node_dies_reconnects_through_another_node_and_work_goes_on() {
     let broker = Broker::shared();
