@@ -268,8 +268,13 @@ impl BrokerUrl {
         Ok(BrokerUrl { url })
     }
 
+    /// The host name or address, as a resolver and a TLS name check take it: an IPv6 address
+    /// without the brackets of its URL.
     pub fn host(&self) -> &str {
-        self.url.host_str().unwrap_or("localhost")
+        let host = self.url.host_str().unwrap_or("localhost");
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
     }
 
     pub fn port(&self) -> u16 {
@@ -283,9 +288,13 @@ impl BrokerUrl {
         self.url.scheme() == "amqps"
     }
 
-    /// `host:port`, for messages.
+    /// `host:port` (`[address]:port` for IPv6), for messages.
     pub fn address(&self) -> String {
-        format!("{}:{}", self.host(), self.port())
+        format!(
+            "{}:{}",
+            self.url.host_str().unwrap_or("localhost"),
+            self.port()
+        )
     }
 
     pub fn username(&self) -> String {
@@ -1153,6 +1162,11 @@ mod tests {
             url.redact("failed: amqp://app:s%40cret@x and s@cret"),
             "failed: amqp://app:***@x and ***"
         );
+
+        let text = format!("[broker]\nurl = \"amqp://app:pw@[::1]:5673/prod\"\n{MINIMAL}");
+        let url = parse(&text).unwrap().broker.urls[0].clone();
+        assert_eq!(url.host(), "::1", "an address to resolve, without brackets");
+        assert_eq!(url.address(), "[::1]:5673");
 
         let text = format!("[broker]\nurl = \"http://x\"\n{MINIMAL}");
         assert!(parse(&text)

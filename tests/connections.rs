@@ -352,6 +352,27 @@ fn each_warren_publish_starts_at_a_random_node() {
 }
 
 #[test]
+fn a_node_named_by_its_ipv6_address_is_reached() {
+    let broker = Broker::shared();
+    let queue = broker.queue("ipv6");
+    let node = Proxy::start_on(std::net::Ipv6Addr::LOCALHOST.into(), Proxy::free_port());
+    let url = node.url();
+    assert!(url.contains("@[::1]:"), "{url}");
+    let config = cluster_config(
+        &broker,
+        &queue,
+        &[url],
+        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
+    );
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 1);
+    publish_ok(&config, &["over IPv6"]);
+    warren.wait_for_count(" done ", 1, Duration::from_secs(20));
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
 fn a_worker_whose_node_dies_reconnects_through_another_node_and_work_goes_on() {
     let broker = Broker::shared();
     let queue = broker.queue("nodedies");

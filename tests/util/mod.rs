@@ -685,6 +685,7 @@ pub enum LoginFault {
 /// A loopback TCP proxy to the test broker, to make the broker appear and disappear for one
 /// client without stopping it for every test.
 pub struct Proxy {
+    ip: std::net::IpAddr,
     pub port: u16,
     /// While set, the proxy keeps every connection open but forwards nothing: a dead network.
     frozen: Arc<std::sync::atomic::AtomicBool>,
@@ -705,8 +706,13 @@ impl Proxy {
             .port()
     }
 
-    /// Starts forwarding `port` to the test broker.
+    /// Starts forwarding `port` of 127.0.0.1 to the test broker.
     pub fn start(port: u16) -> Proxy {
+        Proxy::start_on(std::net::Ipv4Addr::LOCALHOST.into(), port)
+    }
+
+    /// Starts forwarding `port` of the loopback address `ip` to the test broker.
+    pub fn start_on(ip: std::net::IpAddr, port: u16) -> Proxy {
         use std::net::{TcpListener, TcpStream};
         let url = url::Url::parse(&amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
         let target = format!(
@@ -714,7 +720,7 @@ impl Proxy {
             url.host_str().unwrap_or("127.0.0.1"),
             url.port().unwrap_or(5672)
         );
-        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the proxy port");
+        let listener = TcpListener::bind((ip, port)).expect("bind the proxy port");
         listener
             .set_nonblocking(true)
             .expect("nonblocking listener");
@@ -801,6 +807,7 @@ impl Proxy {
             }
         });
         Proxy {
+            ip,
             port,
             frozen,
             login_faults,
@@ -841,14 +848,22 @@ impl Proxy {
 
     /// The test broker's URL, through this proxy.
     pub fn url(&self) -> String {
-        proxied_url(self.port)
+        let host = match self.ip {
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        };
+        url_at(&host, self.port)
     }
 }
 
-/// The test broker's URL with its port replaced by `port`.
+/// The test broker's URL with its port replaced by `port`, on 127.0.0.1.
 pub fn proxied_url(port: u16) -> String {
+    url_at("127.0.0.1", port)
+}
+
+fn url_at(host: &str, port: u16) -> String {
     let mut url = url::Url::parse(&amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
-    url.set_host(Some("127.0.0.1")).expect("set host");
+    url.set_host(Some(host)).expect("set host");
     url.set_port(Some(port)).expect("set port");
     url.to_string()
 }
