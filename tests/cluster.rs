@@ -478,7 +478,9 @@ fn one_node_down_for_the_whole_run_loses_nothing() {
 
 #[test]
 fn a_classic_queue_whose_node_is_down_is_waited_for_not_fatal() {
-    let cluster = Cluster::start(2);
+    // Clustered as an operator adds a node (stop_app, join_cluster, start_app); the queue must
+    // be seen from the other node for the test to pass.
+    let cluster = Cluster::start_joined_by_hand(2);
     let dir = tempfile::tempdir().unwrap();
     let done = dir.path().join("done");
     let recorder = dir.path().join("recorder.py");

@@ -84,6 +84,17 @@ fn publish(config: &Path, message: &str) -> (Option<i32>, String) {
     (status.code(), log)
 }
 
+/// The password of the URLs of the configs whose connections fail during the TLS handshake,
+/// before any login: it must appear in no log line.
+const SECRET: &str = "tls-s3cret-pw";
+
+/// `url` with the password [`SECRET`].
+fn with_secret(url: &str) -> String {
+    let secret = url.replacen(":guest@", &format!(":{SECRET}@"), 1);
+    assert_ne!(secret, url, "the URL carries guest's password: {url}");
+    secret
+}
+
 /// Asserts that `warren publish` exits 69 with one error line that contains `reason`.
 fn assert_refused(config: &Path, reason: &str) -> String {
     let (code, log) = publish(config, "never stored");
@@ -95,7 +106,7 @@ fn assert_refused(config: &Path, reason: &str) -> String {
         "the line says {reason:?}: {log}"
     );
     assert!(
-        !log.contains("guest:guest"),
+        !log.contains(SECRET) && !log.contains("guest:guest"),
         "no password in the log: {log}"
     );
     eprintln!("tls: refused: {}", errors[0]);
@@ -157,9 +168,30 @@ fn warren_works_over_mutual_tls_and_refuses_a_broker_it_cannot_trust() {
 
     // By IP address, the certificate (for localhost) does not match; server_name fixes it.
     let by_ip = node.amqps_url().replace("@localhost:", "@127.0.0.1:");
-    let mismatch = config(dir.path(), "ip.toml", &by_ip, &TlsKeys::good(&certs));
-    let line = assert_refused(&mismatch, "certificate verify failed");
+    let mismatch = config(
+        dir.path(),
+        "ip.toml",
+        &with_secret(&by_ip),
+        &TlsKeys::good(&certs),
+    );
+    let line = assert_refused(&mismatch, "certificate verify failed: IP address mismatch");
     assert!(line.contains("set broker.tls.server_name"), "{line}");
+    // By a name the certificate does not list.
+    let other_name = TlsKeys {
+        server_name: Some("other.example"),
+        ..TlsKeys::good(&certs)
+    };
+    let misnamed = config(
+        dir.path(),
+        "other-name.toml",
+        &with_secret(&node.amqps_url()),
+        &other_name,
+    );
+    let line = assert_refused(&misnamed, "certificate verify failed: hostname mismatch");
+    assert!(
+        line.contains("the certificate is not for \"other.example\""),
+        "{line}"
+    );
     let named = TlsKeys {
         server_name: Some("localhost"),
         ..TlsKeys::good(&certs)
@@ -176,7 +208,12 @@ fn warren_works_over_mutual_tls_and_refuses_a_broker_it_cannot_trust() {
         ca: &certs.other_ca_cert,
         ..TlsKeys::good(&certs)
     };
-    let wrong = config(dir.path(), "wrong-ca.toml", &node.amqps_url(), &wrong_ca);
+    let wrong = config(
+        dir.path(),
+        "wrong-ca.toml",
+        &with_secret(&node.amqps_url()),
+        &wrong_ca,
+    );
     // The node sends the CA with its certificate: OpenSSL finds a self-signed one it does not
     // trust in the chain.
     let line = assert_refused(&wrong, "certificate verify failed: self-signed certificate");
@@ -187,7 +224,12 @@ fn warren_works_over_mutual_tls_and_refuses_a_broker_it_cannot_trust() {
         client: None,
         ..TlsKeys::good(&certs)
     };
-    let no_cert = config(dir.path(), "no-cert.toml", &node.amqps_url(), &anonymous);
+    let no_cert = config(
+        dir.path(),
+        "no-cert.toml",
+        &with_secret(&node.amqps_url()),
+        &anonymous,
+    );
     assert_client_refused(
         &no_cert,
         "the broker requires a client certificate",
@@ -199,7 +241,12 @@ fn warren_works_over_mutual_tls_and_refuses_a_broker_it_cannot_trust() {
         client: Some((&certs.other_client_cert, &certs.other_client_key)),
         ..TlsKeys::good(&certs)
     };
-    let untrusted = config(dir.path(), "untrusted.toml", &node.amqps_url(), &stranger);
+    let untrusted = config(
+        dir.path(),
+        "untrusted.toml",
+        &with_secret(&node.amqps_url()),
+        &stranger,
+    );
     assert_client_refused(
         &untrusted,
         "the broker does not trust the client certificate",
@@ -215,6 +262,9 @@ fn warren_works_over_mutual_tls_and_refuses_a_broker_it_cannot_trust() {
     );
     warren.signal(Signal::SIGTERM);
     assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    let log = warren.log().join("\n");
+    assert!(!log.contains(SECRET), "no password in the log: {log}");
+    assert!(log.contains(":***@"), "the URL is shown masked: {log}");
     drop(cluster);
 }
 
@@ -226,7 +276,7 @@ fn an_expired_broker_certificate_is_refused_with_one_line() {
         &certs.tls_conf(&certs.expired_cert, &certs.expired_key, false),
     );
     let dir = tempfile::tempdir().unwrap();
-    let url = cluster.node(0).amqps_url();
+    let url = with_secret(&cluster.node(0).amqps_url());
     let expired = config(dir.path(), "expired.toml", &url, &TlsKeys::good(&certs));
     let line = assert_refused(
         &expired,

@@ -1,5 +1,5 @@
 //! Test certificates made with the `openssl` command: a CA with server and client certificates,
-//! and the broken cases (another CA, an expired certificate, one for another host name).
+//! and the broken cases (another CA and a client certificate it signed, an expired certificate).
 //!
 //! Every file is world-readable (keys included, they are throwaway) in a world-readable
 //! directory under `/tmp`, so that a RabbitMQ node, which runs as the `rabbitmq` user, can read
@@ -51,13 +51,6 @@ extendedKeyUsage = serverAuth
 subjectAltName = DNS:localhost
 authorityKeyIdentifier = keyid
 
-[other_host_cert]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = DNS:other.example
-authorityKeyIdentifier = keyid
-
 [client_cert]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature, keyEncipherment
@@ -88,9 +81,6 @@ pub struct Certs {
     /// As the server certificate, but valid only during 2020.
     pub expired_cert: PathBuf,
     pub expired_key: PathBuf,
-    /// A server certificate signed by the CA for the host name `other.example` only.
-    pub other_host_cert: PathBuf,
-    pub other_host_key: PathBuf,
 }
 
 impl Certs {
@@ -121,7 +111,6 @@ impl Certs {
                 "client_cert",
             ),
             ("expired", "localhost", "ca", "server_cert"),
-            ("other-host", "other.example", "ca", "other_host_cert"),
         ];
         let requests = (cas.iter())
             .map(|(name, cn)| {
@@ -184,8 +173,6 @@ impl Certs {
             other_client_key: file("other-client.key"),
             expired_cert: file("expired.pem"),
             expired_key: file("expired.key"),
-            other_host_cert: file("other-host.pem"),
-            other_host_key: file("other-host.key"),
             dir,
         }
     }

@@ -13,7 +13,9 @@
 //! `RABBITMQ_NODENAME`; `/etc/rabbitmq/rabbitmq.conf` does not (each node has its own).
 //!
 //! The nodes boot in parallel; nodes 2..n join node 1 as they boot (classic config peer
-//! discovery), which saves the `stop_app`, `join_cluster`, `start_app` round after boot.
+//! discovery), which saves the `stop_app`, `join_cluster`, `start_app` round after boot. A node
+//! that gives up waiting for node 1 boots alone and gets that round after all, as every node of
+//! [`Cluster::start_joined_by_hand`] does.
 //!
 //! Tests that use extra nodes run one at a time, across threads and processes: a `Cluster` holds
 //! an exclusive lock on `/tmp/warren-tests-nodes.lock` (not the broker lock). Since names, ports
@@ -89,20 +91,20 @@ pub struct Node {
 }
 
 impl Node {
-    fn new(index: usize, host: &str, extra_conf: &str) -> Node {
+    fn new(index: usize, host: &str, extra_conf: &str, join: Join) -> Node {
         let port = amqp_port_of(index);
         let tls_port = tls_port_of(index);
         let mut conf = format!(
             "listeners.tcp.local = 127.0.0.1:{port}\nlog.file.level = info\nlog.console = false\n"
         );
-        if index > 0 {
+        if index > 0 && join == Join::AtBoot {
             // Joins the first node as it boots, which is faster than `join_cluster` after boot.
-            // A blank node retries until the first node's database is up (for up to a minute
-            // here), then would start alone; `Cluster::start` then joins it by hand.
+            // A blank node retries until the first node's database is up (for up to 20 s
+            // here), then starts alone; `Cluster::start` then joins it by hand.
             conf.push_str(&format!(
                 "cluster_formation.peer_discovery_backend = classic_config\n\
                  cluster_formation.classic_config.nodes.1 = warren-t1@{host}\n\
-                 cluster_formation.discovery_retry_limit = 120\n\
+                 cluster_formation.discovery_retry_limit = 40\n\
                  cluster_formation.discovery_retry_interval = 500\n"
             ));
         }
@@ -241,6 +243,8 @@ impl Node {
                 format!("{dir}/enabled_plugins"),
             ),
             ("RABBITMQ_CONFIG_FILE", format!("{dir}/rabbitmq.conf")),
+            // Not /etc/rabbitmq/conf.d, whose files (a listener, say) are the system broker's.
+            ("RABBITMQ_CONFIG_FILES", format!("{dir}/conf.d")),
             (
                 "RABBITMQ_ADVANCED_CONFIG_FILE",
                 format!("{dir}/advanced.config"),
@@ -281,6 +285,7 @@ impl Node {
     fn prepare(&self) {
         fs::create_dir_all(self.dir.join("mnesia")).expect("create the node's mnesia directory");
         fs::create_dir_all(self.dir.join("log")).expect("create the node's log directory");
+        fs::create_dir_all(self.dir.join("conf.d")).expect("create the node's conf.d");
         fs::write(self.dir.join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
         fs::write(self.dir.join("rabbitmq.conf"), &self.conf).expect("write rabbitmq.conf");
         chown_rabbitmq(&self.dir);
@@ -477,6 +482,16 @@ impl Node {
     }
 }
 
+/// How the nodes of a [`Cluster`] come to form one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Join {
+    /// Nodes 2..n find node 1 as they boot (classic config peer discovery); one that gives up
+    /// on it is joined by hand after boot.
+    AtBoot,
+    /// Every node boots alone; nodes 2..n are then joined by hand.
+    ByHand,
+}
+
 /// Up to [`MAX_NODES`] extra RabbitMQ nodes, clustered, and the lock that keeps other tests
 /// from starting theirs meanwhile. Dropping it stops the nodes and removes their directories.
 pub struct Cluster {
@@ -485,16 +500,26 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts `n` nodes and clusters them: nodes 2..n join node 1. Returns once every node runs
-    /// in the cluster.
+    /// Starts `n` nodes and clusters them: nodes 2..n join node 1 as they boot. Returns once
+    /// every node runs in the cluster.
     pub fn start(n: usize) -> Cluster {
         Cluster::start_with(n, "")
+    }
+
+    /// As [`Cluster::start`], but the nodes boot alone and nodes 2..n then join node 1 with
+    /// `stop_app`, `join_cluster` and `start_app`, as an operator adds a node to a cluster.
+    pub fn start_joined_by_hand(n: usize) -> Cluster {
+        Cluster::start_as(n, "", Join::ByHand)
     }
 
     /// As [`Cluster::start`], with `extra_conf` appended to every node's `rabbitmq.conf`
     /// (sysctl format). In it, `{tls_port}` and `{port}` stand for the node's
     /// [`Node::tls_port`] and AMQP port; see [`super::certs::Certs::tls_conf`].
     pub fn start_with(n: usize, extra_conf: &str) -> Cluster {
+        Cluster::start_as(n, extra_conf, Join::AtBoot)
+    }
+
+    fn start_as(n: usize, extra_conf: &str, join: Join) -> Cluster {
         assert!(
             (1..=MAX_NODES).contains(&n),
             "a cluster has 1 to {MAX_NODES} nodes"
@@ -504,12 +529,16 @@ impl Cluster {
         let host = short_hostname();
         // Whatever an earlier, killed run left behind goes first: every reserved name, not
         // only the first n.
-        let stale: Vec<Node> = (0..MAX_NODES).map(|i| Node::new(i, &host, "")).collect();
+        let stale: Vec<Node> = (0..MAX_NODES)
+            .map(|i| Node::new(i, &host, "", join))
+            .collect();
         in_parallel(&stale, |node| node.remove(Duration::from_secs(5)));
         fs::create_dir_all(NODES_DIR).expect("create the nodes directory");
         chown_rabbitmq(Path::new(NODES_DIR));
         let cluster = Cluster {
-            nodes: (0..n).map(|i| Node::new(i, &host, extra_conf)).collect(),
+            nodes: (0..n)
+                .map(|i| Node::new(i, &host, extra_conf, join))
+                .collect(),
             _lock: lock,
         };
         // From here on a panic drops `cluster`, which removes whatever was started.
