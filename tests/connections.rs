@@ -1,6 +1,8 @@
 //! warren and its connections to the broker: `broker.urls` names the nodes of a cluster, workers
-//! start spread over them and fail over to the next node when one is down or dies; a dead
-//! network is caught by heartbeats and the task in flight is redelivered; a memory alarm that
+//! start spread over them from a random node and fail over to another node when one is down or
+//! dies, the least used one after a lost connection; a login that a dying node cuts or a busy
+//! node leaves unanswered is retried, not taken for refused credentials; an IPv6 address works;
+//! a dead network is caught by heartbeats and the task in flight is redelivered; a memory alarm that
 //! blocks publishing makes `warren publish` and a worker's retry wait for it to lift instead of
 //! timing out or losing the message; and the broker's `consumer_timeout` is checked against the
 //! handler timeout at start, and handled like any lost channel when the broker enforces it.

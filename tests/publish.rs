@@ -2,8 +2,9 @@
 //! message id of its own, its body is the arguments joined by spaces (or "hello"); `--stdin`
 //! publishes one message per line, bytes as they are, skipping empty lines and saying how many
 //! it skipped; `--no-declare` publishes to an existing queue, and a message nothing can route is
-//! reported as unroutable with exit 75; and an unreachable broker exits 69 without printing the
-//! password. Messages are read back with amiquip directly, to see what the broker stored.
+//! reported as unroutable with exit 75 (every one of a batch); an unreachable broker exits 69
+//! without printing the password; and with several nodes, a node lost or gone silent mid-publish
+//! is left for another, and what was unconfirmed is published again. Messages are read back with amiquip directly, to see what the broker stored.
 
 mod util;
 
