@@ -84,9 +84,9 @@ pub fn publish(
             Ok(()) => break,
             Err(Stop::Failed(e)) => return Err(e),
             // A node that stops answering without closing anything (powered off, cut off)
-            // would hold the connection until heartbeats give up on it, after the confirm
-            // timeout: with other nodes to go to, that is a lost connection too.
-            // Its clean close would wait as long: cut it.
+            // holds the connection until heartbeats give up on it, long after the confirm
+            // timeout, and a clean close would wait as long: cut it. With other nodes to go
+            // to, that is a lost connection too.
             Err(Stop::Silent(why)) => {
                 let address = session.address();
                 session.cut();
