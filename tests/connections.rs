@@ -41,6 +41,16 @@ fn cluster_config(broker: &Broker, queue: &str, urls: &[String], extra: &str) ->
     path
 }
 
+/// Two proxies standing in for two nodes, and a config whose `broker.urls` lists them.
+fn two_nodes(broker: &Broker, queue: &str, extra: &str) -> ([Proxy; 2], PathBuf) {
+    let nodes = [
+        Proxy::start(Proxy::free_port()),
+        Proxy::start(Proxy::free_port()),
+    ];
+    let config = cluster_config(broker, queue, &[nodes[0].url(), nodes[1].url()], extra);
+    (nodes, config)
+}
+
 /// Replaces `from` with `to` in the config file at `path`, which must contain it.
 fn edit_config(path: &Path, from: &str, to: &str) {
     let text = fs::read_to_string(path).expect("read the config file");
@@ -283,14 +293,9 @@ const PROCESSES: usize = 20;
 fn each_warren_process_starts_its_workers_at_a_random_node() {
     let broker = Broker::shared();
     let queue = broker.queue("randomstart");
-    let nodes = [
-        Proxy::start(Proxy::free_port()),
-        Proxy::start(Proxy::free_port()),
-    ];
-    let config = cluster_config(
+    let (nodes, config) = two_nodes(
         &broker,
         &queue,
-        &[nodes[0].url(), nodes[1].url()],
         "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
     );
     // Many hosts with the same broker.urls: with one worker each, a fixed start would put every
@@ -323,16 +328,7 @@ fn each_warren_process_starts_its_workers_at_a_random_node() {
 fn each_warren_publish_starts_at_a_random_node() {
     let broker = Broker::shared();
     let queue = broker.queue("randompublish");
-    let nodes = [
-        Proxy::start(Proxy::free_port()),
-        Proxy::start(Proxy::free_port()),
-    ];
-    let config = cluster_config(
-        &broker,
-        &queue,
-        &[nodes[0].url(), nodes[1].url()],
-        "[handler]\nkind = \"dots\"\n",
-    );
+    let (nodes, config) = two_nodes(&broker, &queue, "[handler]\nkind = \"dots\"\n");
     let mut used = [0; 2];
     for i in 0..PROCESSES {
         let before = nodes.each_ref().map(Proxy::received);
