@@ -51,6 +51,16 @@ fn two_nodes(broker: &Broker, queue: &str, extra: &str) -> ([Proxy; 2], PathBuf)
     (nodes, config)
 }
 
+/// Publishes `messages` to `queue` through `config`'s nodes, waits until `warren` has done them
+/// all, stops it with SIGTERM (exit 0) and checks that the queue holds nothing, unacked or not.
+fn drain_and_stop(mut warren: Warren, config: &Path, queue: &str, messages: &[&str]) {
+    publish_ok(config, messages);
+    warren.wait_for_count(" done ", messages.len(), Duration::from_secs(20));
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert_eq!(ready_and_unacked(queue), (0, 0));
+}
+
 /// Replaces `from` with `to` in the config file at `path`, which must contain it.
 fn edit_config(path: &Path, from: &str, to: &str) {
     let text = fs::read_to_string(path).expect("read the config file");
@@ -221,7 +231,7 @@ fn a_worker_whose_first_node_is_down_fails_over_to_the_next_node() {
         "[workers]\ncount = 2\n\n[handler]\nkind = \"dots\"\n",
     );
 
-    let mut warren = Warren::run(&config, &[]);
+    let warren = Warren::run(&config, &[]);
     let line = warren.wait_for_log("failing over to", Duration::from_secs(20));
     // Workers start round-robin from a random node: one of the two starts on the dead one.
     assert!(
@@ -247,11 +257,7 @@ fn a_worker_whose_first_node_is_down_fails_over_to_the_next_node() {
     );
 
     // warren publish fails over the same way.
-    publish_ok(&config, &["one.", "two.", "three", "four"]);
-    warren.wait_for_count(" done ", 4, Duration::from_secs(20));
-    warren.signal(Signal::SIGTERM);
-    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
-    assert_eq!(ready_and_unacked(&queue), (0, 0));
+    drain_and_stop(warren, &config, &queue, &["one.", "two.", "three", "four"]);
 }
 
 #[test]
@@ -384,7 +390,7 @@ fn a_worker_whose_node_dies_reconnects_through_another_node_and_work_goes_on() {
         "[workers]\ncount = 2\n\n[handler]\nkind = \"dots\"\n",
     );
 
-    let mut warren = Warren::run(&config, &[]);
+    let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 2);
     wait_for_connections_through(&[dying_port, surviving_port], &[2, 2]);
     let before = util::connections_of(warren.pid());
@@ -422,11 +428,7 @@ fn a_worker_whose_node_dies_reconnects_through_another_node_and_work_goes_on() {
         warren.log()
     );
 
-    publish_ok(&config, &["after.", "the", "node", "died."]);
-    warren.wait_for_count(" done ", 4, Duration::from_secs(20));
-    warren.signal(Signal::SIGTERM);
-    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
-    assert_eq!(ready_and_unacked(&queue), (0, 0));
+    drain_and_stop(warren, &config, &queue, &["after.", "the", "node", "died."]);
 }
 
 #[test]
@@ -445,7 +447,7 @@ fn after_a_rolling_restart_workers_are_spread_over_the_nodes_not_piled_on_one() 
         "[workers]\ncount = 6\n\n[handler]\nkind = \"dots\"\n",
     );
 
-    let mut warren = Warren::run(&config, &[]);
+    let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 6);
     // Two connections per worker (it consumes on one and publishes on the other), two workers
     // per node.
@@ -462,11 +464,12 @@ fn after_a_rolling_restart_workers_are_spread_over_the_nodes_not_piled_on_one() 
         warren.wait_consuming(&queue, 6);
     }
 
-    publish_ok(&config, &["after", "the", "rolling", "restart"]);
-    warren.wait_for_count(" done ", 4, Duration::from_secs(20));
-    warren.signal(Signal::SIGTERM);
-    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
-    assert_eq!(ready_and_unacked(&queue), (0, 0));
+    drain_and_stop(
+        warren,
+        &config,
+        &queue,
+        &["after", "the", "rolling", "restart"],
+    );
 }
 
 #[test]
