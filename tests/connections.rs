@@ -41,6 +41,18 @@ fn cluster_config(broker: &Broker, queue: &str, urls: &[String], extra: &str) ->
     path
 }
 
+/// A proxy standing in for the one node, and a config through it for one `dots` worker.
+fn one_node(broker: &Broker, queue: &str) -> (Proxy, PathBuf) {
+    let node = Proxy::start(Proxy::free_port());
+    let config = cluster_config(
+        broker,
+        queue,
+        &[node.url()],
+        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
+    );
+    (node, config)
+}
+
 /// Two proxies standing in for two nodes, and a config whose `broker.urls` lists them.
 fn two_nodes(broker: &Broker, queue: &str, extra: &str) -> ([Proxy; 2], PathBuf) {
     let nodes = [
@@ -515,13 +527,7 @@ fn a_worker_whose_node_dies_does_not_move_to_a_node_that_refused_a_connect() {
 fn a_node_that_ends_the_login_is_tried_again_not_taken_for_refused_credentials() {
     let broker = Broker::shared();
     let queue = broker.queue("logincut");
-    let node = Proxy::start(Proxy::free_port());
-    let config = cluster_config(
-        &broker,
-        &queue,
-        &[node.url()],
-        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let (node, config) = one_node(&broker, &queue);
 
     // amiquip reports any connection that ends between the login and its acceptance as
     // invalid credentials; a node that goes away at that moment must not stop warren (exit 78,
@@ -554,13 +560,7 @@ fn a_node_that_ends_the_login_is_tried_again_not_taken_for_refused_credentials()
 fn a_login_the_broker_does_not_answer_in_time_is_retried_and_says_why() {
     let broker = Broker::shared();
     let queue = broker.queue("loginstall");
-    let node = Proxy::start(Proxy::free_port());
-    let config = cluster_config(
-        &broker,
-        &queue,
-        &[node.url()],
-        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let (node, config) = one_node(&broker, &queue);
     edit_config(
         &config,
         "heartbeat = ",
