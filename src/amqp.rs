@@ -605,6 +605,15 @@ fn lost(url: &BrokerUrl, err: amiquip::Error) -> AmqpError {
             url.redact(&message)
         ),
         amiquip::Error::MissedServerHeartbeats => "missed heartbeats from the broker".into(),
+        amiquip::Error::ServerClosedConnection { ref message, .. }
+            if message.contains("feature flag is disabled") =>
+        {
+            format!(
+                "{}; a cluster enables a feature flag only while all its nodes run: once they \
+                 do, `rabbitmqctl enable_feature_flag all` enables it",
+                url.redact(&err.to_string())
+            )
+        }
         other => url.redact(&other.to_string()),
     };
     AmqpError::Lost {
@@ -1081,7 +1090,35 @@ impl Held<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::describe_inequivalent;
+    use super::{describe_inequivalent, lost, AmqpError};
+    use crate::config::BrokerUrl;
+
+    #[test]
+    fn a_disabled_feature_flag_says_how_to_enable_it() {
+        let url = BrokerUrl::parse("amqp://guest:pw@127.0.0.1:5681/%2f").unwrap();
+        let err = lost(
+            &url,
+            amiquip::Error::ServerClosedConnection {
+                code: 541,
+                message: "INTERNAL_ERROR - Cannot declare a queue 'queue 'q' in vhost '/'' of \
+                          type 'rabbit_quorum_queue' on node 'n@h': the corresponding feature \
+                          flag is disabled"
+                    .into(),
+            },
+        );
+        let AmqpError::Lost { address, reason } = err else {
+            panic!("a server-closed connection is a lost one: {err:?}");
+        };
+        assert_eq!(address, "127.0.0.1:5681");
+        assert!(
+            reason.contains("the corresponding feature flag is disabled"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("rabbitmqctl enable_feature_flag all"),
+            "{reason}"
+        );
+    }
 
     #[test]
     fn a_declare_mismatch_names_the_argument_what_exists_and_what_is_wanted() {

@@ -463,6 +463,21 @@ impl Node {
             .count()
     }
 
+    /// The feature flags this node reports as not enabled, by `list_feature_flags`.
+    pub fn disabled_feature_flags(&self) -> Vec<String> {
+        let out = self.rabbitmqctl(&["list_feature_flags", "name", "state", "--formatter", "json"]);
+        let flags: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!(
+                "list_feature_flags of {} is not JSON ({e}): {out}",
+                self.name
+            )
+        });
+        (flags.as_array().into_iter().flatten())
+            .filter(|flag| flag["state"] != "enabled")
+            .filter_map(|flag| flag["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
     /// The nodes of this node's cluster that run the broker app, by `cluster_status`.
     pub fn running_nodes(&self) -> Vec<String> {
         let out = self.rabbitmqctl(&["cluster_status", "--formatter", "json"]);
@@ -558,6 +573,7 @@ impl Cluster {
         }
         if n > 1 {
             cluster.join_stragglers();
+            cluster.enable_feature_flags();
         }
         eprintln!("nodes: {n} node(s) running in {:.1?}", started.elapsed());
         cluster
@@ -587,6 +603,33 @@ impl Cluster {
             panic::resume_unwind(panic);
         }
         self.wait_all_running(BOOT_TIMEOUT);
+    }
+
+    /// Enables every feature flag on the cluster and checks each node sees them enabled.
+    ///
+    /// A node that joins by peer discovery as it boots can sync its feature flags against the
+    /// wrong list of nodes and leave stable flags disabled across the cluster (fixed after
+    /// 3.10, rabbitmq/rabbitmq-server#8477). CI once saw every quorum queue declare refused
+    /// with "the corresponding feature flag is disabled" after a node was stopped: a flag is
+    /// only enabled while every node runs. Operators run `rabbitmqctl enable_feature_flag all`
+    /// after forming a cluster; so do we.
+    fn enable_feature_flags(&self) {
+        let first = &self.nodes[0];
+        let disabled = first.disabled_feature_flags();
+        if !disabled.is_empty() {
+            eprintln!(
+                "nodes: feature flags {disabled:?} are disabled on the new cluster; enabling them"
+            );
+        }
+        first.rabbitmqctl(&["enable_feature_flag", "all"]);
+        for node in &self.nodes {
+            let disabled = node.disabled_feature_flags();
+            assert!(
+                disabled.is_empty(),
+                "feature flags {disabled:?} are still disabled on {} after enable_feature_flag all",
+                node.name()
+            );
+        }
     }
 
     /// Node `i`, from 0 (`warren-t1`, the node the others joined).
