@@ -54,7 +54,7 @@ pub enum Failure {
     Config(#[from] ConfigError),
     /// The broker refused something that only a configuration change can fix.
     #[error("{0}")]
-    Refused(amqp::AmqpError),
+    Refused(String),
     #[error("{0}")]
     Unavailable(amqp::AmqpError),
     #[error("{0}")]
@@ -163,7 +163,7 @@ pub fn daemon(
             Ok(exit::ABANDONED)
         }
         Report::Interrupted => Ok(exit::INTERRUPTED),
-        Report::Fatal(e) => Err(Failure::Refused(e)),
+        Report::Fatal(e) => Err(Failure::Refused(e.to_string())),
     }
 }
 
@@ -174,8 +174,9 @@ pub fn publish_messages(
     messages: impl Iterator<Item = std::io::Result<Vec<u8>>>,
 ) -> Result<publish::Summary, Failure> {
     let summary = publish::publish(config, options, messages).map_err(|e| match e {
-        publish::PublishError::Unavailable(e) if e.is_fatal() => Failure::Refused(e),
+        publish::PublishError::Unavailable(e) if e.is_fatal() => Failure::Refused(e.to_string()),
         publish::PublishError::Unavailable(e) => Failure::Unavailable(e),
+        publish::PublishError::Refused(why) => Failure::Refused(why),
         publish::PublishError::NotConfirmed(why) => Failure::TempFail(why),
         publish::PublishError::Input(e) => {
             Failure::Software(format!("cannot read standard input: {e}"))

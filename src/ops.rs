@@ -66,7 +66,7 @@ pub fn check_config(config: &Config, connect: bool, out: &mut dyn Write) -> Resu
             Err(e) => {
                 checks.report(out, &format!("node {url}"), Err(e.to_string()))?;
                 if e.is_fatal() {
-                    return Err(Failure::Refused(e));
+                    return Err(Failure::Refused(e.to_string()));
                 }
                 unreachable = Some(e);
             }
@@ -769,7 +769,7 @@ fn open_any(config: &Config, command: &str) -> Result<(Session, usize), Failure>
 /// A broker error as a failure: refused (exit 78) if retrying cannot help, else unavailable (69).
 fn broker(e: AmqpError) -> Failure {
     if e.is_fatal() {
-        Failure::Refused(e)
+        Failure::Refused(e.to_string())
     } else {
         Failure::Unavailable(e)
     }

@@ -38,6 +38,10 @@ pub enum PublishError {
     /// connection was lost (exit 75: try again).
     #[error("{0}")]
     NotConfirmed(String),
+    /// After a lost connection, the next node refused what only a configuration change can fix,
+    /// such as the login (exit 78); the text says how many messages were left unconfirmed.
+    #[error("{0}")]
+    Refused(String),
     /// The input could not be read.
     #[error("cannot read standard input: {0}")]
     Input(std::io::Error),
@@ -129,9 +133,16 @@ pub fn publish(
             }
         );
         (session, node) = Session::open_from(&config.broker, node + 1, &name).map_err(|e| {
-            PublishError::NotConfirmed(format!(
-                "{lost}; {unconfirmed} messages were not confirmed, and no node answered: {e}"
-            ))
+            if e.is_fatal() {
+                // Users and permissions are the cluster's: every other node would refuse too.
+                PublishError::Refused(format!(
+                    "{e}; publishing stopped with {unconfirmed} messages not confirmed since warren {lost}"
+                ))
+            } else {
+                PublishError::NotConfirmed(format!(
+                    "{lost}; {unconfirmed} messages were not confirmed, and no node answered: {e}"
+                ))
+            }
         })?;
         log::info!("publishing through {}", session.address());
     }

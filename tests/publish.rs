@@ -4,7 +4,9 @@
 //! it skipped; `--no-declare` publishes to an existing queue, and a message nothing can route is
 //! reported as unroutable with exit 75 (every one of a batch); an unreachable broker exits 69
 //! without printing the password; and with several nodes, a node lost or gone silent mid-publish
-//! is left for another, and what was unconfirmed is published again. Messages are read back with amiquip directly, to see what the broker stored.
+//! is left for another, and what was unconfirmed is published again, while a login the next
+//! node refuses ends the run with exit 78. Messages are read back with amiquip directly, to see
+//! what the broker stored.
 
 mod util;
 
@@ -591,4 +593,70 @@ fn a_single_node_that_goes_silent_fails_the_publish_at_the_confirm_timeout() {
         "{log}"
     );
     assert!(!log.contains("publishing again"), "{log}");
+}
+
+#[test]
+fn a_login_refused_on_failover_stops_the_publish_as_a_config_error_naming_the_unconfirmed() {
+    const FIRST: usize = 200;
+    let broker = Broker::shared();
+    let queue = broker.queue("refusedfailover");
+    let user = util::User::create("refused");
+    let proxies = [
+        util::Proxy::start(util::Proxy::free_port()),
+        util::Proxy::start(util::Proxy::free_port()),
+    ];
+    let urls: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("\"{}\"", user.url_at(p.port)))
+        .collect();
+    let config = broker.dir.path().join("refused.toml");
+    fs::write(
+        &config,
+        format!(
+            "[broker]\nurls = [{}]\n\n[queue]\nname = \"{queue}\"\n",
+            urls.join(", ")
+        ),
+    )
+    .expect("write the config file");
+    let mut child = util::spawn_publish_stdin(&config, &[]);
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let lines = |range: std::ops::Range<usize>| -> String {
+        range.map(|i| format!("{}\n", line(i))).collect()
+    };
+    stdin.write_all(lines(0..FIRST).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    wait_for_stored(&queue, FIRST);
+
+    // The password changes (an operator rotated it), then the node in use goes away: the other
+    // node refuses the login, as every node of the cluster would.
+    user.change_password();
+    let [first, second] = proxies;
+    let (dead, _other) = if first.received() > 0 {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    drop(dead);
+    stdin.write_all(lines(FIRST..2 * FIRST).as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait for warren publish");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "a refused login is for the operator to fix, not to retry: {}\n{log}",
+        out.status
+    );
+    let error: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(error.len(), 1, "one error line:\n{log}");
+    assert!(
+        error[0].contains("refused the connection")
+            && error[0].contains("messages not confirmed since warren lost the connection"),
+        "the line says the login was refused, and what was left unconfirmed: {}",
+        error[0]
+    );
+    assert!(
+        !log.contains(user.password()),
+        "no password in the log: {log}"
+    );
 }

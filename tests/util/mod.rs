@@ -933,6 +933,74 @@ impl Drop for Vhost {
     }
 }
 
+/// A broker user of the test's own, allowed everything in the test broker's vhost, whose
+/// password the test can change under a running warren. It is deleted when this drops.
+pub struct User {
+    pub name: String,
+    password: String,
+}
+
+impl User {
+    pub fn create(what: &str) -> User {
+        let name = format!(
+            "warren-test-{what}-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        );
+        let password = format!("pw-{}", fastrand::u64(..));
+        rabbitmqctl(&["add_user", &name, &password]);
+        let user = User { name, password };
+        let url = url::Url::parse(&amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
+        let vhost = match percent_encoding::percent_decode_str(url.path().trim_start_matches('/'))
+            .decode_utf8_lossy()
+            .into_owned()
+        {
+            vhost if vhost.is_empty() => "/".to_string(),
+            vhost => vhost,
+        };
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &vhost,
+            &user.name,
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        user
+    }
+
+    /// The URL of the test broker's port `port` on 127.0.0.1 (a [`Proxy`]'s), as this user.
+    pub fn url_at(&self, port: u16) -> String {
+        let mut url = url::Url::parse(&proxied_url(port)).expect("a proxied URL parses");
+        url.set_username(&self.name).expect("set the user");
+        url.set_password(Some(&self.password))
+            .expect("set the password");
+        url.to_string()
+    }
+
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// Gives the user another password: logins with the old one are refused from now on.
+    pub fn change_password(&self) {
+        rabbitmqctl(&[
+            "change_password",
+            &self.name,
+            &format!("{}-changed", self.password),
+        ]);
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
 /// A session with the broker at `url` (the test broker in another vhost, or through a proxy).
 pub fn session_at(url: &str) -> Result<Session, warren::amqp::AmqpError> {
     let text = format!(
