@@ -68,6 +68,8 @@ pub struct Metrics {
     duration: Histogram,
     busy: Gauge,
     consuming: Gauge,
+    /// Workers consuming, per node of `broker.urls` (by index).
+    consuming_on: Vec<Gauge>,
     restarts: Counter,
     losses: Counter,
     reconnects: Counter,
@@ -79,7 +81,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(queue: &str) -> Metrics {
+    /// `nodes` are the `host:port` of the nodes in `broker.urls`, in order.
+    pub fn new(queue: &str, nodes: &[String]) -> Metrics {
         let mut registry = Registry::with_prefix("warren");
         let tasks = Family::<Labels, Counter>::default();
         registry.register(
@@ -103,6 +106,12 @@ impl Metrics {
             "workers_consuming",
             "Workers connected and consuming now",
             consuming.clone(),
+        );
+        let by_node = Family::<Labels, Gauge>::default();
+        registry.register(
+            "node_workers_consuming",
+            "Workers connected and consuming now, by the broker node they are connected to",
+            by_node.clone(),
         );
         let restarts = Family::<Labels, Counter>::default();
         registry.register(
@@ -135,6 +144,13 @@ impl Metrics {
             duration: duration.get_or_create(&labels).clone(),
             busy: busy.get_or_create(&labels).clone(),
             consuming: consuming.get_or_create(&labels).clone(),
+            consuming_on: (nodes.iter())
+                .map(|node| {
+                    let mut labels = labels.clone();
+                    labels.push(("node", node.clone()));
+                    by_node.get_or_create(&labels).clone()
+                })
+                .collect(),
             restarts: restarts.get_or_create(&labels).clone(),
             losses: losses.get_or_create(&labels).clone(),
             reconnects: reconnects.get_or_create(&labels).clone(),
@@ -160,15 +176,20 @@ impl Metrics {
         }
     }
 
-    pub fn worker_consuming(&self, reconnect: bool) {
+    /// A worker is consuming through node `node` of `broker.urls`; `reconnect` if it consumed
+    /// before.
+    pub fn worker_consuming(&self, node: usize, reconnect: bool) {
         self.consuming.inc();
+        self.consuming_on[node].inc();
         if reconnect {
             self.reconnects.inc();
         }
     }
 
-    pub fn worker_stopped_consuming(&self) {
+    /// A worker that consumed through node `node` stopped.
+    pub fn worker_stopped_consuming(&self, node: usize) {
         self.consuming.dec();
+        self.consuming_on[node].dec();
     }
 
     pub fn worker_restarted(&self) {
@@ -262,11 +283,11 @@ mod tests {
 
     #[test]
     fn tasks_are_counted_by_outcome_with_the_queue_label() {
-        let metrics = Metrics::new("jobs");
+        let metrics = Metrics::new("jobs", &["rabbit-1:5672".into(), "rabbit-2:5672".into()]);
         metrics.set_workers(2);
-        metrics.worker_consuming(false);
+        metrics.worker_consuming(1, false);
         assert_eq!(metrics.health(), Err("1 of 2 workers consuming".into()));
-        metrics.worker_consuming(true);
+        metrics.worker_consuming(1, true);
         assert_eq!(metrics.health(), Ok(()));
         metrics.task_started();
         assert!(metrics
@@ -290,6 +311,22 @@ mod tests {
         );
         assert!(
             text.contains("warren_reconnects_total{queue=\"jobs\"} 1"),
+            "{text}"
+        );
+        // Every node has its series, the unused one at 0, for an alert on a node with none.
+        assert!(
+            text.contains("warren_node_workers_consuming{queue=\"jobs\",node=\"rabbit-2:5672\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("warren_node_workers_consuming{queue=\"jobs\",node=\"rabbit-1:5672\"} 0"),
+            "{text}"
+        );
+        metrics.worker_stopped_consuming(1);
+        assert!(
+            metrics
+                .encode()
+                .contains("warren_node_workers_consuming{queue=\"jobs\",node=\"rabbit-2:5672\"} 1"),
             "{text}"
         );
         metrics.set_broker_down(true);

@@ -551,7 +551,8 @@ impl Supervisor {
     ) -> io::Result<Supervisor> {
         let (stop, stop_signal) = bounded(0);
         let (abort, abort_signal) = Abort::new()?;
-        let metrics = Arc::new(Metrics::new(&config.queue.name));
+        let addresses: Vec<String> = config.broker.urls.iter().map(|u| u.address()).collect();
+        let metrics = Arc::new(Metrics::new(&config.queue.name, &addresses));
         metrics.set_workers(config.workers.count);
         // Round-robin from a random node, so that many warren hosts with the same list of
         // nodes do not all put their first worker on the first node.
@@ -728,7 +729,8 @@ impl Supervisor {
         slot.connect_failures = 0;
         let nodes = self.failing.len();
         self.failing[slot.node % nodes] = false;
-        self.metrics.worker_consuming(slot.consumed);
+        self.metrics
+            .worker_consuming(slot.node % nodes, slot.consumed);
         slot.consumed = true;
         log::debug!(
             "worker-{worker} is consuming queue {}",
@@ -762,7 +764,9 @@ impl Supervisor {
         }
         slot.ended(Instant::now());
         if slot.ready_since.is_some() {
-            self.metrics.worker_stopped_consuming();
+            // Its node has not changed since it was ready: that happens below, for a restart.
+            let nodes = self.config.broker.urls.len();
+            self.metrics.worker_stopped_consuming(slot.node % nodes);
         }
         if matches!(exit, Exit::Lost(_)) {
             self.metrics.connection_lost();

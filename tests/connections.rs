@@ -452,18 +452,45 @@ fn after_a_rolling_restart_workers_are_spread_over_the_nodes_not_piled_on_one() 
         .collect();
     let ports: Vec<u16> = nodes.iter().flatten().map(|n| n.port).collect();
     let urls: Vec<String> = nodes.iter().flatten().map(Proxy::url).collect();
+    let metrics = Proxy::free_port();
     let config = cluster_config(
         &broker,
         &queue,
         &urls,
-        "[workers]\ncount = 6\n\n[handler]\nkind = \"dots\"\n",
+        &format!(
+            "[workers]\ncount = 6\n\n[handler]\nkind = \"dots\"\n\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
+        ),
     );
+    // What warren's /metrics says of the workers on each node, as `warren_node_workers_consuming`.
+    let wait_for_workers_on = |counts: [f64; 3]| {
+        let mut seen = Vec::new();
+        util::wait_until(
+            Duration::from_secs(20),
+            &format!("{counts:?} workers consuming per node in /metrics"),
+            || {
+                let text = util::http_get(metrics, "/metrics").1;
+                seen = (ports.iter())
+                    .map(|port| {
+                        util::metric_sample(
+                            &text,
+                            &format!(
+                                "warren_node_workers_consuming{{queue=\"{queue}\",node=\"127.0.0.1:{port}\"}}"
+                            ),
+                        )
+                    })
+                    .collect();
+                seen == counts
+            },
+        );
+    };
 
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 6);
     // Two connections per worker (it consumes on one and publishes on the other), two workers
     // per node.
     wait_for_connections_through(&ports, &[4, 4, 4]);
+    wait_for_workers_on([2.0, 2.0, 2.0]);
 
     // Each node in turn goes away and comes back on the same port. Its workers go to the least
     // used of the others: [0, 3, 3], then [3, 0, 3], then [3, 3, 0]. Moving each to the next
@@ -472,6 +499,7 @@ fn after_a_rolling_restart_workers_are_spread_over_the_nodes_not_piled_on_one() 
     for (down, counts) in expected.iter().enumerate() {
         nodes[down] = None;
         wait_for_connections_through(&ports, counts);
+        wait_for_workers_on(counts.map(|connections| (connections / 2) as f64));
         nodes[down] = Some(Proxy::start(ports[down]));
         warren.wait_consuming(&queue, 6);
     }

@@ -4,14 +4,14 @@
 
 mod util;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use util::{publish_ok, wait_until, Broker, Proxy, Warren};
+use util::{
+    http_get as get, metric_sample as sample, publish_ok, wait_until, Broker, Proxy, Warren,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -99,35 +99,6 @@ fn systemd_hears_ready_then_status_and_watchdog_then_stopping() {
         all.iter().any(|l| l.starts_with("STATUS=stopping")),
         "{all:#?}"
     );
-}
-
-/// The status code and body of `GET path` on `port`.
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics port");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// The value of the sample `name` (with its labels, exactly as written) in `metrics`.
-fn sample(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in\n{metrics}"))
 }
 
 #[test]
