@@ -362,7 +362,13 @@ fn the_published_count_can_be_written_for_the_textfile_collector() {
 
 /// A config whose `broker.urls` are `proxies`, standing in for the nodes of a cluster.
 fn config_through(broker: &Broker, queue: &str, proxies: &[util::Proxy]) -> PathBuf {
-    let urls: Vec<String> = proxies.iter().map(|p| format!("\"{}\"", p.url())).collect();
+    let urls: Vec<String> = proxies.iter().map(util::Proxy::url).collect();
+    config_at(broker, queue, &urls)
+}
+
+/// A config whose `broker.urls` lists `urls`, for `queue`.
+fn config_at(broker: &Broker, queue: &str, urls: &[String]) -> PathBuf {
+    let urls: Vec<String> = urls.iter().map(|url| format!("\"{url}\"")).collect();
     let config = broker.dir.path().join("nodes.toml");
     fs::write(
         &config,
@@ -394,6 +400,11 @@ fn line(i: usize) -> String {
     format!("task {i:<6} {}", "x".repeat(88))
 }
 
+/// Lines `range` of the failover tests, each with its newline.
+fn lines(range: std::ops::Range<usize>) -> String {
+    range.map(|i| format!("{}\n", line(i))).collect()
+}
+
 #[test]
 fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again() {
     const FIRST: usize = 2_000;
@@ -410,9 +421,6 @@ fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again(
     let config = config_through(&broker, &queue, &proxies);
     let mut child = util::spawn_publish_stdin(&config, &["--confirm-timeout", "60s"]);
     let mut stdin = child.stdin.take().expect("stdin is piped");
-    let lines = |range: std::ops::Range<usize>| -> String {
-        range.map(|i| format!("{}\n", line(i))).collect()
-    };
     stdin.write_all(lines(0..FIRST).as_bytes()).unwrap();
     stdin.flush().unwrap();
     wait_for_stored(&queue, FIRST);
@@ -517,9 +525,6 @@ fn publish_into_silence(
     let config = config_through(broker, queue, proxies);
     let mut child = util::spawn_publish_stdin(&config, &["--confirm-timeout", "2s"]);
     let mut stdin = child.stdin.take().expect("stdin is piped");
-    let lines = |range: std::ops::Range<usize>| -> String {
-        range.map(|i| format!("{}\n", line(i))).collect()
-    };
     stdin.write_all(lines(0..SILENCE_AT).as_bytes()).unwrap();
     stdin.flush().unwrap();
     wait_for_stored(queue, SILENCE_AT);
@@ -605,24 +610,10 @@ fn a_login_refused_on_failover_stops_the_publish_as_a_config_error_naming_the_un
         util::Proxy::start(util::Proxy::free_port()),
         util::Proxy::start(util::Proxy::free_port()),
     ];
-    let urls: Vec<String> = proxies
-        .iter()
-        .map(|p| format!("\"{}\"", user.url_at(p.port)))
-        .collect();
-    let config = broker.dir.path().join("refused.toml");
-    fs::write(
-        &config,
-        format!(
-            "[broker]\nurls = [{}]\n\n[queue]\nname = \"{queue}\"\n",
-            urls.join(", ")
-        ),
-    )
-    .expect("write the config file");
+    let urls: Vec<String> = proxies.iter().map(|p| user.url_at(p.port)).collect();
+    let config = config_at(&broker, &queue, &urls);
     let mut child = util::spawn_publish_stdin(&config, &[]);
     let mut stdin = child.stdin.take().expect("stdin is piped");
-    let lines = |range: std::ops::Range<usize>| -> String {
-        range.map(|i| format!("{}\n", line(i))).collect()
-    };
     stdin.write_all(lines(0..FIRST).as_bytes()).unwrap();
     stdin.flush().unwrap();
     wait_for_stored(&queue, FIRST);
