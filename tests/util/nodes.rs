@@ -15,7 +15,9 @@
 //! The nodes boot in parallel; nodes 2..n join node 1 as they boot (classic config peer
 //! discovery), which saves the `stop_app`, `join_cluster`, `start_app` round after boot. A node
 //! that gives up waiting for node 1 boots alone and gets that round after all, as every node of
-//! [`Cluster::start_joined_by_hand`] does.
+//! [`Cluster::start_joined_by_hand`] does. Once all run, every feature flag is enabled
+//! (`rabbitmqctl enable_feature_flag all`) and checked on each node: joining by peer discovery
+//! can leave `quorum_queue` disabled on RabbitMQ 3.10.
 //!
 //! Tests that use extra nodes run one at a time, across threads and processes: a `Cluster` holds
 //! an exclusive lock on `/tmp/warren-tests-nodes.lock` (not the broker lock). Since names, ports
