@@ -188,24 +188,21 @@ impl Session {
     /// that dies or stops during the login ends it the same way, and retrying that one is right.
     pub fn open(broker: &Broker, node: usize, name: &str) -> Result<Session, AmqpError> {
         let url = &broker.urls[node % broker.urls.len()];
-        match Session::attempt(broker, url, name) {
-            Err(Failed::Login) => {
-                log::debug!(
-                    "the broker at {} closed the connection during the login; trying once more",
-                    url.address()
-                );
-            }
-            Err(Failed::Other(e)) => return Err(e),
-            Ok(session) => return Ok(session),
+        let mut opened = Session::attempt(broker, url, name);
+        if matches!(opened, Err(Failed::Login)) {
+            log::debug!(
+                "the broker at {} closed the connection during the login; trying once more",
+                url.address()
+            );
+            opened = Session::attempt(broker, url, name);
         }
-        match Session::attempt(broker, url, name) {
-            Err(Failed::Login) => Err(AmqpError::Refused {
+        opened.map_err(|failed| match failed {
+            Failed::Login => AmqpError::Refused {
                 address: url.address(),
                 reason: format!("invalid credentials for user {:?}", url.username()),
-            }),
-            Err(Failed::Other(e)) => Err(e),
-            Ok(session) => Ok(session),
-        }
+            },
+            Failed::Other(e) => e,
+        })
     }
 
     /// One connection attempt to `url`.

@@ -158,7 +158,7 @@ impl RunningPool {
 /// supervisor alone holds.
 struct Worker {
     id: usize,
-    /// Which of the broker's nodes to connect to (modulo their number).
+    /// Which of the broker's nodes to connect to, an index into `broker.urls`.
     node: usize,
     config: Arc<Config>,
     factory: HandlerFactory,
@@ -457,9 +457,9 @@ struct Slot {
     restart_at: Option<Instant>,
     /// Waiting for the broker to come back.
     parked: bool,
-    /// The broker node its worker connects to (modulo their number). Workers start spread over
-    /// the nodes, round-robin from a random one; a failed connect moves to the next node, a
-    /// lost connection to the least used other node ([`Supervisor::failover_node`]).
+    /// The broker node its worker connects to, an index into `broker.urls`. Workers start
+    /// spread over the nodes, round-robin from a random one; a failed connect moves to the next
+    /// node, a lost connection to the least used other node ([`Supervisor::failover_node`]).
     node: usize,
     /// Failed connects since it was last consuming: once it has tried every node, the broker
     /// as a whole is unreachable.
@@ -560,7 +560,7 @@ impl Supervisor {
         let first = fastrand::usize(..nodes);
         let slots = (0..config.workers.count)
             .map(|i| Slot {
-                node: first + i,
+                node: (first + i) % nodes,
                 ..Slot::default()
             })
             .collect();
@@ -727,10 +727,8 @@ impl Supervisor {
         let slot = &mut self.slots[worker - 1];
         slot.ready_since = Some(Instant::now());
         slot.connect_failures = 0;
-        let nodes = self.failing.len();
-        self.failing[slot.node % nodes] = false;
-        self.metrics
-            .worker_consuming(slot.node % nodes, slot.consumed);
+        self.failing[slot.node] = false;
+        self.metrics.worker_consuming(slot.node, slot.consumed);
         slot.consumed = true;
         log::debug!(
             "worker-{worker} is consuming queue {}",
@@ -765,8 +763,7 @@ impl Supervisor {
         slot.ended(Instant::now());
         if slot.ready_since.is_some() {
             // Its node has not changed since it was ready: that happens below, for a restart.
-            let nodes = self.config.broker.urls.len();
-            self.metrics.worker_stopped_consuming(slot.node % nodes);
+            self.metrics.worker_stopped_consuming(slot.node);
         }
         if matches!(exit, Exit::Lost(_)) {
             self.metrics.connection_lost();
@@ -785,14 +782,14 @@ impl Supervisor {
             Exit::ConnectFailed(e) => {
                 let nodes = self.config.broker.urls.len();
                 let slot = &mut self.slots[worker - 1];
-                self.failing[slot.node % nodes] = true;
+                self.failing[slot.node] = true;
                 // Every node in turn, so that the broker counts as unreachable only once each
                 // has failed.
-                slot.node += 1;
+                slot.node = (slot.node + 1) % nodes;
                 slot.connect_failures += 1;
                 if slot.connect_failures < nodes {
                     // Another node may answer: fail over to it at once.
-                    let next = &self.config.broker.urls[slot.node % nodes];
+                    let next = &self.config.broker.urls[slot.node];
                     log::warn!("worker-{worker}: {e}; failing over to {next}");
                     slot.restart_at = Some(Instant::now());
                 } else {
@@ -829,11 +826,11 @@ impl Supervisor {
     /// after its own, in the order of `broker.urls`.
     fn failover_node(&self, worker: usize) -> usize {
         let nodes = self.config.broker.urls.len();
-        let current = self.slots[worker - 1].node % nodes;
+        let current = self.slots[worker - 1].node;
         let mut load = vec![0usize; nodes];
         for (id, slot) in (1..).zip(&self.slots) {
             if id != worker && (slot.thread.is_some() || slot.restart_at.is_some()) {
-                load[slot.node % nodes] += 1;
+                load[slot.node] += 1;
             }
         }
         (1..nodes.max(2))
