@@ -380,12 +380,9 @@ fn a_node_named_by_its_ipv6_address_is_reached() {
         &[url],
         "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
     );
-    let mut warren = Warren::run(&config, &[]);
+    let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 1);
-    publish_ok(&config, &["over IPv6"]);
-    warren.wait_for_count(" done ", 1, Duration::from_secs(20));
-    warren.signal(Signal::SIGTERM);
-    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    drain_and_stop(warren, &config, &queue, &["over IPv6"]);
 }
 
 #[test]
@@ -608,14 +605,11 @@ fn a_login_the_broker_does_not_answer_in_time_is_retried_and_says_why() {
 
     // warren run retries it.
     node.fail_next_login(util::LoginFault::Stall);
-    let mut warren = Warren::run(&config, &[]);
+    let warren = Warren::run(&config, &[]);
     let line = warren.wait_for_log("no answer to the login", Duration::from_secs(10));
     assert!(line.contains("retrying in"), "{line}");
     warren.wait_consuming(&queue, 1);
-    publish_ok(&config, &["answered"]);
-    warren.wait_for_count(" done ", 1, Duration::from_secs(20));
-    warren.signal(Signal::SIGTERM);
-    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    drain_and_stop(warren, &config, &queue, &["answered"]);
 }
 
 #[test]
