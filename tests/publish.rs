@@ -400,6 +400,15 @@ fn line(i: usize) -> String {
     format!("task {i:<6} {}", "x".repeat(88))
 }
 
+/// Takes the `stored` messages of `queue` off the broker and returns which of lines
+/// `0..lines` (by [`line`]) none of them holds.
+fn missing_lines(queue: &str, stored: usize, lines: usize) -> Vec<usize> {
+    let (connection, channel) = open_channel();
+    let bodies: HashSet<String> = consume(&channel, queue, stored).iter().map(body).collect();
+    connection.close().expect("close the connection");
+    (0..lines).filter(|&i| !bodies.contains(&line(i))).collect()
+}
+
 /// Lines `range` of the failover tests, each with its newline.
 fn lines(range: std::ops::Range<usize>) -> String {
     range.map(|i| format!("{}\n", line(i))).collect()
@@ -503,13 +512,8 @@ fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again(
         "{stored} messages stored for {} lines, {republished} published again",
         FIRST + AFTER_FREEZE
     );
-    let (connection, channel) = open_channel();
-    let bodies: HashSet<String> = consume(&channel, &queue, stored).iter().map(body).collect();
-    let missing: Vec<usize> = (0..FIRST + AFTER_FREEZE)
-        .filter(|&i| !bodies.contains(&line(i)))
-        .collect();
+    let missing = missing_lines(&queue, stored, FIRST + AFTER_FREEZE);
     assert!(missing.is_empty(), "lost: {missing:?}");
-    connection.close().expect("close the connection");
 }
 
 /// Runs `warren publish --stdin --confirm-timeout 2s` through `proxies` (the nodes of its
@@ -576,13 +580,8 @@ fn a_node_that_goes_silent_mid_publish_is_left_for_another_after_the_confirm_tim
         "{log}"
     );
     let stored = queue_counts(&queue).0 as usize;
-    let (connection, channel) = open_channel();
-    let bodies: HashSet<String> = consume(&channel, &queue, stored).iter().map(body).collect();
-    let missing: Vec<usize> = (0..2 * SILENCE_AT)
-        .filter(|&i| !bodies.contains(&line(i)))
-        .collect();
+    let missing = missing_lines(&queue, stored, 2 * SILENCE_AT);
     assert!(missing.is_empty(), "lost: {missing:?}");
-    connection.close().expect("close the connection");
 }
 
 #[test]
