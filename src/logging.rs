@@ -3,7 +3,7 @@
 //! its own, and reads the `<N>` priority prefix), or one JSON object per line for log shippers.
 //!
 //! The format is chosen once the configuration is read; until then (and for errors in reading
-//! it) lines are text.
+//! it) lines are text. [`preview`] is how a message body appears in a line: never whole.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +63,20 @@ pub fn set_format(format: LogFormat) {
     JSON.store(format == LogFormat::Json, Ordering::Relaxed);
 }
 
+/// How many bytes of a body the log shows.
+const PREVIEW_BYTES: usize = 64;
+
+/// The first bytes of a body, escaped, for the log. Never the whole body.
+pub fn preview(body: &[u8]) -> String {
+    let shown = &body[..body.len().min(PREVIEW_BYTES)];
+    let more = if body.len() > PREVIEW_BYTES {
+        format!("… ({} bytes)", body.len())
+    } else {
+        String::new()
+    };
+    format!("\"{}\"{more}", shown.escape_ascii())
+}
+
 /// The syslog priority journald reads from a `<N>` prefix.
 fn priority(level: log::Level) -> u8 {
     match level {
@@ -70,5 +84,20 @@ fn priority(level: log::Level) -> u8 {
         log::Level::Warn => 4,
         log::Level::Info => 6,
         log::Level::Debug | log::Level::Trace => 7,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::preview;
+
+    #[test]
+    fn previews_are_short_and_escaped() {
+        assert_eq!(preview(b"Hello..."), "\"Hello...\"");
+        assert_eq!(preview(b"a\"\n\xff"), "\"a\\\"\\n\\xff\"");
+        let long = vec![b'x'; 1000];
+        let shown = preview(&long);
+        assert!(shown.starts_with(&format!("\"{}\"", "x".repeat(64))));
+        assert!(shown.ends_with("… (1000 bytes)"));
     }
 }

@@ -78,7 +78,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     body if body.is_empty() => "hello".to_string(),
                     body => body,
                 };
-                let preview = warren::pool::preview(body.as_bytes());
+                let preview = warren::logging::preview(body.as_bytes());
                 warren::publish_messages(
                     &config,
                     &options,

@@ -504,7 +504,7 @@ fn describe(delivery: &crate::amqp::Delivery) -> String {
         show(retry::DEAD_LETTERED_AT),
         show(retry::EXIT_STATUS),
         show(retry::QUEUE),
-        crate::pool::preview(delivery.body()),
+        crate::logging::preview(delivery.body()),
     )
 }
 

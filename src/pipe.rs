@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use crate::child::{self, set_nonblocking, wait_ready, Waited};
 use crate::handler::{Abort, Handler, Outcome, Task};
-use crate::pool::preview;
+use crate::logging::preview;
 
 /// After closing a program's stdin, how long warren waits for it to exit before killing it.
 pub const STOP_WAIT: Duration = Duration::from_secs(1);

@@ -229,7 +229,7 @@ fn publish_on(
             continue;
         }
         let id = uuid::Uuid::new_v4().to_string();
-        log::debug!("publishing {id} {}", crate::pool::preview(&body));
+        log::debug!("publishing {id} {}", crate::logging::preview(&body));
         tracker.messages += 1;
         let message = Message { id, body, sends: 0 };
         tracker.send(&mut publisher, options, message)?;

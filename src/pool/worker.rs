@@ -1,0 +1,369 @@
+//! One worker's life: connect and declare, take and settle one delivery at a time, wind down.
+//!
+//! A worker owns its two connections (one consumes and acks, one publishes the copies of retried
+//! and dead-lettered messages) and its handler. It acks a message on the channel that delivered
+//! it, and only after its handler succeeded or a copy of it was confirmed in a retry queue or the
+//! dead-letter queue; any other ending leaves the message to be requeued. It never restarts
+//! itself and never decides to exit the process: it reports how it ended, as an [`Exit`], and the
+//! supervisor decides.
+
+use std::any::Any;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::{Event, Exit};
+use crate::amqp::{AmqpError, Confirmed, Delivery, Header, Next, Publisher, Session, Subscription};
+use crate::config::Config;
+use crate::handler::{Abort, Handler, HandlerFactory, Outcome, Task};
+use crate::logging::preview;
+use crate::metrics::{Metrics, TaskOutcome};
+use crate::retry::{self, Decision, Topology};
+
+/// How long a worker waits before requeueing a message whose copy the broker refused.
+const REFUSED_PAUSE: Duration = Duration::from_secs(1);
+/// How long a worker waits for the broker to confirm a retried or dead-lettered copy (time
+/// blocked by a broker alarm does not count).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a worker thread needs. The receivers fire by their senders being dropped, which the
+/// supervisor alone holds.
+pub(super) struct Worker {
+    pub id: usize,
+    /// Which of the broker's nodes to connect to, an index into `broker.urls`.
+    pub node: usize,
+    pub config: Arc<Config>,
+    pub factory: HandlerFactory,
+    pub events: Sender<Event>,
+    pub stop: Receiver<Infallible>,
+    pub abort: Abort,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A worker's two connections: one consumes and settles, one publishes copies.
+struct Link {
+    session: Session,
+    publishing: Session,
+}
+
+/// How taking one delivery ended, when the connection is still there.
+// Settled is the common case and carries nothing; boxing the rare delivery would cost more.
+#[allow(clippy::large_enum_variant)]
+enum Taken {
+    /// Acked, or moved to a retry queue or the dead-letter queue.
+    Settled,
+    /// The abort fired while the handler ran: the delivery must go back to the queue once the
+    /// consumer is cancelled (or the broker would hand it straight back to this consumer).
+    Abandoned { id: String, delivery: Delivery },
+}
+
+impl Worker {
+    pub fn name(&self) -> String {
+        format!("worker-{}", self.id)
+    }
+
+    /// Connects, consumes and handles messages until stopped or until something fails.
+    pub fn run(&self) -> Exit {
+        let link = match self.connect() {
+            Ok(link) => link,
+            Err(exit) => return exit,
+        };
+        let mut publisher = match link.publishing.publisher() {
+            Ok(publisher) => publisher,
+            Err(e) => return lost_or_fatal(e),
+        };
+        let config = &self.config;
+        let subscription = match link
+            .session
+            .subscribe(&config.queue.name, config.workers.prefetch)
+        {
+            Ok(subscription) => subscription,
+            Err(e) => return lost_or_fatal(e),
+        };
+        let _ = self.events.send(Event::Ready { worker: self.id });
+        log::debug!(
+            "{} consuming queue {} on {}",
+            self.name(),
+            config.queue.name,
+            link.session.address()
+        );
+        let mut handler = (self.factory)(self.id);
+        handler.start();
+
+        let mut abandoned = None;
+        loop {
+            let delivery = match subscription.next(&self.stop) {
+                Next::Delivery(delivery) => delivery,
+                Next::Stop => break,
+                Next::Ended(e) => {
+                    drop(subscription);
+                    return Exit::Lost(link.session.close_after(e));
+                }
+            };
+            match self.take(delivery, handler.as_mut(), &subscription, &mut publisher) {
+                Ok(Taken::Settled) => {}
+                Ok(Taken::Abandoned { id, delivery }) => {
+                    abandoned = Some((id, delivery));
+                    break;
+                }
+                Err(e) => {
+                    // The broker requeues the message of a lost channel by itself; the task may
+                    // run again, which at-least-once allows.
+                    drop(subscription);
+                    return Exit::Lost(link.session.close_after(e));
+                }
+            }
+        }
+        let requeued = self.cancel(&subscription, abandoned);
+        drop(subscription);
+        drop(publisher);
+        self.wind_down(link);
+        Exit::Stopped { requeued }
+    }
+
+    /// Opens both connections and declares the work queue, its retry queues and its
+    /// dead-letter queue.
+    fn connect(&self) -> Result<Link, Exit> {
+        let config = &self.config;
+        let name = self.name();
+        let pid = std::process::id();
+        let open = |role: &str| {
+            Session::open(
+                &config.broker,
+                self.node,
+                &format!("warren {name}{role} pid {pid}"),
+            )
+            .map_err(|e| {
+                if e.is_fatal() {
+                    Exit::Fatal(e)
+                } else {
+                    Exit::ConnectFailed(e)
+                }
+            })
+        };
+        let session = open("")?;
+        // Retried and dead-lettered copies go out on a connection of their own, so that a
+        // broker alarm that blocks publishing does not also hold up this worker's acks.
+        let publishing = open(" publisher")?;
+        let topology = Topology::new(&config.queue, &config.retry);
+        topology
+            .all()
+            .try_for_each(|queue| session.declare(queue))
+            .map_err(lost_or_fatal)?;
+        Ok(Link {
+            session,
+            publishing,
+        })
+    }
+
+    /// Runs the handler on one delivery and settles it: ack, a retry, or the dead-letter queue.
+    /// An error means the connection is gone and the message is the broker's again.
+    fn take(
+        &self,
+        delivery: Delivery,
+        handler: &mut dyn Handler,
+        subscription: &Subscription<'_>,
+        publisher: &mut Publisher<'_>,
+    ) -> Result<Taken, AmqpError> {
+        let config = &self.config;
+        let name = self.name();
+        let id = delivery.message_id().unwrap_or("-").to_string();
+        let (attempt, warning) = retry::attempt(&delivery);
+        if let Some(warning) = warning {
+            log::warn!("{name} {id}: {warning}");
+        }
+        // At debug: at thousands of tasks a second, two lines per task cost about a tenth of the
+        // throughput (BENCHMARKS.md) and would trip journald's rate limit, which would drop the
+        // warnings too.
+        log::debug!(
+            "{name} received {id} (attempt {attempt}{}) {}",
+            if delivery.redelivered() {
+                ", redelivered"
+            } else {
+                ""
+            },
+            preview(delivery.body())
+        );
+        self.metrics.task_started();
+        let started = Instant::now();
+        let task = Task {
+            body: delivery.body(),
+            message_id: delivery.message_id(),
+            redelivered: delivery.redelivered(),
+            queue: &config.queue.name,
+            worker: self.id,
+            attempt,
+        };
+        let outcome = handler.handle(&task, &self.abort);
+        let took = started.elapsed();
+        let counted;
+        let settled = match outcome {
+            Outcome::Done => {
+                counted = Some(TaskOutcome::Ack);
+                subscription
+                    .ack(delivery)
+                    .map(|()| log::debug!("{name} done {id} (attempt {attempt}) in {took:.2?}"))
+            }
+            Outcome::Retry(status) => {
+                match retry::after_failure(attempt, &config.queue, &config.retry) {
+                    Decision::Retry { queue, delay, next } => {
+                        counted = Some(TaskOutcome::Retry);
+                        log::warn!(
+                            "{name} failed {id} (attempt {attempt} of {}) after {took:.2?}: {status}; retrying in {}",
+                            config.retry.max_attempts,
+                            humantime::format_duration(delay)
+                        );
+                        let headers = retry::retry_headers(next, &status);
+                        self.forward(publisher, subscription, delivery, &queue, headers)
+                    }
+                    Decision::DeadLetter { reason } => {
+                        counted = Some(TaskOutcome::DeadLetter);
+                        log::warn!(
+                            "{name} failed {id} (attempt {attempt} of {}) after {took:.2?}: {status}; {reason}: dead-lettered to {}",
+                            config.retry.max_attempts,
+                            config.queue.dead_letter
+                        );
+                        let headers = retry::dead_letter_headers(
+                            &reason,
+                            &status,
+                            attempt,
+                            &config.queue.name,
+                        );
+                        let dead = &config.queue.dead_letter;
+                        self.forward(publisher, subscription, delivery, dead, headers)
+                    }
+                }
+            }
+            Outcome::DeadLetter { status, reason } => {
+                counted = Some(TaskOutcome::DeadLetter);
+                log::warn!(
+                    "{name} rejected {id} (attempt {attempt}) after {took:.2?}: {status}{}; dead-lettered to {}",
+                    reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default(),
+                    config.queue.dead_letter
+                );
+                let reason =
+                    reason.unwrap_or_else(|| format!("rejected by the handler ({status})"));
+                let headers =
+                    retry::dead_letter_headers(&reason, &status, attempt, &config.queue.name);
+                let dead = &config.queue.dead_letter;
+                self.forward(publisher, subscription, delivery, dead, headers)
+            }
+            Outcome::Aborted => {
+                log::warn!("{name} abandoned {id} (attempt {attempt}) after {took:.2?}: warren is stopping and cannot wait for it; requeued");
+                self.metrics.task_finished(None, took);
+                return Ok(Taken::Abandoned { id, delivery });
+            }
+        };
+        // A task whose outcome could not be settled is counted in the duration only.
+        self.metrics
+            .task_finished(settled.as_ref().ok().and(counted), took);
+        match settled {
+            Ok(()) => Ok(Taken::Settled),
+            Err(e) => {
+                log::warn!("{name} could not settle {id} after {took:.2?}: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops taking messages, and returns what this worker holds unprocessed to the queue: a
+    /// delivery that arrived between the last ack and the cancel, and the `abandoned` one.
+    /// Returns the ids of the abandoned messages.
+    fn cancel(
+        &self,
+        subscription: &Subscription<'_>,
+        abandoned: Option<(String, Delivery)>,
+    ) -> Vec<String> {
+        let name = self.name();
+        match subscription.cancel() {
+            Ok(stragglers) => {
+                for delivery in stragglers {
+                    let id = delivery.message_id().unwrap_or("-").to_string();
+                    log::info!("{name} returned {id} to the queue unprocessed");
+                    if let Err(e) = subscription.requeue(delivery) {
+                        log::warn!("{name} could not return {id}: {e}");
+                    }
+                }
+            }
+            Err(e) => log::warn!("{name} could not cancel its consumer: {e}"),
+        }
+        let mut requeued = Vec::new();
+        if let Some((id, delivery)) = abandoned {
+            if let Err(e) = subscription.requeue(delivery) {
+                // Closing the connection requeues it all the same.
+                log::warn!("{name} could not requeue {id}: {e}");
+            }
+            requeued.push(id);
+        }
+        requeued
+    }
+
+    /// Closes both connections.
+    fn wind_down(&self, link: Link) {
+        let name = self.name();
+        for result in [link.session.close(), link.publishing.close()] {
+            if let Err(e) = result {
+                log::warn!("{name} could not close a connection cleanly: {e}");
+            }
+        }
+        log::debug!("{name} stopped");
+    }
+
+    /// Moves `delivery` to `queue` (a retry queue or the dead-letter queue): the copy is
+    /// published and confirmed before the original is acked, so a crash in between can
+    /// duplicate the message but never lose it. If the copy is refused, the original goes back
+    /// to the work queue after a pause instead.
+    fn forward(
+        &self,
+        publisher: &mut Publisher<'_>,
+        subscription: &Subscription<'_>,
+        delivery: Delivery,
+        queue: &str,
+        headers: Vec<(String, Header)>,
+    ) -> Result<(), AmqpError> {
+        let id = delivery.message_id().unwrap_or("-").to_string();
+        let problem = match publisher.republish_and_wait(
+            &delivery,
+            queue,
+            headers,
+            retry::NOT_COPIED,
+            CONFIRM_TIMEOUT,
+            self.abort.receiver(),
+        ) {
+            Ok(Confirmed::Stored) => return subscription.ack(delivery),
+            Ok(Confirmed::Refused(why)) => why,
+            Ok(Confirmed::TimedOut) => format!("no confirm within {CONFIRM_TIMEOUT:?}"),
+            Err(e) => {
+                let _ = subscription.requeue(delivery);
+                return Err(e);
+            }
+        };
+        let pause = REFUSED_PAUSE;
+        log::warn!(
+            "{} could not move {id} to queue {queue}: {problem}; requeued in {pause:.1?}",
+            self.name()
+        );
+        // A pause, so that a broker that keeps refusing is not hammered; a stop cuts it short.
+        let _ = self.stop.recv_timeout(pause);
+        subscription.requeue(delivery)
+    }
+}
+
+fn lost_or_fatal(e: AmqpError) -> Exit {
+    if e.is_fatal() {
+        Exit::Fatal(e)
+    } else {
+        Exit::Lost(e)
+    }
+}
+
+/// The text of a panic's payload, for the log.
+pub(super) fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
