@@ -486,6 +486,34 @@ impl Session {
         }
     }
 
+    /// Positively acknowledges a delivery of this session's channel: the broker forgets the
+    /// message.
+    pub fn ack(&self, delivery: Delivery) -> Result<(), AmqpError> {
+        delivery
+            .0
+            .ack(&self.channel)
+            .map_err(|e| lost(&self.url, e))
+    }
+
+    /// Returns a delivery of this session's channel to its queue, to be delivered again.
+    pub fn requeue(&self, delivery: Delivery) -> Result<(), AmqpError> {
+        delivery
+            .0
+            .nack(&self.channel, true)
+            .map_err(|e| lost(&self.url, e))
+    }
+
+    /// Takes the next message of `queue` without acking it (`basic.get` with `no_ack = false`),
+    /// or `None` if the queue has no ready message. It stays the broker's, unacked, until it is
+    /// settled on this session's channel or the channel closes (which requeues it).
+    pub fn take(&self, queue: &str) -> Result<Option<Delivery>, AmqpError> {
+        let got = self
+            .channel
+            .basic_get(queue, false)
+            .map_err(|e| self.channel_error(e, format!("basic.get from queue {queue:?}")))?;
+        Ok(got.map(|got| Delivery(got.delivery)))
+    }
+
     fn channel_error(&self, err: amiquip::Error, what: String) -> AmqpError {
         match err {
             // A classic queue's node is down (in a cluster): it comes back when the node does.
@@ -619,7 +647,8 @@ fn lost(url: &BrokerUrl, err: amiquip::Error) -> AmqpError {
     }
 }
 
-/// A message delivered to a [`Subscription`]. It must be acked or nacked on that subscription.
+/// A message delivered to a [`Subscription`], or taken with [`Session::take`]. It must be settled on
+/// the channel of the session it came from.
 pub struct Delivery(amiquip::Delivery);
 
 impl Delivery {
@@ -646,49 +675,40 @@ impl Delivery {
 /// What [`Subscription::next`] returns.
 // Almost every value is a delivery, so boxing it to shrink the rare variants would cost more.
 #[allow(clippy::large_enum_variant)]
-pub enum Next {
+pub enum Next<C> {
     Delivery(Delivery),
     /// The stop signal fired before a delivery arrived.
     Stop,
+    /// A command arrived before a delivery.
+    Command(C),
     /// The consumer ended: its channel or connection was closed, or the broker cancelled it.
     Ended(AmqpError),
 }
 
-/// A consumer on a [`Session`]'s channel. Acks and nacks go to that same channel, as AMQP
-/// requires.
+/// A consumer on a [`Session`]'s channel. Deliveries are settled on that same channel, with
+/// [`Session::ack`] and [`Session::requeue`], as AMQP requires.
 pub struct Subscription<'a> {
     session: &'a Session,
     consumer: amiquip::Consumer<'a>,
 }
 
 impl Subscription<'_> {
-    /// Waits for the next delivery, or for `stop` to become ready or disconnected.
-    /// A stop that has already fired wins over a delivery that is ready at the same moment.
-    pub fn next<T>(&self, stop: &Receiver<T>) -> Next {
+    /// Waits for the next delivery, for a command, or for `stop` to become ready or
+    /// disconnected; a `commands` channel that disconnects counts as a stop. A stop that has
+    /// already fired wins over a command, and a command over a delivery ready at the same moment.
+    pub fn next<T, C>(&self, stop: &Receiver<T>, commands: &Receiver<C>) -> Next<C> {
         select_biased! {
             recv(stop) -> _ => Next::Stop,
+            recv(commands) -> command => match command {
+                Ok(command) => Next::Command(command),
+                Err(_) => Next::Stop,
+            },
             recv(self.consumer.receiver()) -> message => self.classify(message.ok()),
         }
     }
 
-    /// Positively acknowledges a delivery: the broker forgets the message.
-    pub fn ack(&self, delivery: Delivery) -> Result<(), AmqpError> {
-        delivery
-            .0
-            .ack(&self.session.channel)
-            .map_err(|e| lost(&self.session.url, e))
-    }
-
-    /// Returns a delivery to the queue, to be delivered again.
-    pub fn requeue(&self, delivery: Delivery) -> Result<(), AmqpError> {
-        delivery
-            .0
-            .nack(&self.session.channel, true)
-            .map_err(|e| lost(&self.session.url, e))
-    }
-
     /// Cancels the consumer and returns every delivery that arrived before the cancel took
-    /// effect, so that the caller can requeue them unprocessed.
+    /// effect, so that the caller can return them unprocessed.
     pub fn cancel(&self) -> Result<Vec<Delivery>, AmqpError> {
         self.consumer
             .cancel()
@@ -699,7 +719,7 @@ impl Subscription<'_> {
                 ConsumerMessage::Delivery(delivery) => stragglers.push(Delivery(delivery)),
                 ConsumerMessage::ClientCancelled => break,
                 other => match self.classify(Some(other)) {
-                    Next::Ended(err) => return Err(err),
+                    Next::<()>::Ended(err) => return Err(err),
                     _ => break,
                 },
             }
@@ -707,7 +727,7 @@ impl Subscription<'_> {
         Ok(stragglers)
     }
 
-    fn classify(&self, message: Option<ConsumerMessage>) -> Next {
+    fn classify<C>(&self, message: Option<ConsumerMessage>) -> Next<C> {
         let url = &self.session.url;
         let ended = |reason: &str| {
             Next::Ended(AmqpError::Lost {
@@ -1036,13 +1056,9 @@ impl Session {
     /// this session's channel until the [`Held`] is acked or requeued, or the channel closes
     /// (which requeues it): nothing taken this way is lost if the caller dies.
     pub fn hold(&self, queue: &str) -> Result<Option<Held<'_>>, AmqpError> {
-        let got = self
-            .channel
-            .basic_get(queue, false)
-            .map_err(|e| self.channel_error(e, format!("basic.get from queue {queue:?}")))?;
-        Ok(got.map(|got| Held {
+        Ok(self.take(queue)?.map(|delivery| Held {
             session: self,
-            delivery: Delivery(got.delivery),
+            delivery,
         }))
     }
 
@@ -1070,18 +1086,12 @@ impl Held<'_> {
 
     /// Removes the message from its queue for good.
     pub fn ack(self) -> Result<(), AmqpError> {
-        self.delivery
-            .0
-            .ack(&self.session.channel)
-            .map_err(|e| lost(&self.session.url, e))
+        self.session.ack(self.delivery)
     }
 
     /// Puts the message back in its queue.
     pub fn requeue(self) -> Result<(), AmqpError> {
-        self.delivery
-            .0
-            .nack(&self.session.channel, true)
-            .map_err(|e| lost(&self.session.url, e))
+        self.session.requeue(self.delivery)
     }
 }
 

@@ -77,6 +77,33 @@ pub enum Command {
     /// Inspect the dead-letter queue, move its messages back to the work queue, or empty it.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// Ask the running `warren run` of this configuration to take no new messages.
+    ///
+    /// Tasks already running finish and are settled as usual; connections stay up. It lasts
+    /// until `warren resume` or a restart. Talks to the daemon through control.socket.
+    Pause {
+        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Ask the running `warren run` of this configuration to take messages again.
+    ///
+    /// Ends a pause, and closes the circuit breaker if it is open.
+    Resume {
+        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Ask the running `warren run` to read its configuration again and apply it.
+    ///
+    /// The worker count, the handler, [breaker] and [shutdown] apply without dropping a running
+    /// task; other changes are named and need a restart. A bad file is refused (exit 78) and
+    /// the running configuration stays. This is the units' ExecReload= (systemctl reload).
+    Reload {
+        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]

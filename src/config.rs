@@ -77,16 +77,82 @@ pub struct Config {
     pub handler: Option<Handler>,
     pub retry: Retry,
     pub shutdown: Shutdown,
+    pub breaker: Breaker,
+    pub control: Control,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
 
 /// The HTTP endpoint for `/metrics` and `/healthz`; off unless `listen` is set.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     pub listen: Option<std::net::SocketAddr>,
+    /// How often the depth of the work queue, its retry queues and its dead-letter queue is read
+    /// from the broker for `/metrics`; zero turns it off. Only with `listen`.
+    #[serde(
+        default = "default_queue_depth_interval",
+        deserialize_with = "duration"
+    )]
+    pub queue_depth_interval: Duration,
 }
+
+/// The circuit breaker: stop taking messages while the handler's dependency is down.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Breaker {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How far back the outcomes it judges go.
+    #[serde(default = "default_breaker_window", deserialize_with = "duration")]
+    pub window: Duration,
+    /// It trips on at least this many failed attempts in the window…
+    #[serde(
+        default = "default_breaker_failures",
+        deserialize_with = "positive_u32"
+    )]
+    pub min_failures: u32,
+    /// …of at least this many different messages…
+    #[serde(
+        default = "default_breaker_messages",
+        deserialize_with = "positive_u32"
+    )]
+    pub min_messages: u32,
+    /// …that are at least this share of the window's outcomes (failures and successes).
+    #[serde(default = "default_breaker_ratio")]
+    pub failure_ratio: f64,
+    /// How long it stays open before the first probe; each failed probe doubles it.
+    #[serde(default = "default_breaker_cooldown", deserialize_with = "duration")]
+    pub cooldown: Duration,
+    #[serde(
+        default = "default_breaker_max_cooldown",
+        deserialize_with = "duration"
+    )]
+    pub max_cooldown: Duration,
+}
+
+/// The control socket that `warren pause`, `resume` and `reload` talk to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Control {
+    pub socket: PathBuf,
+    /// The socket was set in the file, not derived from the file's name: failing to listen on it
+    /// is an error, not a warning.
+    pub explicit: bool,
+}
+
+/// Where the control socket of the configuration at `path` is, unless the file sets one: in
+/// systemd's RuntimeDirectory for warren, named after the file (`orders.toml` listens on
+/// `/run/warren/orders.sock`).
+pub fn default_control_socket(path: &Path) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "warren".into());
+    Path::new(RUNTIME_DIR).join(format!("{stem}.sock"))
+}
+
+/// The directory of the default control sockets; the units make it (RuntimeDirectory=warren).
+pub const RUNTIME_DIR: &str = "/run/warren";
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -551,6 +617,60 @@ impl Config {
             ));
         }
 
+        let breaker = file.breaker.unwrap_or_default();
+        let breaker_error = |key: &str, message: &str| {
+            Err(ConfigError::at_key(path, source, "breaker", key, message))
+        };
+        if breaker.window.is_zero() {
+            return breaker_error("window", "must be longer than 0s");
+        }
+        if breaker.min_messages < 2 {
+            return breaker_error(
+                "min_messages",
+                "must be at least 2: one message that fails again and again must not trip the breaker",
+            );
+        }
+        if breaker.min_failures < breaker.min_messages {
+            return breaker_error(
+                "min_failures",
+                "must be at least breaker.min_messages: each of those messages fails once at least",
+            );
+        }
+        if !(breaker.failure_ratio > 0.0 && breaker.failure_ratio <= 1.0) {
+            return breaker_error(
+                "failure_ratio",
+                &format!(
+                    "must be more than 0 and at most 1, not {}",
+                    breaker.failure_ratio
+                ),
+            );
+        }
+        if breaker.cooldown.is_zero() || breaker.max_cooldown < breaker.cooldown {
+            return breaker_error(
+                "max_cooldown",
+                "breaker.cooldown must be longer than 0s and breaker.max_cooldown at least as long",
+            );
+        }
+
+        let control = match file.control.and_then(|section| section.socket) {
+            Some(socket) => {
+                let span = socket.span();
+                let socket = socket.into_inner();
+                if socket.is_relative() {
+                    return Err(err(span, "must be an absolute path"));
+                }
+                Control {
+                    socket,
+                    explicit: true,
+                }
+            }
+            None => Control {
+                socket: default_control_socket(path),
+                explicit: false,
+            },
+        };
+        let metrics = file.metrics.unwrap_or_default();
+
         Ok(Config {
             path: path.to_path_buf(),
             broker: Broker {
@@ -565,7 +685,9 @@ impl Config {
             handler,
             retry,
             shutdown: file.shutdown.unwrap_or_default(),
-            metrics: file.metrics.unwrap_or_default(),
+            breaker,
+            control,
+            metrics,
             log: file.log.unwrap_or_default(),
         })
     }
@@ -590,6 +712,168 @@ impl Config {
                 Err(ConfigError::at(&self.path, &source, span, &problem))
             }
         }
+    }
+}
+
+/// A configuration read again while warren runs, merged into the running one: what can change
+/// without a restart is taken from the new file, the rest is kept and named.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub config: Config,
+    /// The changes applied, such as "workers.count 4 → 6".
+    pub applied: Vec<String>,
+    /// The keys that changed but take effect only after a restart.
+    pub restart: Vec<String>,
+    /// The handler's kind, command, timeout or kill grace changed: workers need a new handler.
+    pub handler_changed: bool,
+}
+
+impl Config {
+    /// Merges `new`, read from the same file while warren runs, into this configuration. The
+    /// worker count, the handler, the circuit breaker and the shutdown grace are taken from it;
+    /// the broker, the queues, the retries, the prefetch, metrics, control and log keep their
+    /// running values, which only a restart changes. Passwords and command lines are never
+    /// shown: a changed broker or command is named, not printed.
+    pub fn reloaded(&self, new: Config) -> Result<Reloaded, String> {
+        let Some(handler) = new.handler.clone() else {
+            return Err(format!(
+                "{}: handler.kind: missing; add a [handler] section",
+                new.path.display()
+            ));
+        };
+        let d = |duration: Duration| humantime::format_duration(duration).to_string();
+        let mut applied = Vec::new();
+        let mut change = |key: &str, old: String, new: String| {
+            if old != new {
+                // A command line may carry a password: it is named, not shown.
+                applied.push(match key {
+                    "handler.command" => "handler.command changed".to_string(),
+                    _ => format!("{key} {old} → {new}"),
+                });
+            }
+        };
+        change(
+            "workers.count",
+            self.workers.count.to_string(),
+            new.workers.count.to_string(),
+        );
+        let old_handler = self.handler.as_ref();
+        change(
+            "handler.kind",
+            old_handler.map_or("-", |h| h.kind.name()).to_string(),
+            handler.kind.name().to_string(),
+        );
+        if old_handler.is_some_and(|h| h.kind.name() == handler.kind.name()) {
+            let argv = |kind: &HandlerKind| format!("{:?}", kind.argv());
+            change(
+                "handler.command",
+                old_handler.map_or_else(String::new, |h| argv(&h.kind)),
+                argv(&handler.kind),
+            );
+        }
+        change(
+            "handler.timeout",
+            old_handler.map_or_else(String::new, |h| d(h.timeout)),
+            d(handler.timeout),
+        );
+        change(
+            "handler.kill_grace",
+            old_handler.map_or_else(String::new, |h| d(h.kill_grace)),
+            d(handler.kill_grace),
+        );
+        let handler_changed = old_handler != Some(&handler);
+        let (old, fresh) = (&self.breaker, &new.breaker);
+        change(
+            "breaker.enabled",
+            old.enabled.to_string(),
+            fresh.enabled.to_string(),
+        );
+        change("breaker.window", d(old.window), d(fresh.window));
+        change(
+            "breaker.min_failures",
+            old.min_failures.to_string(),
+            fresh.min_failures.to_string(),
+        );
+        change(
+            "breaker.min_messages",
+            old.min_messages.to_string(),
+            fresh.min_messages.to_string(),
+        );
+        change(
+            "breaker.failure_ratio",
+            old.failure_ratio.to_string(),
+            fresh.failure_ratio.to_string(),
+        );
+        change("breaker.cooldown", d(old.cooldown), d(fresh.cooldown));
+        change(
+            "breaker.max_cooldown",
+            d(old.max_cooldown),
+            d(fresh.max_cooldown),
+        );
+        change(
+            "shutdown.grace",
+            d(self.shutdown.grace),
+            d(new.shutdown.grace),
+        );
+
+        let mut restart = Vec::new();
+        let mut needs = |key: &str, changed: bool| {
+            if changed {
+                restart.push(key.to_string());
+            }
+        };
+        let (a, b) = (&self.broker, &new.broker);
+        needs(
+            "broker",
+            a.urls != b.urls
+                || a.heartbeat != b.heartbeat
+                || a.connect_timeout != b.connect_timeout
+                || a.consumer_timeout != b.consumer_timeout
+                || format!("{:?}", a.tls) != format!("{:?}", b.tls),
+        );
+        needs("queue", self.queue != new.queue);
+        needs(
+            "retry",
+            format!("{:?}", self.retry) != format!("{:?}", new.retry),
+        );
+        needs(
+            "workers.prefetch",
+            self.workers.prefetch != new.workers.prefetch,
+        );
+        needs(
+            "metrics",
+            self.metrics.listen != new.metrics.listen
+                || self.metrics.queue_depth_interval != new.metrics.queue_depth_interval,
+        );
+        needs("control.socket", self.control != new.control);
+        needs("log.format", self.log.format != new.log.format);
+
+        // The broker keeps its running consumer_timeout, which the new handler must respect.
+        if handler.timeout + handler.kill_grace >= self.broker.consumer_timeout {
+            return Err(format!(
+                "{}: handler.timeout ({}) plus handler.kill_grace ({}) must be shorter than the running broker.consumer_timeout ({})",
+                new.path.display(),
+                d(handler.timeout),
+                d(handler.kill_grace),
+                d(self.broker.consumer_timeout)
+            ));
+        }
+        let config = Config {
+            workers: Workers {
+                count: new.workers.count,
+                prefetch: self.workers.prefetch,
+            },
+            handler: Some(handler),
+            breaker: new.breaker,
+            shutdown: new.shutdown,
+            ..self.clone()
+        };
+        Ok(Reloaded {
+            config,
+            applied,
+            restart,
+            handler_changed,
+        })
     }
 }
 
@@ -635,8 +919,16 @@ struct File {
     handler: Option<Spanned<HandlerSection>>,
     retry: Option<Retry>,
     shutdown: Option<Shutdown>,
+    breaker: Option<Breaker>,
+    control: Option<ControlSection>,
     metrics: Option<MetricsConfig>,
     log: Option<LogConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlSection {
+    socket: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]
@@ -715,6 +1007,29 @@ impl Default for Retry {
     }
 }
 
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            queue_depth_interval: default_queue_depth_interval(),
+        }
+    }
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            enabled: true,
+            window: default_breaker_window(),
+            min_failures: default_breaker_failures(),
+            min_messages: default_breaker_messages(),
+            failure_ratio: default_breaker_ratio(),
+            cooldown: default_breaker_cooldown(),
+            max_cooldown: default_breaker_max_cooldown(),
+        }
+    }
+}
+
 impl Default for Shutdown {
     fn default() -> Self {
         Shutdown {
@@ -752,6 +1067,27 @@ fn default_handler_timeout() -> Duration {
 }
 fn default_kill_grace() -> Duration {
     Duration::from_secs(10)
+}
+fn default_queue_depth_interval() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_breaker_window() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_messages() -> u32 {
+    3
+}
+fn default_breaker_ratio() -> f64 {
+    0.5
+}
+fn default_breaker_cooldown() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_breaker_max_cooldown() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_max_attempts() -> u32 {
     5
@@ -802,6 +1138,15 @@ fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     match i64::deserialize(d)? {
         n if n >= 1 => usize::try_from(n).map_err(de::Error::custom),
         n => Err(de::Error::custom(format!("must be at least 1, not {n}"))),
+    }
+}
+
+fn positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    match i64::deserialize(d)? {
+        n @ 1..=1_000_000 => Ok(n as u32),
+        n => Err(de::Error::custom(format!(
+            "must be between 1 and 1000000, not {n}"
+        ))),
     }
 }
 
@@ -1192,6 +1537,93 @@ mod tests {
         assert_eq!(config.broker.describe(), "amqp://a:5672, amqp://b:5672");
         let err = Config::parse(Path::new("w.toml"), MINIMAL, Some("nope".into())).unwrap_err();
         assert!(err.to_string().starts_with("WARREN_BROKER_URL"), "{err}");
+    }
+
+    #[test]
+    fn a_reload_applies_workers_handler_breaker_and_grace_and_names_the_rest() {
+        let old = parse(MINIMAL).unwrap();
+        let text = "[broker]\nurl = \"amqp://u:secret@other\"\n[queue]\nname = \"jobs\"\n\
+                    [workers]\ncount = 6\nprefetch = 10\n\
+                    [handler]\nkind = \"command\"\ncommand = [\"true\"]\ntimeout = \"5m\"\n\
+                    [breaker]\ncooldown = \"2s\"\n[shutdown]\ngrace = \"1m\"\n";
+        let reloaded = old.reloaded(parse(text).unwrap()).unwrap();
+        assert_eq!(
+            reloaded.applied,
+            [
+                "workers.count 4 → 6",
+                "handler.kind dots → command",
+                "handler.timeout 10m → 5m",
+                "breaker.cooldown 5s → 2s",
+                "shutdown.grace 30s → 1m"
+            ]
+        );
+        assert_eq!(reloaded.restart, ["broker", "workers.prefetch"]);
+        assert!(reloaded.handler_changed);
+        let config = reloaded.config;
+        assert_eq!((config.workers.count, config.workers.prefetch), (6, 1));
+        assert_eq!(
+            config.broker.urls, old.broker.urls,
+            "the running broker stays"
+        );
+        assert_eq!(config.breaker.cooldown, Duration::from_secs(2));
+        assert!(!format!("{:?}", reloaded.applied).contains("secret"));
+
+        let same = old.reloaded(parse(MINIMAL).unwrap()).unwrap();
+        assert!(same.applied.is_empty() && same.restart.is_empty() && !same.handler_changed);
+
+        let strict = parse("[broker]\nconsumer_timeout = \"15m\"\n[queue]\nname = \"jobs\"\n[handler]\nkind = \"dots\"\ntimeout = \"1m\"\n").unwrap();
+        let long =
+            parse("[queue]\nname = \"jobs\"\n[handler]\nkind = \"dots\"\ntimeout = \"20m\"\n")
+                .unwrap();
+        let err = strict.reloaded(long).unwrap_err();
+        assert!(
+            err.contains("must be shorter than the running broker.consumer_timeout (15m)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_breaker_and_the_control_socket_are_configured_and_checked() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.breaker, Breaker::default());
+        assert!(config.breaker.enabled);
+        assert_eq!(
+            config.control,
+            Control {
+                socket: PathBuf::from("/run/warren/w.sock"),
+                explicit: false
+            }
+        );
+        assert_eq!(config.metrics.queue_depth_interval, Duration::from_secs(15));
+        let with = |extra: &str| parse(&format!("{MINIMAL}{extra}"));
+        assert_eq!(
+            with("[breaker]\nmin_messages = 1\n").unwrap_err(),
+            "w.toml:6: breaker.min_messages: must be at least 2: one message that fails again and again must not trip the breaker"
+        );
+        assert!(with("[breaker]\nmin_failures = 2\n")
+            .unwrap_err()
+            .starts_with("w.toml:6: breaker.min_failures: must be at least breaker.min_messages"));
+        assert!(with("[breaker]\nfailure_ratio = 1.5\n")
+            .unwrap_err()
+            .starts_with("w.toml:6: breaker.failure_ratio: must be more than 0 and at most 1"));
+        assert!(
+            with("[breaker]\ncooldown = \"1m\"\nmax_cooldown = \"10s\"\n")
+                .unwrap_err()
+                .starts_with("w.toml:7: breaker.max_cooldown:")
+        );
+        assert!(
+            !with("[breaker]\nenabled = false\n")
+                .unwrap()
+                .breaker
+                .enabled
+        );
+        assert_eq!(
+            with("[control]\nsocket = \"x.sock\"\n").unwrap_err(),
+            "w.toml:6: control.socket: must be an absolute path"
+        );
+        let explicit = with("[control]\nsocket = \"/tmp/w.sock\"\n").unwrap();
+        assert_eq!(explicit.control.socket, PathBuf::from("/tmp/w.sock"));
+        assert!(explicit.control.explicit);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The metrics endpoint: `/metrics` in Prometheus' text format and `/healthz` (200 when every
-//! worker is consuming, 503 with the reason otherwise), served by tiny_http on one thread.
+//! worker is connected, saying so when they are paused; 503 with the reason otherwise), served by
+//! tiny_http on one thread.
 //!
 //! It only reads [`Metrics`]; it never touches the pool or the broker, so a slow scraper cannot
 //! hold up a worker. Started by `warren run` when `metrics.listen` is set.
@@ -28,7 +29,12 @@ pub fn serve(listen: SocketAddr, metrics: Arc<Metrics>) -> Result<JoinHandle<()>
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     ),
                     "/healthz" => match metrics.health() {
-                        Ok(()) => (200, "ok\n".to_string(), "text/plain; charset=utf-8"),
+                        Ok(None) => (200, "ok\n".to_string(), "text/plain; charset=utf-8"),
+                        Ok(Some(paused)) => (
+                            200,
+                            format!("ok; paused: {paused}\n"),
+                            "text/plain; charset=utf-8",
+                        ),
                         Err(why) => (503, format!("{why}\n"), "text/plain; charset=utf-8"),
                     },
                     _ => (

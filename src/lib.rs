@@ -1,14 +1,17 @@
 //! warren runs background tasks from a RabbitMQ work queue, N at a time, acknowledging each one
 //! only after its work is done.
 //!
-//! This crate root wires the modules into the two commands, [`daemon`] (`warren run`) and
-//! [`publish_messages`] (`warren publish`), and sorts every way they can fail into a
-//! [`Failure`] that carries its sysexits code. It parses no command line and installs no signal
-//! handler: `main.rs` does both, so that tests can drive the library directly.
+//! This crate root wires the modules into the commands: [`daemon`] (`warren run`, with its
+//! metrics endpoint, queue depth poller and control socket), [`publish_messages`] (`warren
+//! publish`) and [`control_command`] (`warren pause`, `resume`, `reload`), and sorts every way
+//! they can fail into a [`Failure`] that carries its sysexits code. It parses no command line and
+//! installs no signal handler: `main.rs` does both, so that tests can drive the library directly.
 
 pub mod amqp;
 pub mod child;
 pub mod config;
+pub mod control;
+pub mod depth;
 pub mod handler;
 pub mod http;
 pub mod logging;
@@ -26,7 +29,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
-use crate::pool::{Pool, Report, Stopper};
+use crate::control::Refusal;
+use crate::handler::HandlerFactory;
+use crate::pool::{Controller, Pool, Refused, Report, Request, Stopper};
 
 /// Exit codes, from sysexits.h where one fits.
 pub mod exit {
@@ -59,6 +64,9 @@ pub enum Failure {
     Unavailable(amqp::AmqpError),
     #[error("{0}")]
     TempFail(String),
+    /// No daemon answers on the control socket.
+    #[error("{0}")]
+    NotRunning(String),
     #[error("{0}")]
     Software(String),
 }
@@ -68,7 +76,7 @@ impl Failure {
         match self {
             Failure::Usage(_) => exit::USAGE,
             Failure::Config(_) | Failure::Refused(_) => exit::CONFIG,
-            Failure::Unavailable(_) => exit::UNAVAILABLE,
+            Failure::Unavailable(_) | Failure::NotRunning(_) => exit::UNAVAILABLE,
             Failure::TempFail(_) => exit::TEMPFAIL,
             Failure::Software(_) => exit::SOFTWARE,
         }
@@ -93,12 +101,33 @@ pub fn load_config(path: &Path) -> Result<Config, Failure> {
     Ok(config)
 }
 
-/// `warren run`: starts the pool and waits for it to end. `on_start` receives the pool's
-/// [`Stopper`] before any thread starts, for the caller's signal handler.
+/// What a signal handler may ask of a running daemon.
+#[derive(Clone)]
+pub struct Handle {
+    stopper: Stopper,
+    reload: Arc<dyn Fn() -> control::Outcome + Send + Sync>,
+}
+
+impl Handle {
+    /// Stops gracefully; a second call stops at once.
+    pub fn stop(&self) {
+        self.stopper.stop();
+    }
+
+    /// Reads the configuration file again and applies it, as `warren reload` does; the outcome
+    /// is logged too.
+    pub fn reload(&self) -> control::Outcome {
+        (self.reload)()
+    }
+}
+
+/// `warren run`: starts the pool and waits for it to end. `on_start` receives a [`Handle`]
+/// before any thread starts, for the caller's signal handlers. `workers` (`--workers`) overrides
+/// `workers.count`, at start and at every reload.
 pub fn daemon(
     mut config: Config,
     workers: Option<usize>,
-    on_start: impl FnOnce(Stopper),
+    on_start: impl FnOnce(Handle),
 ) -> Result<u8, Failure> {
     if let Some(workers) = workers {
         if workers == 0 {
@@ -120,19 +149,38 @@ pub fn daemon(
         },
         config.workers.prefetch,
     );
-    let listen = config.metrics.listen;
-    let path = config.path.clone();
-    let pool = Pool::new(Arc::new(config), factory)
+    let config = Arc::new(config);
+    let pool = Pool::new(Arc::clone(&config), factory)
         .map_err(|e| Failure::Software(format!("cannot set up the worker pool: {e}")))?;
-    if let Some(listen) = listen {
-        http::serve(listen, pool.metrics()).map_err(|e| {
-            Failure::Config(ConfigError::new(format!(
-                "{}: metrics.listen: {e}",
-                path.display()
-            )))
-        })?;
+    let config_error =
+        |e: String| Failure::Config(ConfigError::new(format!("{}: {e}", config.path.display())));
+    if let Some(listen) = config.metrics.listen {
+        http::serve(listen, pool.metrics())
+            .map_err(|e| config_error(format!("metrics.listen: {e}")))?;
     }
-    on_start(pool.stopper());
+    // Dropped when the daemon returns: the poller's connection closes, the socket file goes.
+    let _poller = match config.metrics.listen {
+        Some(_) => depth::start(&config, pool.metrics())
+            .map_err(|e| Failure::Software(format!("cannot start the queue depth poller: {e}")))?,
+        None => None,
+    };
+    let reload = reloader(config.path.clone(), workers, pool.controller());
+    let _control = {
+        let (controller, reload) = (pool.controller(), Arc::clone(&reload));
+        control::serve(&config.control, &config.path, move |command| {
+            match command {
+                control::Command::Pause => controller.ask(Request::Pause),
+                control::Command::Resume => controller.ask(Request::Resume),
+                control::Command::Reload => return reload(),
+            }
+            .map_err(refusal)
+        })
+        .map_err(config_error)?
+    };
+    on_start(Handle {
+        stopper: pool.stopper(),
+        reload,
+    });
     let pool = pool
         .start()
         .map_err(|e| Failure::Software(format!("cannot start the supervisor thread: {e}")))?;
@@ -165,6 +213,58 @@ pub fn daemon(
         Report::Interrupted => Ok(exit::INTERRUPTED),
         Report::Fatal(e) => Err(Failure::Refused(e.to_string())),
     }
+}
+
+/// How a refusal of the supervisor reaches the control socket's client.
+fn refusal(refused: Refused) -> (Refusal, String) {
+    match refused {
+        Refused::Config(why) => (Refusal::Config, why),
+        Refused::Busy(why) => (Refusal::Busy, why),
+    }
+}
+
+/// The reload of the daemon of the configuration at `path`: reads the file as `warren run` does
+/// (`--workers`, if given, still wins) and hands it to the supervisor. A file that does not load,
+/// or whose handler program is missing, is refused with its one line, and the running
+/// configuration stays.
+fn reloader(
+    path: PathBuf,
+    workers: Option<usize>,
+    controller: Controller,
+) -> Arc<dyn Fn() -> control::Outcome + Send + Sync> {
+    Arc::new(move || {
+        let read = || -> Result<(Config, HandlerFactory), ConfigError> {
+            let mut config = Config::load(&path, secrets::broker_url_override()?)?;
+            if let Some(workers) = workers {
+                config.workers.count = workers;
+            }
+            let factory = handler::from_config(config.handler()?, &config.queue.name);
+            Ok((config, factory))
+        };
+        let outcome = match read() {
+            Ok((config, factory)) => controller
+                .ask(Request::Reload {
+                    config: Box::new(config),
+                    factory,
+                })
+                .map_err(refusal),
+            Err(e) => Err((Refusal::Config, e.to_string())),
+        };
+        if let Err((_, why)) = &outcome {
+            log::error!("reload refused: {why}; the running configuration stays");
+        }
+        outcome
+    })
+}
+
+/// `warren pause`, `warren resume` and `warren reload`: sends `command` to the running daemon of
+/// `config` through its control socket, and returns the daemon's answer.
+pub fn control_command(config: &Config, command: control::Command) -> Result<String, Failure> {
+    control::send(&config.control, &config.path, command).map_err(|e| match e {
+        control::SendError::Unreachable(why) => Failure::NotRunning(why),
+        control::SendError::Refused(Refusal::Config, why) => Failure::Config(ConfigError::new(why)),
+        control::SendError::Refused(Refusal::Busy, why) => Failure::TempFail(why),
+    })
 }
 
 /// `warren publish`: publishes `messages` with confirms and logs a summary line.

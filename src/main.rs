@@ -1,15 +1,22 @@
-//! The `warren` binary: parses the command line, starts logging, installs the Ctrl+C / SIGTERM
-//! handler, calls into the library, and maps the result to a sysexits exit code. Nothing else
-//! lives here.
+//! The `warren` binary: parses the command line, starts logging, installs the signal handlers
+//! (Ctrl+C and SIGTERM stop; SIGHUP reloads, or stops when warren runs on a terminal, whose
+//! hangup it is), calls into the library, and maps the result to a sysexits exit code. Nothing
+//! else lives here.
 
 mod cli;
 
+use std::convert::Infallible;
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::thread;
 
 use clap::Parser;
 use cli::{Cli, Command, DeadLetters};
-use warren::{exit, Failure};
+use crossbeam_channel::Receiver;
+use signal_hook::consts::{SIGHUP, SIGTERM};
+use signal_hook::iterator::Signals;
+use warren::{control, exit, Failure, Handle};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -38,10 +45,12 @@ fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
         Command::Run { config, workers } => {
             let config = warren::load_config(&warren::config_path(config))?;
-            let code = warren::daemon(config, workers.map(usize::from), |stopper| {
-                if let Err(e) = ctrlc::set_handler(move || stopper.stop()) {
-                    log::warn!("cannot handle Ctrl+C and SIGTERM: {e}");
+            let code = warren::daemon(config, workers.map(usize::from), |handle| {
+                let on_ctrl_c = handle.clone();
+                if let Err(e) = ctrlc::set_handler(move || on_ctrl_c.stop()) {
+                    log::warn!("cannot handle Ctrl+C: {e}");
                 }
+                handle_signals(handle);
                 if std::io::stderr().is_terminal() {
                     log::info!(" [*] Waiting for messages. To exit press CTRL+C");
                 }
@@ -120,16 +129,73 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let config = warren::load_config(&warren::config_path(config))?;
             warren::ops::purge(&config, yes, &mut std::io::stdout())
         }
+        Command::Pause { config } => control(config, control::Command::Pause),
+        Command::Resume { config } => control(config, control::Command::Resume),
+        Command::Reload { config } => control(config, control::Command::Reload),
+    }
+}
+
+/// `warren pause`, `resume` and `reload`: the daemon's answer on standard output.
+fn control(config: Option<std::path::PathBuf>, command: control::Command) -> Result<u8, Failure> {
+    let config = warren::load_config(&warren::config_path(config))?;
+    let answer = warren::control_command(&config, command)?;
+    println!("{answer}");
+    Ok(exit::OK)
+}
+
+/// SIGTERM stops the daemon, as Ctrl+C does. SIGHUP reloads its configuration, unless warren runs
+/// on a terminal (standard input is one): there SIGHUP is the terminal's hangup, and warren stops
+/// as for Ctrl+C rather than run on with nowhere to write.
+fn handle_signals(handle: Handle) {
+    let foreground = std::io::stdin().is_terminal();
+    let mut signals = match Signals::new([SIGTERM, SIGHUP]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            log::warn!("cannot handle SIGTERM and SIGHUP: {e}");
+            return;
+        }
+    };
+    let spawned = thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal == SIGHUP && !foreground {
+                    log::info!("SIGHUP: reloading the configuration");
+                    // On a thread of its own: a SIGTERM must not wait behind a reload.
+                    let handle = handle.clone();
+                    let _ = thread::Builder::new()
+                        .name("reload".into())
+                        .spawn(move || handle.reload());
+                } else {
+                    handle.stop();
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot handle SIGTERM and SIGHUP: {e}");
     }
 }
 
 /// For the operator commands that loop: a receiver that disconnects at the first Ctrl+C, SIGTERM
-/// or SIGHUP, when the handler drops the only sender.
-fn stop_on_signal() -> crossbeam_channel::Receiver<std::convert::Infallible> {
+/// or SIGHUP, when a handler drops the only sender.
+fn stop_on_signal() -> Receiver<Infallible> {
     let (stop, stopped) = crossbeam_channel::bounded(0);
-    let mut stop = Some(stop);
-    if let Err(e) = ctrlc::set_handler(move || drop(stop.take())) {
-        log::warn!("cannot handle Ctrl+C and SIGTERM: {e}");
+    let stop = Arc::new(Mutex::new(Some(stop)));
+    let on_ctrl_c = Arc::clone(&stop);
+    if let Err(e) = ctrlc::set_handler(move || drop(on_ctrl_c.lock().map(|mut s| s.take()))) {
+        log::warn!("cannot handle Ctrl+C: {e}");
+    }
+    let spawned = Signals::new([SIGTERM, SIGHUP]).and_then(|mut signals| {
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if signals.forever().next().is_some() {
+                    drop(stop.lock().map(|mut s| s.take()));
+                }
+            })
+    });
+    if let Err(e) = spawned {
+        log::warn!("cannot handle SIGTERM and SIGHUP: {e}");
     }
     stopped
 }

@@ -1,13 +1,16 @@
 //! What warren counts: the Prometheus metrics, and the live figures that `/healthz` and
 //! systemd's `STATUS=` line are made from.
 //!
-//! One [`Metrics`] is shared (behind an `Arc`) by the supervisor, the workers and the HTTP
-//! server. Its counters and gauges are atomics, so updating them takes no lock and never waits
-//! for a scrape; this is the one piece of state that threads share, and it only ever counts. It
-//! does not decide anything: the supervisor does.
+//! One [`Metrics`] is shared (behind an `Arc`) by the supervisor, the workers, the queue depth
+//! poller and the HTTP server. Its counters and gauges are atomics, so updating them takes no
+//! lock and never waits for a scrape; the one lock guards the line that says why workers take no
+//! messages, which only the supervisor writes, at most once a second. This is the one piece of
+//! state that threads share, and it only ever counts and shows. It does not decide anything: the
+//! supervisor does.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -35,6 +38,14 @@ impl TaskOutcome {
             TaskOutcome::DeadLetter => "dead_letter",
         }
     }
+}
+
+/// The circuit breaker's state, as `warren_breaker_state` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed = 0,
+    HalfOpen = 1,
+    Open = 2,
 }
 
 /// `warren_published_messages_total` for `queue`, alone, in Prometheus' text format: what
@@ -73,6 +84,18 @@ pub struct Metrics {
     restarts: Counter,
     losses: Counter,
     reconnects: Counter,
+    /// How many workers the pool runs, as a gauge.
+    workers_gauge: Gauge,
+    breaker: Gauge,
+    trips: Counter,
+    paused: Gauge,
+    /// Ready messages and consumers of each queue, by the queue's name; set by the depth poller.
+    ready: Family<Labels, Gauge>,
+    consumers: Family<Labels, Gauge>,
+    depth_errors: Counter,
+    queue: String,
+    /// Why workers take no messages, while they do not.
+    pause: Mutex<Option<String>>,
     /// How many workers the pool runs.
     workers: AtomicUsize,
     /// The broker could not be reached on the last try, and workers are waiting for it.
@@ -131,6 +154,48 @@ impl Metrics {
             "Workers consuming again after a lost connection or an unreachable broker",
             reconnects.clone(),
         );
+        let workers_gauge = Family::<Labels, Gauge>::default();
+        registry.register(
+            "workers",
+            "Workers the pool runs (workers.count, or --workers)",
+            workers_gauge.clone(),
+        );
+        let breaker = Family::<Labels, Gauge>::default();
+        registry.register(
+            "breaker_state",
+            "The circuit breaker: 0 closed (taking messages), 1 half-open (one probe), 2 open (taking none)",
+            breaker.clone(),
+        );
+        let trips = Family::<Labels, Counter>::default();
+        registry.register(
+            "breaker_trips",
+            "Times the circuit breaker opened because the handler's attempts kept failing",
+            trips.clone(),
+        );
+        let paused = Family::<Labels, Gauge>::default();
+        registry.register(
+            "paused",
+            "1 while the operator has paused the pool (warren pause), else 0",
+            paused.clone(),
+        );
+        let ready = Family::<Labels, Gauge>::default();
+        registry.register(
+            "queue_messages_ready",
+            "Messages ready in the work queue, its retry queues and its dead-letter queue, as the broker last said (metrics.queue_depth_interval)",
+            ready.clone(),
+        );
+        let consumers = Family::<Labels, Gauge>::default();
+        registry.register(
+            "queue_consumers",
+            "Consumers of the work queue, its retry queues and its dead-letter queue, over every host, as the broker last said",
+            consumers.clone(),
+        );
+        let depth_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "queue_depth_errors",
+            "Failed polls of the queues' depth (the broker did not answer)",
+            depth_errors.clone(),
+        );
         let labels: Labels = vec![("queue", queue.to_string())];
         let outcome = |outcome: TaskOutcome| {
             let mut labels = labels.clone();
@@ -154,6 +219,15 @@ impl Metrics {
             restarts: restarts.get_or_create(&labels).clone(),
             losses: losses.get_or_create(&labels).clone(),
             reconnects: reconnects.get_or_create(&labels).clone(),
+            workers_gauge: workers_gauge.get_or_create(&labels).clone(),
+            breaker: breaker.get_or_create(&labels).clone(),
+            trips: trips.get_or_create(&labels).clone(),
+            paused: paused.get_or_create(&labels).clone(),
+            ready,
+            consumers,
+            depth_errors: depth_errors.get_or_create(&labels).clone(),
+            queue: queue.to_string(),
+            pause: Mutex::new(None),
             registry,
             workers: AtomicUsize::new(0),
             broker_down: AtomicBool::new(false),
@@ -210,6 +284,7 @@ impl Metrics {
 
     pub fn set_workers(&self, n: usize) {
         self.workers.store(n, Ordering::Relaxed);
+        self.workers_gauge.set(n as i64);
     }
 
     pub fn set_broker_down(&self, down: bool) {
@@ -220,8 +295,62 @@ impl Metrics {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
-    fn count(&self, outcome: TaskOutcome) -> u64 {
+    /// Tasks finished with `outcome` so far.
+    pub fn count(&self, outcome: TaskOutcome) -> u64 {
         self.counter(outcome).get()
+    }
+
+    /// Workers running a task now.
+    pub fn busy(&self) -> i64 {
+        self.busy.get().max(0)
+    }
+
+    pub fn set_breaker(&self, state: BreakerState) {
+        self.breaker.set(state as i64);
+    }
+
+    pub fn breaker_tripped(&self) {
+        self.trips.inc();
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.set(i64::from(paused));
+    }
+
+    /// Why workers take no messages (`None` while they do), for `/healthz` and the status line.
+    pub fn set_pause(&self, why: Option<String>) {
+        *self.pause.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    fn pause(&self) -> Option<String> {
+        self.pause.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// What the broker said of one queue around the work queue: `name`, of `kind` ("work",
+    /// "retry" or "dead").
+    pub fn set_queue_depth(&self, name: &str, kind: &str, ready: u32, consumers: u32) {
+        let labels = self.depth_labels(name, kind);
+        self.ready.get_or_create(&labels).set(ready.into());
+        self.consumers.get_or_create(&labels).set(consumers.into());
+    }
+
+    /// A queue that does not exist: its series go, rather than stay at a stale figure.
+    pub fn forget_queue_depth(&self, name: &str, kind: &str) {
+        let labels = self.depth_labels(name, kind);
+        self.ready.remove(&labels);
+        self.consumers.remove(&labels);
+    }
+
+    fn depth_labels(&self, name: &str, kind: &str) -> Labels {
+        vec![
+            ("queue", self.queue.clone()),
+            ("kind", kind.to_string()),
+            ("name", name.to_string()),
+        ]
+    }
+
+    pub fn queue_depth_failed(&self) {
+        self.depth_errors.inc();
     }
 
     /// Workers consuming now, and how many there are.
@@ -230,8 +359,10 @@ impl Metrics {
         (consuming, self.workers.load(Ordering::Relaxed))
     }
 
-    /// `Ok` when every worker is consuming; otherwise why not, in a few words.
-    pub fn health(&self) -> Result<(), String> {
+    /// `Ok` when every worker is connected, with what holds them back if anything does (a pause,
+    /// the circuit breaker: the process is healthy even if its dependency is not); otherwise why
+    /// not, in a few words.
+    pub fn health(&self) -> Result<Option<String>, String> {
         let (consuming, workers) = self.consuming();
         if self.stopping.load(Ordering::Relaxed) {
             Err("stopping".into())
@@ -242,7 +373,7 @@ impl Metrics {
         } else if consuming < workers {
             Err(format!("{consuming} of {workers} workers consuming"))
         } else {
-            Ok(())
+            Ok(self.pause())
         }
     }
 
@@ -258,8 +389,12 @@ impl Metrics {
         } else {
             "connecting"
         };
+        let paused = self
+            .pause()
+            .map(|why| format!("paused: {why}; "))
+            .unwrap_or_default();
         format!(
-            "{busy} busy, {idle} idle of {workers} workers; {} done, {} retried, {} dead-lettered; {broker}",
+            "{paused}{busy} busy, {idle} idle of {workers} workers; {} done, {} retried, {} dead-lettered; {broker}",
             self.count(TaskOutcome::Ack),
             self.count(TaskOutcome::Retry),
             self.count(TaskOutcome::DeadLetter),
@@ -288,7 +423,7 @@ mod tests {
         metrics.worker_consuming(1, false);
         assert_eq!(metrics.health(), Err("1 of 2 workers consuming".into()));
         metrics.worker_consuming(1, true);
-        assert_eq!(metrics.health(), Ok(()));
+        assert_eq!(metrics.health(), Ok(None));
         metrics.task_started();
         assert!(metrics
             .status()
@@ -334,5 +469,39 @@ mod tests {
             .health()
             .unwrap_err()
             .starts_with("the broker is unreachable"));
+    }
+
+    #[test]
+    fn a_pause_is_healthy_and_shown_in_the_status_line_and_the_gauges() {
+        let metrics = Metrics::new("jobs", &["rabbit-1:5672".into()]);
+        metrics.set_workers(1);
+        metrics.worker_consuming(0, false);
+        metrics.set_pause(Some("breaker open after 5 failed attempts".into()));
+        metrics.set_breaker(BreakerState::Open);
+        metrics.breaker_tripped();
+        assert_eq!(
+            metrics.health(),
+            Ok(Some("breaker open after 5 failed attempts".into()))
+        );
+        assert!(
+            metrics
+                .status()
+                .starts_with("paused: breaker open after 5 failed attempts; 0 busy, 1 idle"),
+            "{}",
+            metrics.status()
+        );
+        metrics.set_queue_depth("jobs.dead", "dead", 7, 0);
+        let text = metrics.encode();
+        for line in [
+            "warren_breaker_state{queue=\"jobs\"} 2",
+            "warren_breaker_trips_total{queue=\"jobs\"} 1",
+            "warren_paused{queue=\"jobs\"} 0",
+            "warren_queue_messages_ready{queue=\"jobs\",kind=\"dead\",name=\"jobs.dead\"} 7",
+            "warren_queue_consumers{queue=\"jobs\",kind=\"dead\",name=\"jobs.dead\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        metrics.set_pause(None);
+        assert_eq!(metrics.health(), Ok(None));
     }
 }

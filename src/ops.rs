@@ -78,7 +78,7 @@ pub fn check_config(config: &Config, connect: bool, out: &mut dyn Write) -> Resu
         ));
     };
     let topology = Topology::new(&config.queue, &config.retry);
-    for (kind, spec) in kinds(&topology) {
+    for (kind, spec) in topology.kinds() {
         let found = match session.inspect(&spec.name).map_err(broker)? {
             Some(state) => Ok(format!(
                 "exists, {} ready, {} consumers",
@@ -244,11 +244,38 @@ fn effective(config: &Config, handler: &Handler) -> String {
         d(config.shutdown.grace)
     ));
 
+    let breaker = &config.breaker;
+    text.push_str(&format!(
+        "\n[breaker]\nenabled = {}\nwindow = {}\nmin_failures = {}\nmin_messages = {}\n\
+         failure_ratio = {:?}\ncooldown = {}\nmax_cooldown = {}\n",
+        breaker.enabled,
+        d(breaker.window),
+        breaker.min_failures,
+        breaker.min_messages,
+        breaker.failure_ratio,
+        d(breaker.cooldown),
+        d(breaker.max_cooldown)
+    ));
+
+    text.push_str("\n[control]\n");
+    let socket = s(&config.control.socket.display().to_string());
+    if config.control.explicit {
+        text.push_str(&format!("socket = {socket}\n"));
+    } else {
+        text.push_str(&format!(
+            "# socket is not set: named after the file, {socket}.\n"
+        ));
+    }
+
     text.push_str("\n[metrics]\n");
     match config.metrics.listen {
         Some(listen) => text.push_str(&format!("listen = {}\n", s(&listen.to_string()))),
         None => text.push_str("# listen is not set: no HTTP endpoint.\n"),
     }
+    text.push_str(&format!(
+        "queue_depth_interval = {}\n",
+        d(config.metrics.queue_depth_interval)
+    ));
 
     let format = match config.log.format {
         LogFormat::Text => "text",
@@ -303,7 +330,7 @@ pub fn stats(
     out: &mut dyn Write,
 ) -> Result<u8, Failure> {
     let topology = Topology::new(&config.queue, &config.retry);
-    let queues = kinds(&topology);
+    let queues = topology.kinds();
     // The first connection must work, with or without --watch: a wrong URL fails at once.
     let mut session = Some(open_any(config, "stats")?);
     let mut previous: Option<(Instant, Vec<Option<QueueState>>)> = None;
@@ -749,14 +776,6 @@ pub fn purge(config: &Config, yes: bool, out: &mut dyn Write) -> Result<u8, Fail
         ),
     )?;
     Ok(exit::OK)
-}
-
-/// Each queue of `topology` with its kind, as the commands show them: work, retries, dead.
-fn kinds(topology: &Topology) -> Vec<(&'static str, &QueueSpec)> {
-    std::iter::once(("work", &topology.work))
-        .chain(topology.retries.iter().map(|spec| ("retry", spec)))
-        .chain(std::iter::once(("dead", &topology.dead)))
-        .collect()
 }
 
 /// Connects to the first of the broker's nodes that answers, and returns the session and the

@@ -8,31 +8,101 @@
 //! `pool/supervisor.rs`; a worker's life is in `pool/worker.rs`. The supervisor owns all pool
 //! state, so nothing here is shared or locked.
 
+mod breaker;
 mod supervisor;
 mod worker;
 
+use std::fmt;
 use std::io;
 use std::panic;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
-use crossbeam_channel::{unbounded, Sender};
+use crossbeam_channel::{bounded, unbounded, Sender};
 
 use crate::amqp::AmqpError;
 use crate::config::Config;
 use crate::handler::HandlerFactory;
 use crate::metrics::Metrics;
+use breaker::Probe;
 use supervisor::Supervisor;
 
+/// How long [`Controller::ask`] waits for the supervisor's answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+
 /// Everything the supervisor reacts to. Workers and the signal handler send these.
-#[derive(Debug)]
 pub enum Event {
     /// Ctrl+C or SIGTERM: stop gracefully; a second one stops at once.
     Signal,
-    /// A worker is connected and consuming.
+    /// A worker is connected, with its queues declared.
     Ready { worker: usize },
     /// A worker thread has ended, and how.
     Exited { worker: usize, exit: Exit },
+    /// A worker's attempt failed in a way the handler's dependency may be to blame for: the
+    /// circuit breaker counts it. `message` tells messages apart (`worker::message_key`).
+    Failed { worker: usize, message: u64 },
+    /// A worker tried one message for the circuit breaker, and this is how it went.
+    Probed { worker: usize, probe: Probe },
+    /// The operator asks something of the pool; the answer goes to `reply`.
+    Control {
+        request: Request,
+        reply: Sender<Reply>,
+    },
+}
+
+/// What the operator can ask of a running pool (`warren pause`, `resume`, `reload`, SIGHUP).
+pub enum Request {
+    /// Take no new messages until resumed; tasks in flight finish.
+    Pause,
+    /// Take messages again, closing the circuit breaker too.
+    Resume,
+    /// Apply a configuration read again: the worker count and the handler now, without dropping
+    /// a running task; the keys that need a restart are reported, not applied.
+    Reload {
+        config: Box<Config>,
+        factory: HandlerFactory,
+    },
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Request::Pause => f.write_str("Pause"),
+            Request::Resume => f.write_str("Resume"),
+            Request::Reload { config, .. } => write!(f, "Reload({})", config.path.display()),
+        }
+    }
+}
+
+/// The supervisor's answer to a [`Request`]: one line saying what it did, or why it refused.
+pub type Reply = Result<String, Refused>;
+
+/// Why the supervisor did not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// A reloaded configuration that cannot apply to the running one.
+    #[error("{0}")]
+    Config(String),
+    /// warren is stopping, or did not answer.
+    #[error("{0}")]
+    Busy(String),
+}
+
+/// What the supervisor tells one worker, on a channel of that worker's own. A worker reads it
+/// between tasks, never during one.
+#[derive(Clone)]
+enum Command {
+    /// Take no new message: cancel the consumer and return what it delivered unprocessed.
+    Pause,
+    /// Consume again.
+    Resume,
+    /// Take one message from the queue without consuming, run it, and report how it went.
+    Probe,
+    /// From the next message on, use this configuration and handler.
+    Reload(Arc<Config>, HandlerFactory),
+    /// Stop for good, as at a stop signal: the pool has fewer workers now.
+    Retire,
 }
 
 /// How a worker ended.
@@ -80,8 +150,27 @@ impl Stopper {
     }
 }
 
-/// A pool that has not started yet: take its [`Stopper`] (for a signal handler) first, so that
-/// no signal can arrive before something is ready to hear it.
+/// Asks a pool things on the operator's behalf, from any thread (the control socket and the
+/// SIGHUP handler hold one).
+#[derive(Clone)]
+pub struct Controller(Sender<Event>);
+
+impl Controller {
+    /// Sends `request` to the supervisor and waits for its answer.
+    pub fn ask(&self, request: Request) -> Reply {
+        let (reply, answer) = bounded(1);
+        self.0
+            .send(Event::Control { request, reply })
+            .map_err(|_| Refused::Busy("warren is stopping".into()))?;
+        answer
+            .recv_timeout(ANSWER_WAIT)
+            .map_err(|_| Refused::Busy(format!("warren did not answer within {ANSWER_WAIT:?}")))?
+    }
+}
+
+/// A pool that has not started yet: take its [`Stopper`] and [`Controller`] (for signal handlers
+/// and the control socket) first, so that no signal can arrive before something is ready to hear
+/// it.
 pub struct Pool {
     supervisor: Supervisor,
 }
@@ -101,6 +190,10 @@ impl Pool {
 
     pub fn stopper(&self) -> Stopper {
         Stopper(self.supervisor.events.clone())
+    }
+
+    pub fn controller(&self) -> Controller {
+        Controller(self.supervisor.events.clone())
     }
 
     /// Starts the supervisor, which starts the workers.

@@ -122,6 +122,15 @@ impl Topology {
         }
     }
 
+    /// Every queue with its kind, as the commands and the metrics name them: "work", "retry"
+    /// (each retry queue) and "dead".
+    pub fn kinds(&self) -> Vec<(&'static str, &QueueSpec)> {
+        std::iter::once(("work", &self.work))
+            .chain(self.retries.iter().map(|spec| ("retry", spec)))
+            .chain(std::iter::once(("dead", &self.dead)))
+            .collect()
+    }
+
     /// Every queue, work queue first.
     pub fn all(&self) -> impl Iterator<Item = &QueueSpec> {
         std::iter::once(&self.work)
@@ -234,6 +243,12 @@ pub fn retry_headers(next: u32, failure: &str) -> Vec<(String, Header)> {
         (ATTEMPT.into(), Header::Int(next.into())),
         (LAST_FAILURE.into(), Header::Str(failure.into())),
     ]
+}
+
+/// The headers of the copy of a message that goes back to the work queue unprocessed (a pause
+/// returned it): the same attempt, since this one never ran.
+pub fn unstarted_headers(attempt: u32) -> Vec<(String, Header)> {
+    vec![(ATTEMPT.into(), Header::Int(attempt.into()))]
 }
 
 /// The headers of the copy that goes to the dead-letter queue.

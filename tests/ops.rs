@@ -561,9 +561,11 @@ fn dead_letters_list_shows_why_each_message_was_dead_lettered_and_leaves_it_in_p
 fn dead_letters_requeue_moves_messages_back_as_attempt_1() {
     let broker = Broker::shared();
     let queues = Queues::new(&broker, "requeue");
-    // Every attempt fails: each message is dead-lettered after its third.
+    // Every attempt fails: each message is dead-lettered after its third. (With the breaker on,
+    // three messages that all fail look like an outage, and would wait in the queue instead.)
     let failing = broker.script("fail", "cat > /dev/null\nexit 3");
-    let config = config(&broker, &queues, &command_keys(&failing));
+    let handler = format!("{}\n[breaker]\nenabled = false\n", command_keys(&failing));
+    let config = config(&broker, &queues, &handler);
     let warren_run = Warren::run(&config, &[]);
     warren_run.wait_consuming(&queues.work, 1);
     let ids = ["again-1", "again-2", "again-3"];

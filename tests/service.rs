@@ -299,3 +299,74 @@ fn under_the_journal_lines_carry_a_priority_and_no_timestamp() {
         "{lines:#?}"
     );
 }
+
+#[test]
+fn metrics_show_the_dead_letter_queue_depth_within_the_poll_interval() {
+    let broker = Broker::shared();
+    let queue = broker.queue("depth");
+    let port = Proxy::free_port();
+    let script = broker.script("reject", "cat > /dev/null\nexit 65");
+    let config = broker.command_config(
+        &queue,
+        1,
+        &script,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\nqueue_depth_interval = \"1s\"\n"),
+    );
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 1);
+    publish_ok(&config, &["a", "b", "c"]);
+    util::wait_for_ready(&format!("{queue}.dead"), 3, WAIT);
+
+    // Two polls at most after the broker holds them (one may have just missed them).
+    let dead = format!(
+        "warren_queue_messages_ready{{queue=\"{queue}\",kind=\"dead\",name=\"{queue}.dead\"}}"
+    );
+    let consumers =
+        format!("warren_queue_consumers{{queue=\"{queue}\",kind=\"work\",name=\"{queue}\"}}");
+    wait_until(
+        Duration::from_secs(2) + Duration::from_millis(500),
+        "the depth gauges",
+        || {
+            let metrics = get(port, "/metrics").1;
+            util::metric_value(&metrics, &dead) == Some(3.0)
+                && util::metric_value(&metrics, &consumers) == Some(1.0)
+        },
+    );
+    let metrics = get(port, "/metrics").1;
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("warren_queue_messages_ready{{queue=\"{queue}\",kind=\"retry\",name=\"{queue}.retry.1s\"}}")
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("warren_queue_depth_errors_total{{queue=\"{queue}\"}}")
+        ),
+        0.0
+    );
+
+    // Every metric the example alerting rules use is one warren serves.
+    let rules = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/warren.rules.yml"),
+    )
+    .unwrap();
+    let mut used: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("warren_"))
+        .collect();
+    used.sort();
+    used.dedup();
+    assert!(used.len() >= 6, "{used:?}");
+    for name in used {
+        assert!(
+            metrics
+                .lines()
+                .any(|line| line.starts_with(&format!("{name}{{"))),
+            "examples/warren.rules.yml uses {name}, which /metrics does not serve"
+        );
+    }
+    warren.stop(WAIT);
+}

@@ -112,5 +112,12 @@ fn on_a_terminal_warren_says_it_is_waiting_for_messages() {
         Duration::from_secs(10),
     );
     warren.wait_consuming(&queue, 1);
-    // Dropping `warren` kills script(1); warren then gets SIGHUP from its terminal and stops.
+    // Dropping `warren` kills script(1), which hangs up the terminal: warren gets SIGHUP, and on
+    // a terminal that stops it (elsewhere SIGHUP reloads the configuration).
+    drop(warren);
+    util::wait_until(
+        Duration::from_secs(10),
+        "warren to stop at the hangup",
+        || util::queue_counts(&queue).1 == 0,
+    );
 }

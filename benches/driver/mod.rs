@@ -20,7 +20,7 @@
 use std::fmt;
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
@@ -289,11 +289,17 @@ fn drain_timeout(messages: usize) -> Duration {
     Duration::from_secs(60) + Duration::from_millis(10) * messages as u32
 }
 
-/// The `warren` binary cargo built for this bench or test: the release build under
+/// The `warren` binary to measure: [`BIN_ENV`] if set (another build, for a before-and-after in
+/// one sitting), else the one cargo built for this bench or test: the release build under
 /// `cargo bench`, the debug build under `cargo test`.
-fn warren_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_warren"))
+fn warren_bin() -> PathBuf {
+    std::env::var_os(BIN_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_warren")))
 }
+
+/// Names another `warren` binary to measure instead of this build's.
+pub const BIN_ENV: &str = "WARREN_BENCH_BIN";
 
 /// A run's queue, its config file, and a directory for the log; the queues are deleted when it
 /// drops.
@@ -763,11 +769,17 @@ fn baseline(request: &str) -> Result<(), String> {
     };
     let workers: usize = workers.parse().map_err(|_| usage())?;
     let prefetch: u16 = prefetch.parse().map_err(|_| usage())?;
-    // The only sender: the signal handler drops it, and every worker sees the disconnect.
+    // The only sender: the signal thread drops it, and every worker sees the disconnect.
     let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-    let mut stop = Some(stop);
-    ctrlc::set_handler(move || drop(stop.take()))
-        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    thread::spawn(move || {
+        signals.forever().next();
+        drop(stop);
+    });
     let threads = (0..workers)
         .map(|n| {
             let (queue, url, stopped) = (queue.to_string(), url.to_string(), stopped.clone());

@@ -3,6 +3,12 @@
 //! them between the broker's nodes, waits out an unreachable broker with one probe at a time,
 //! and runs the stop: no new messages, the grace for tasks in flight, then the abort.
 //!
+//! It also decides whether workers take messages at all: not while the operator has paused the
+//! pool, nor while the circuit breaker (`breaker.rs`) is open. It tells each worker so on the
+//! worker's own command channel, sends one worker to probe when the breaker's cool-down is over,
+//! and applies a reloaded configuration: the handler from each worker's next message on, and the
+//! worker count by starting workers or retiring the last ones.
+//!
 //! It owns all pool state; workers only report to it. It never talks to the broker itself.
 
 use std::convert::Infallible;
@@ -12,14 +18,15 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
+use super::breaker::{self, Breaker, Probe, Trip};
 use super::worker::{panic_message, Worker};
-use super::{Event, Exit, Report};
+use super::{Command, Event, Exit, Refused, Reply, Report, Request};
 use crate::amqp::AmqpError;
 use crate::config::Config;
 use crate::handler::{Abort, AbortTrigger, HandlerFactory};
-use crate::metrics::Metrics;
+use crate::metrics::{BreakerState, Metrics, TaskOutcome};
 use crate::notify::Notifier;
 
 /// The first restart delay; it doubles per consecutive failure up to [`MAX_BACKOFF`].
@@ -40,6 +47,20 @@ fn backoff(failures: u32) -> Duration {
         .saturating_mul(1 << failures.min(16))
         .min(MAX_BACKOFF);
     ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0)
+}
+
+/// What becomes of the tasks running when the pool is paused, in words.
+fn running(busy: i64) -> String {
+    match busy {
+        0 => "no task was running".to_string(),
+        1 => "the 1 task running finishes as usual".to_string(),
+        n => format!("the {n} tasks running finish as usual"),
+    }
+}
+
+/// `duration` rounded up to whole seconds, for a line that says how long until something.
+fn whole_seconds(duration: Duration) -> Duration {
+    Duration::from_secs(duration.as_secs() + u64::from(duration.subsec_nanos() > 0))
 }
 
 /// One worker slot, as the supervisor sees it.
@@ -65,6 +86,11 @@ struct Slot {
     started: bool,
     /// Its worker has been consuming before: the next time is a reconnect.
     consumed: bool,
+    /// The command channel of its current thread.
+    commands: Option<Sender<Command>>,
+    /// It was told to retire: when its thread ends, it is not started again unless the pool has
+    /// grown back over it meanwhile.
+    retiring: bool,
 }
 
 impl Slot {
@@ -137,6 +163,11 @@ pub(super) struct Supervisor {
     signalled: bool,
     pub(super) metrics: Arc<Metrics>,
     notifier: Notifier,
+    breaker: Breaker,
+    /// The trip that opened the breaker, while it is not closed.
+    trip: Option<Trip>,
+    /// The operator paused the pool.
+    paused: bool,
 }
 
 impl Supervisor {
@@ -147,6 +178,7 @@ impl Supervisor {
         inbox: Receiver<Event>,
     ) -> io::Result<Supervisor> {
         let (stop, stop_signal) = bounded(0);
+        let config_breaker = config.breaker.clone();
         let (abort, abort_signal) = Abort::new()?;
         let addresses: Vec<String> = config.broker.urls.iter().map(|u| u.address()).collect();
         let metrics = Arc::new(Metrics::new(&config.queue.name, &addresses));
@@ -179,6 +211,9 @@ impl Supervisor {
             signalled: false,
             metrics,
             notifier: Notifier::from_env(),
+            breaker: Breaker::new(config_breaker),
+            trip: None,
+            paused: false,
         })
     }
 
@@ -223,10 +258,20 @@ impl Supervisor {
                     self.notifier.tick(&self.metrics);
                 }
                 Some(Event::Exited { worker, exit }) => self.on_exit(worker, exit),
+                Some(Event::Failed { worker, message }) => self.on_failed(worker, message),
+                Some(Event::Probed { worker, probe }) => self.on_probed(worker, probe),
+                Some(Event::Control { request, reply }) => {
+                    let answer = self.on_request(request);
+                    let _ = reply.send(answer);
+                    self.notifier.tick(&self.metrics);
+                }
                 None => {}
             }
             self.fire_timers();
             if Instant::now() >= self.notifier.deadline() {
+                self.breaker
+                    .sample(Instant::now(), self.metrics.count(TaskOutcome::Ack));
+                self.show_pause();
                 self.notifier.tick(&self.metrics);
             }
             if !matches!(self.phase, Phase::Running)
@@ -284,17 +329,22 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, id: usize) {
-        let worker = Worker {
+        let (commands, orders) = unbounded();
+        let mut worker = Worker {
             id,
             node: self.slots[id - 1].node,
             config: Arc::clone(&self.config),
             factory: Arc::clone(&self.factory),
             events: self.events.clone(),
             stop: self.stop_signal.clone(),
+            commands: orders,
+            paused: !self.taking(),
             abort: self.abort_signal.clone(),
             metrics: Arc::clone(&self.metrics),
         };
         let slot = &mut self.slots[id - 1];
+        slot.commands = Some(commands);
+        slot.retiring = false;
         if slot.started {
             self.metrics.worker_restarted();
         }
@@ -331,6 +381,8 @@ impl Supervisor {
             "worker-{worker} is consuming queue {}",
             self.config.queue.name
         );
+        // A probe that found no worker to run it can run now.
+        self.probe_if_due(Instant::now());
         if let Reachability::Down { rounds, since, .. } = self.broker {
             self.broker = Reachability::Up;
             self.metrics.set_broker_down(false);
@@ -357,7 +409,12 @@ impl Supervisor {
             // The thread sent its last event; joining only reaps it.
             let _ = thread.join();
         }
+        slot.commands = None;
         slot.ended(Instant::now());
+        if self.breaker.state() == (breaker::State::HalfOpen { worker }) {
+            self.on_probed(worker, Probe::Lost);
+        }
+        let slot = &mut self.slots[worker - 1];
         if slot.ready_since.is_some() {
             // Its node has not changed since it was ready: that happens below, for a restart.
             self.metrics.worker_stopped_consuming(slot.node);
@@ -374,6 +431,9 @@ impl Supervisor {
                 other => log::info!("worker-{worker} ended while stopping: {other:?}"),
             }
             return;
+        }
+        if self.slots[worker - 1].retiring && !matches!(exit, Exit::Fatal(_)) {
+            return self.retired(worker, &exit);
         }
         match exit {
             Exit::ConnectFailed(e) => {
@@ -404,6 +464,285 @@ impl Supervisor {
                 &format!("worker-{worker} panicked ({message}); its unacked message returns to the queue"),
             ),
             Exit::Stopped { .. } => self.schedule_restart(worker, &format!("worker-{worker} stopped unexpectedly")),
+        }
+    }
+
+    /// Whether workers take messages: neither the operator nor the circuit breaker holds them.
+    fn taking(&self) -> bool {
+        !self.paused && self.breaker.state() == breaker::State::Closed
+    }
+
+    /// Tells every worker that is not retiring, in order, what it must do next.
+    fn tell_all(&self, command: Command) {
+        for slot in self.slots.iter().filter(|slot| !slot.retiring) {
+            if let Some(commands) = &slot.commands {
+                // A worker that has just ended has no receiver left; its restart reads the gate.
+                let _ = commands.send(command.clone());
+            }
+        }
+    }
+
+    /// After a change of the pause or the breaker: tells the workers to stop or start taking
+    /// messages if that changed from `was_taking`, and updates the metrics and the status line.
+    fn gate(&mut self, was_taking: bool) {
+        let taking = self.taking();
+        if taking != was_taking && matches!(self.phase, Phase::Running) {
+            self.tell_all(if taking {
+                Command::Resume
+            } else {
+                Command::Pause
+            });
+        }
+        self.metrics.set_breaker(match self.breaker.state() {
+            breaker::State::Closed => BreakerState::Closed,
+            breaker::State::Open { .. } => BreakerState::Open,
+            breaker::State::HalfOpen { .. } => BreakerState::HalfOpen,
+        });
+        self.metrics.set_paused(self.paused);
+        self.show_pause();
+    }
+
+    /// Writes why workers take no messages, if they do not, where `/healthz` and the status line
+    /// read it.
+    fn show_pause(&self) {
+        let now = Instant::now();
+        let mut parts = Vec::new();
+        if self.paused {
+            parts.push("by the operator (warren pause)".to_string());
+        }
+        match self.breaker.state() {
+            breaker::State::Closed => {}
+            breaker::State::Open { probe_at } => parts.push(format!(
+                "breaker open after {}; next probe in {}",
+                self.trip.as_ref().map_or_else(String::new, Trip::describe),
+                humantime::format_duration(whole_seconds(probe_at.saturating_duration_since(now)))
+            )),
+            breaker::State::HalfOpen { worker } => parts.push(format!(
+                "breaker half-open: worker-{worker} tries one message"
+            )),
+        }
+        self.metrics
+            .set_pause((!parts.is_empty()).then(|| parts.join("; ")));
+    }
+
+    /// A worker's attempt failed: the breaker counts it, and may open.
+    fn on_failed(&mut self, worker: usize, message: u64) {
+        let was_taking = self.taking();
+        let acked = self.metrics.count(TaskOutcome::Ack);
+        let Some(trip) = self.breaker.failed(Instant::now(), message, acked) else {
+            return;
+        };
+        log::warn!(
+            "breaker open: {}, the last on worker-{worker}; no worker takes a new message and tasks in flight finish; first probe in {}",
+            trip.describe(),
+            humantime::format_duration(trip.cooldown)
+        );
+        self.metrics.breaker_tripped();
+        self.trip = Some(trip);
+        self.gate(was_taking);
+    }
+
+    /// Whether a probe may run now: not while the operator holds the pool, nor while stopping.
+    fn may_probe(&self) -> bool {
+        !self.paused && matches!(self.phase, Phase::Running)
+    }
+
+    /// A worker that can run a probe: connected, and not retiring.
+    fn probe_candidate(&self) -> Option<usize> {
+        (1..=self.slots.len()).find(|&id| {
+            let slot = &self.slots[id - 1];
+            slot.thread.is_some() && slot.ready_since.is_some() && !slot.retiring
+        })
+    }
+
+    /// Sends a worker to probe if the breaker's cool-down is over.
+    fn probe_if_due(&mut self, now: Instant) {
+        if self.breaker.probe_at().is_none_or(|at| now < at) || !self.may_probe() {
+            return;
+        }
+        let Some(worker) = self.probe_candidate() else {
+            return;
+        };
+        let open = self
+            .breaker
+            .opened_at()
+            .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+        log::warn!("breaker half-open after {open:.1?} open: worker-{worker} tries one message");
+        self.breaker.probing(worker);
+        if let Some(commands) = &self.slots[worker - 1].commands {
+            let _ = commands.send(Command::Probe);
+        }
+        self.gate(false);
+    }
+
+    /// A probe ended: the breaker closes, or opens again.
+    fn on_probed(&mut self, worker: usize, probe: Probe) {
+        if self.breaker.state() != (breaker::State::HalfOpen { worker }) {
+            return;
+        }
+        let was_taking = self.taking();
+        let now = Instant::now();
+        let open = self
+            .breaker
+            .opened_at()
+            .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+        let wait = |at: Instant| humantime::format_duration(whole_seconds(at - now));
+        match (self.breaker.probed(now, &probe), &probe) {
+            (breaker::State::Closed, _) => {
+                log::warn!("breaker closed: worker-{worker}'s probe succeeded after {open:.1?} open; every worker takes messages again");
+                self.trip = None;
+            }
+            (breaker::State::Open { probe_at }, Probe::Failed(status)) => log::warn!(
+                "breaker open again: worker-{worker}'s probe failed ({status}); next probe in {}",
+                wait(probe_at)
+            ),
+            (breaker::State::Open { probe_at }, Probe::Lost) => log::warn!(
+                "breaker open again: worker-{worker} ended before its probe was settled; next probe in {}",
+                wait(probe_at)
+            ),
+            (breaker::State::Open { probe_at }, Probe::Empty) => log::info!(
+                "breaker open: the queue had no message to probe with; next probe in {}",
+                wait(probe_at)
+            ),
+            (breaker::State::Open { .. }, _) => log::info!(
+                "breaker open: worker-{worker}'s probe message was dead-lettered for its own fault, which says nothing of the dependency; probing with another"
+            ),
+            (breaker::State::HalfOpen { .. }, _) => {
+                unreachable!("a probe's outcome never leaves the breaker half-open")
+            }
+        }
+        self.gate(was_taking);
+    }
+
+    /// The operator's pause, resume or reload.
+    fn on_request(&mut self, request: Request) -> Reply {
+        if !matches!(self.phase, Phase::Running) {
+            return Err(Refused::Busy("warren is stopping".into()));
+        }
+        let busy = self.metrics.busy();
+        let was_taking = self.taking();
+        let reply = match request {
+            Request::Pause if self.paused => Ok(format!("already paused; {}", running(busy))),
+            Request::Pause => {
+                self.paused = true;
+                log::warn!(
+                    "paused by the operator: no worker takes a new message; {}",
+                    running(busy)
+                );
+                Ok(format!(
+                    "paused: no worker takes a new message; {}",
+                    running(busy)
+                ))
+            }
+            Request::Resume if was_taking => Ok("not paused: workers take messages".into()),
+            Request::Resume => {
+                self.paused = false;
+                let breaker = if self.breaker.state() == breaker::State::Closed {
+                    ""
+                } else {
+                    self.breaker.close(Instant::now());
+                    self.trip = None;
+                    " and the circuit breaker closed"
+                };
+                log::warn!("resumed by the operator{breaker}: every worker takes messages again");
+                Ok(format!("resumed{breaker}: workers take messages again"))
+            }
+            Request::Reload { config, factory } => self.reload(*config, factory),
+        };
+        self.gate(was_taking);
+        reply
+    }
+
+    /// Applies a configuration read again: the handler from each worker's next message on, the
+    /// breaker's settings, the shutdown grace, and the worker count.
+    fn reload(&mut self, new: Config, factory: HandlerFactory) -> Reply {
+        let reloaded = self.config.reloaded(new).map_err(Refused::Config)?;
+        let config = Arc::new(reloaded.config);
+        self.config = Arc::clone(&config);
+        self.factory = Arc::clone(&factory);
+        self.breaker.configure(config.breaker.clone());
+        if self.breaker.state() == breaker::State::Closed {
+            self.trip = None;
+        }
+        if reloaded.handler_changed {
+            self.tell_all(Command::Reload(Arc::clone(&config), factory));
+        }
+        self.resize(config.workers.count);
+        let mut text = format!("reloaded {}", config.path.display());
+        if reloaded.applied.is_empty() {
+            text.push_str(": nothing to apply");
+        } else {
+            text.push_str(&format!(": {}", reloaded.applied.join(", ")));
+            if reloaded.handler_changed {
+                text.push_str(" (busy workers switch handlers after their current task)");
+            }
+        }
+        if !reloaded.restart.is_empty() {
+            text.push_str(&format!(
+                "; not applied, they need a restart: {}",
+                reloaded.restart.join(", ")
+            ));
+        }
+        log::info!("{text}");
+        Ok(text)
+    }
+
+    /// Grows the pool to `count` workers, or retires the last ones: they finish their task and
+    /// stop as at a stop signal.
+    fn resize(&mut self, count: usize) {
+        self.metrics.set_workers(count);
+        let nodes = self.config.broker.urls.len();
+        while self.slots.len() < count {
+            let mut load = vec![0usize; nodes];
+            for slot in &self.slots {
+                load[slot.node] += 1;
+            }
+            let node = (0..nodes)
+                .min_by_key(|&node| load[node])
+                .expect("invariant: a config names at least one node");
+            self.slots.push(Slot {
+                node,
+                ..Slot::default()
+            });
+            self.spawn(self.slots.len());
+        }
+        for id in count + 1..=self.slots.len() {
+            let slot = &mut self.slots[id - 1];
+            slot.restart_at = None;
+            slot.parked = false;
+            if slot.thread.is_some() && !slot.retiring {
+                slot.retiring = true;
+                if let Some(commands) = &slot.commands {
+                    let _ = commands.send(Command::Retire);
+                }
+            }
+        }
+        self.forget_retired();
+    }
+
+    /// A retired worker has ended: gone for good, unless the pool grew back over it meanwhile.
+    fn retired(&mut self, worker: usize, exit: &Exit) {
+        if worker <= self.config.workers.count {
+            self.spawn(worker);
+        } else {
+            log::info!(
+                "worker-{worker} retired{}: the pool has {} workers",
+                match exit {
+                    Exit::Stopped { .. } => String::new(),
+                    other => format!(" ({other:?})"),
+                },
+                self.config.workers.count
+            );
+            self.forget_retired();
+        }
+    }
+
+    /// Drops the slots past the worker count whose threads have ended.
+    fn forget_retired(&mut self) {
+        while self.slots.len() > self.config.workers.count
+            && self.slots.last().is_some_and(|slot| slot.thread.is_none())
+        {
+            self.slots.pop();
         }
     }
 
@@ -493,8 +832,14 @@ impl Supervisor {
             Phase::Running => None,
             Phase::Stopping { deadline } | Phase::Aborting { deadline } => Some(deadline),
         };
+        // Only when a worker can run it: otherwise the next Ready event does.
+        let breaker = self
+            .breaker
+            .probe_at()
+            .filter(|_| self.probe_candidate().is_some() && self.may_probe());
         restarts
             .chain(probe)
+            .chain(breaker)
             .chain(phase)
             .chain(std::iter::once(self.notifier.deadline()))
             .min()
@@ -523,6 +868,7 @@ impl Supervisor {
                 self.spawn(id);
             }
         }
+        self.probe_if_due(now);
         if let Reachability::Down {
             next_probe: Some(at),
             ..

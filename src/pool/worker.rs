@@ -1,4 +1,5 @@
-//! One worker's life: connect and declare, take and settle one delivery at a time, wind down.
+//! One worker's life: connect and declare, take and settle one delivery at a time, wind down;
+//! between deliveries, the supervisor's commands (pause, resume, probe, reload, retire).
 //!
 //! A worker owns its two connections (one consumes and acks, one publishes the copies of retried
 //! and dead-lettered messages) and its handler. It acks a message on the channel that delivered
@@ -9,14 +10,16 @@
 
 use std::any::Any;
 use std::convert::Infallible;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{select_biased, Receiver, Sender};
 
-use super::{Event, Exit};
+use super::breaker::Probe;
+use super::{Command, Event, Exit};
 use crate::amqp::{AmqpError, Confirmed, Delivery, Header, Next, Publisher, Session, Subscription};
-use crate::config::Config;
+use crate::config::{Config, QueueType};
 use crate::handler::{Abort, Handler, HandlerFactory, Outcome, Task};
 use crate::logging::preview;
 use crate::metrics::{Metrics, TaskOutcome};
@@ -38,6 +41,10 @@ pub(super) struct Worker {
     pub factory: HandlerFactory,
     pub events: Sender<Event>,
     pub stop: Receiver<Infallible>,
+    /// The supervisor's commands to this worker alone.
+    pub commands: Receiver<Command>,
+    /// Start without consuming: the pool is paused.
+    pub paused: bool,
     pub abort: Abort,
     pub metrics: Arc<Metrics>,
 }
@@ -48,8 +55,16 @@ struct Link {
     publishing: Session,
 }
 
+/// How a delivery was taken.
+enum Taking<'a> {
+    /// From the consumer; this runs after the handler and before the settle.
+    Consumed(&'a mut dyn FnMut() -> Result<(), AmqpError>),
+    /// By a probe of the circuit breaker.
+    Probe,
+}
+
 /// How taking one delivery ended, when the connection is still there.
-// Settled is the common case and carries nothing; boxing the rare delivery would cost more.
+// Settled is the common case; boxing the rare delivery would cost more.
 #[allow(clippy::large_enum_variant)]
 enum Taken {
     /// Acked, or moved to a retry queue or the dead-letter queue.
@@ -64,8 +79,9 @@ impl Worker {
         format!("worker-{}", self.id)
     }
 
-    /// Connects, consumes and handles messages until stopped or until something fails.
-    pub fn run(&self) -> Exit {
+    /// Connects, consumes and handles messages until stopped or until something fails. Between
+    /// tasks it obeys the supervisor's commands: pause, resume, probe, reload, retire.
+    pub fn run(&mut self) -> Exit {
         let link = match self.connect() {
             Ok(link) => link,
             Err(exit) => return exit,
@@ -74,49 +90,108 @@ impl Worker {
             Ok(publisher) => publisher,
             Err(e) => return lost_or_fatal(e),
         };
-        let config = &self.config;
-        let subscription = match link
-            .session
-            .subscribe(&config.queue.name, config.workers.prefetch)
-        {
-            Ok(subscription) => subscription,
-            Err(e) => return lost_or_fatal(e),
-        };
+        let mut subscription = None;
+        if !self.paused {
+            match self.subscribe(&link.session) {
+                Ok(subscribed) => subscription = Some(subscribed),
+                Err(e) => return lost_or_fatal(e),
+            }
+        }
         let _ = self.events.send(Event::Ready { worker: self.id });
-        log::debug!(
-            "{} consuming queue {} on {}",
-            self.name(),
-            config.queue.name,
-            link.session.address()
-        );
         let mut handler = (self.factory)(self.id);
         handler.start();
 
         let mut abandoned = None;
+        // A command read early, while a task ran, to be obeyed next.
+        let mut pending = None;
         loop {
-            let delivery = match subscription.next(&self.stop) {
-                Next::Delivery(delivery) => delivery,
-                Next::Stop => break,
+            let next = match (pending.take(), &subscription) {
+                (Some(command), _) => Next::Command(command),
+                (None, Some(subscription)) => subscription.next(&self.stop, &self.commands),
+                (None, None) => self.idle(),
+            };
+            let taken = match next {
+                Next::Delivery(delivery) => {
+                    let mut returned = Vec::new();
+                    // A pause that came while the task ran cancels the consumer before the ack:
+                    // its prefetch is still full then, so the broker has no delivery in flight
+                    // to it that the cancel would bounce back (which a quorum queue counts as
+                    // a delivery of that message).
+                    let mut before_settle = || {
+                        if let Ok(command) = self.commands.try_recv() {
+                            if matches!(command, Command::Pause) {
+                                if let Some(paused) = subscription.take() {
+                                    returned = paused.cancel()?;
+                                    log::debug!("{} paused", self.name());
+                                }
+                            }
+                            pending = Some(command);
+                        }
+                        Ok(())
+                    };
+                    let taken = self.take(
+                        delivery,
+                        handler.as_mut(),
+                        &link.session,
+                        &mut publisher,
+                        Taking::Consumed(&mut before_settle),
+                    );
+                    match taken {
+                        Ok(Taken::Settled) => {
+                            self.put_back(returned, &link.session, &mut publisher)
+                        }
+                        other => other,
+                    }
+                }
+                Next::Stop | Next::Command(Command::Retire) => break,
                 Next::Ended(e) => {
                     drop(subscription);
                     return Exit::Lost(link.session.close_after(e));
                 }
+                Next::Command(Command::Pause) => match subscription.take() {
+                    Some(paused) => paused.cancel().and_then(|returned| {
+                        log::debug!("{} paused", self.name());
+                        self.put_back(returned, &link.session, &mut publisher)
+                    }),
+                    None => Ok(Taken::Settled),
+                },
+                Next::Command(Command::Resume) => {
+                    if subscription.is_none() {
+                        match self.subscribe(&link.session) {
+                            Ok(subscribed) => subscription = Some(subscribed),
+                            Err(e) => return lost_or_fatal(e),
+                        }
+                    }
+                    Ok(Taken::Settled)
+                }
+                Next::Command(Command::Probe) => {
+                    self.probe(handler.as_mut(), &link.session, &mut publisher)
+                }
+                Next::Command(Command::Reload(config, factory)) => {
+                    self.config = config;
+                    self.factory = factory;
+                    // The old handler goes first: a pipe program stops before the new one starts.
+                    drop(handler);
+                    handler = (self.factory)(self.id);
+                    handler.start();
+                    Ok(Taken::Settled)
+                }
             };
-            match self.take(delivery, handler.as_mut(), &subscription, &mut publisher) {
+            match taken {
                 Ok(Taken::Settled) => {}
                 Ok(Taken::Abandoned { id, delivery }) => {
                     abandoned = Some((id, delivery));
                     break;
                 }
                 Err(e) => {
-                    // The broker requeues the message of a lost channel by itself; the task may
-                    // run again, which at-least-once allows.
+                    // The broker requeues what a lost channel held by itself; the task may run
+                    // again, which at-least-once allows.
                     drop(subscription);
                     return Exit::Lost(link.session.close_after(e));
                 }
             }
         }
-        let requeued = self.cancel(&subscription, abandoned);
+        let requeued = self.cancel(subscription.as_ref(), &link.session, abandoned);
         drop(subscription);
         drop(publisher);
         self.wind_down(link);
@@ -158,15 +233,94 @@ impl Worker {
         })
     }
 
+    /// Starts consuming the work queue.
+    fn subscribe<'a>(&self, session: &'a Session) -> Result<Subscription<'a>, AmqpError> {
+        let config = &self.config;
+        let subscription = session.subscribe(&config.queue.name, config.workers.prefetch)?;
+        log::debug!(
+            "{} consuming queue {} on {}",
+            self.name(),
+            config.queue.name,
+            session.address()
+        );
+        Ok(subscription)
+    }
+
+    /// Waits, without consuming, for a command or the stop.
+    fn idle(&self) -> Next<Command> {
+        select_biased! {
+            recv(self.stop) -> _ => Next::Stop,
+            recv(self.commands) -> command => match command {
+                Ok(command) => Next::Command(command),
+                Err(_) => Next::Stop,
+            },
+        }
+    }
+
+    /// Returns what a consumer cancelled for a pause had delivered, unprocessed, to the queue
+    /// without spending an attempt of it: on a classic queue by a requeue, which the attempt
+    /// count ignores; on a quorum queue, where a requeue counts as a delivery (RabbitMQ before
+    /// 4.3) and could end in the broker's dead-lettering, by a confirmed copy at the same attempt.
+    fn put_back(
+        &self,
+        returned: Vec<Delivery>,
+        session: &Session,
+        publisher: &mut Publisher<'_>,
+    ) -> Result<Taken, AmqpError> {
+        let name = self.name();
+        for delivery in returned {
+            let id = delivery.message_id().unwrap_or("-").to_string();
+            match self.config.queue.kind {
+                QueueType::Classic => session.requeue(delivery)?,
+                QueueType::Quorum => {
+                    let (attempt, _) = retry::attempt(&delivery);
+                    let headers = retry::unstarted_headers(attempt);
+                    let work = &self.config.queue.name;
+                    self.forward(publisher, session, delivery, work, headers)?;
+                }
+            }
+            log::debug!("{name} returned {id} to the queue unprocessed: the pool is paused");
+        }
+        Ok(Taken::Settled)
+    }
+
+    /// Takes one message from the work queue, without consuming, runs it, and reports how it
+    /// went (the circuit breaker's probe).
+    fn probe(
+        &self,
+        handler: &mut dyn Handler,
+        session: &Session,
+        publisher: &mut Publisher<'_>,
+    ) -> Result<Taken, AmqpError> {
+        match session.take(&self.config.queue.name)? {
+            Some(delivery) => self.take(delivery, handler, session, publisher, Taking::Probe),
+            None => {
+                self.report_probe(Probe::Empty);
+                Ok(Taken::Settled)
+            }
+        }
+    }
+
+    fn report_probe(&self, probe: Probe) {
+        let _ = self.events.send(Event::Probed {
+            worker: self.id,
+            probe,
+        });
+    }
+
     /// Runs the handler on one delivery and settles it: ack, a retry, or the dead-letter queue.
-    /// An error means the connection is gone and the message is the broker's again.
+    /// A failed attempt is reported to the circuit breaker; a probe's outcome is reported once
+    /// it is settled. An error means the connection is gone and the message is the broker's
+    /// again.
     fn take(
         &self,
         delivery: Delivery,
         handler: &mut dyn Handler,
-        subscription: &Subscription<'_>,
+        session: &Session,
         publisher: &mut Publisher<'_>,
+        taking: Taking<'_>,
     ) -> Result<Taken, AmqpError> {
+        let probe = matches!(taking, Taking::Probe);
         let config = &self.config;
         let name = self.name();
         let id = delivery.message_id().unwrap_or("-").to_string();
@@ -178,12 +332,13 @@ impl Worker {
         // throughput (BENCHMARKS.md) and would trip journald's rate limit, which would drop the
         // warnings too.
         log::debug!(
-            "{name} received {id} (attempt {attempt}{}) {}",
+            "{name} received {id} (attempt {attempt}{}{}) {}",
             if delivery.redelivered() {
                 ", redelivered"
             } else {
                 ""
             },
+            if probe { ", a probe" } else { "" },
             preview(delivery.body())
         );
         self.metrics.task_started();
@@ -198,11 +353,29 @@ impl Worker {
         };
         let outcome = handler.handle(&task, &self.abort);
         let took = started.elapsed();
+        let verdict = match &outcome {
+            Outcome::Done => Probe::Succeeded,
+            Outcome::Retry(status) => {
+                if !probe {
+                    let _ = self.events.send(Event::Failed {
+                        worker: self.id,
+                        message: message_key(&delivery),
+                    });
+                }
+                Probe::Failed(status.clone())
+            }
+            Outcome::DeadLetter { .. } | Outcome::Aborted => Probe::Inconclusive,
+        };
+        if let (Taking::Consumed(before_settle), false) =
+            (taking, matches!(outcome, Outcome::Aborted))
+        {
+            before_settle()?;
+        }
         let counted;
         let settled = match outcome {
             Outcome::Done => {
                 counted = Some(TaskOutcome::Ack);
-                subscription
+                session
                     .ack(delivery)
                     .map(|()| log::debug!("{name} done {id} (attempt {attempt}) in {took:.2?}"))
             }
@@ -216,7 +389,7 @@ impl Worker {
                             humantime::format_duration(delay)
                         );
                         let headers = retry::retry_headers(next, &status);
-                        self.forward(publisher, subscription, delivery, &queue, headers)
+                        self.forward(publisher, session, delivery, &queue, headers)
                     }
                     Decision::DeadLetter { reason } => {
                         counted = Some(TaskOutcome::DeadLetter);
@@ -232,7 +405,7 @@ impl Worker {
                             &config.queue.name,
                         );
                         let dead = &config.queue.dead_letter;
-                        self.forward(publisher, subscription, delivery, dead, headers)
+                        self.forward(publisher, session, delivery, dead, headers)
                     }
                 }
             }
@@ -248,11 +421,14 @@ impl Worker {
                 let headers =
                     retry::dead_letter_headers(&reason, &status, attempt, &config.queue.name);
                 let dead = &config.queue.dead_letter;
-                self.forward(publisher, subscription, delivery, dead, headers)
+                self.forward(publisher, session, delivery, dead, headers)
             }
             Outcome::Aborted => {
                 log::warn!("{name} abandoned {id} (attempt {attempt}) after {took:.2?}: warren is stopping and cannot wait for it; requeued");
                 self.metrics.task_finished(None, took);
+                if probe {
+                    self.report_probe(verdict);
+                }
                 return Ok(Taken::Abandoned { id, delivery });
             }
         };
@@ -260,7 +436,12 @@ impl Worker {
         self.metrics
             .task_finished(settled.as_ref().ok().and(counted), took);
         match settled {
-            Ok(()) => Ok(Taken::Settled),
+            Ok(()) => {
+                if probe {
+                    self.report_probe(verdict);
+                }
+                Ok(Taken::Settled)
+            }
             Err(e) => {
                 log::warn!("{name} could not settle {id} after {took:.2?}: {e}");
                 Err(e)
@@ -273,25 +454,27 @@ impl Worker {
     /// Returns the ids of the abandoned messages.
     fn cancel(
         &self,
-        subscription: &Subscription<'_>,
+        subscription: Option<&Subscription<'_>>,
+        session: &Session,
         abandoned: Option<(String, Delivery)>,
     ) -> Vec<String> {
         let name = self.name();
-        match subscription.cancel() {
-            Ok(stragglers) => {
+        match subscription.map(Subscription::cancel) {
+            Some(Ok(stragglers)) => {
                 for delivery in stragglers {
                     let id = delivery.message_id().unwrap_or("-").to_string();
                     log::info!("{name} returned {id} to the queue unprocessed");
-                    if let Err(e) = subscription.requeue(delivery) {
+                    if let Err(e) = session.requeue(delivery) {
                         log::warn!("{name} could not return {id}: {e}");
                     }
                 }
             }
-            Err(e) => log::warn!("{name} could not cancel its consumer: {e}"),
+            Some(Err(e)) => log::warn!("{name} could not cancel its consumer: {e}"),
+            None => {}
         }
         let mut requeued = Vec::new();
         if let Some((id, delivery)) = abandoned {
-            if let Err(e) = subscription.requeue(delivery) {
+            if let Err(e) = session.requeue(delivery) {
                 // Closing the connection requeues it all the same.
                 log::warn!("{name} could not requeue {id}: {e}");
             }
@@ -318,7 +501,7 @@ impl Worker {
     fn forward(
         &self,
         publisher: &mut Publisher<'_>,
-        subscription: &Subscription<'_>,
+        session: &Session,
         delivery: Delivery,
         queue: &str,
         headers: Vec<(String, Header)>,
@@ -332,11 +515,11 @@ impl Worker {
             CONFIRM_TIMEOUT,
             self.abort.receiver(),
         ) {
-            Ok(Confirmed::Stored) => return subscription.ack(delivery),
+            Ok(Confirmed::Stored) => return session.ack(delivery),
             Ok(Confirmed::Refused(why)) => why,
             Ok(Confirmed::TimedOut) => format!("no confirm within {CONFIRM_TIMEOUT:?}"),
             Err(e) => {
-                let _ = subscription.requeue(delivery);
+                let _ = session.requeue(delivery);
                 return Err(e);
             }
         };
@@ -347,8 +530,19 @@ impl Worker {
         );
         // A pause, so that a broker that keeps refusing is not hammered; a stop cuts it short.
         let _ = self.stop.recv_timeout(pause);
-        subscription.requeue(delivery)
+        session.requeue(delivery)
     }
+}
+
+/// What tells a message apart for the circuit breaker: its message id, or its body when it has
+/// none. Copies of one message (its retries) have the same key.
+fn message_key(delivery: &Delivery) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    match delivery.message_id() {
+        Some(id) => id.hash(&mut hasher),
+        None => delivery.body().hash(&mut hasher),
+    }
+    hasher.finish()
 }
 
 fn lost_or_fatal(e: AmqpError) -> Exit {

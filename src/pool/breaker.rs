@@ -1,0 +1,426 @@
+//! The circuit breaker: it decides, from the recent outcomes of all workers, when the handler's
+//! dependency looks down (open: take no messages), when to try one message (half-open), and when
+//! to take work again (closed).
+//!
+//! It is a pure state machine over the failures the workers report, the process's count of acked
+//! tasks, and the time the supervisor passes in; the supervisor acts on what it returns. It never
+//! touches a message: the messages of failed attempts are retried as ever, and the breaker only
+//! says whether workers may take new ones.
+//!
+//! It trips when, within `window`, at least `min_failures` attempts failed, of at least
+//! `min_messages` different messages, and those failures are at least `failure_ratio` of the
+//! window's outcomes (failures and acks). A message that fails again and again is one message, so
+//! it never trips the breaker alone. Messages are told apart by their message id, or by a hash of
+//! their body when they have none.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::config;
+
+/// The most failures the window keeps; older ones are forgotten first. It bounds memory when a
+/// failure rate too low to trip the breaker meets a very high task rate.
+const MAX_FAILURES_KEPT: usize = 65_536;
+/// The shortest time between two samples of the acked count.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// Where the breaker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Workers take messages.
+    Closed,
+    /// No worker takes messages; at `probe_at` one takes one.
+    Open { probe_at: Instant },
+    /// One worker is trying one message.
+    HalfOpen { worker: usize },
+}
+
+/// What the breaker saw when it tripped, for the log and the status line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trip {
+    pub failures: usize,
+    pub messages: usize,
+    /// Failures and acks in the window.
+    pub outcomes: u64,
+    pub window: Duration,
+    /// How long until the first probe.
+    pub cooldown: Duration,
+}
+
+impl Trip {
+    /// "12 failed attempts of 9 messages in 30s (of 12 outcomes)".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} failed attempts of {} messages in {} (of {} outcomes)",
+            self.failures,
+            self.messages,
+            humantime::format_duration(self.window),
+            self.outcomes
+        )
+    }
+}
+
+/// How a probe ended, as the worker that ran it reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// The message was acked.
+    Succeeded,
+    /// The attempt failed; the text says how.
+    Failed(String),
+    /// The outcome says nothing of the dependency (the message was dead-lettered for its own
+    /// fault, or the task was abandoned at a stop).
+    Inconclusive,
+    /// The queue had no message to try.
+    Empty,
+    /// The worker ended (its connection was lost) before it could report.
+    Lost,
+}
+
+pub struct Breaker {
+    settings: config::Breaker,
+    state: State,
+    /// The failed attempts in the window, oldest first: when, and which message.
+    failures: VecDeque<(Instant, u64)>,
+    /// How many of `failures` each message has.
+    by_message: HashMap<u64, usize>,
+    /// The process's acked count, sampled, oldest first; the first sample at or before the
+    /// window's start is the base the acks in the window are counted from.
+    acks: VecDeque<(Instant, u64)>,
+    /// The cool-down of the last opening.
+    cooldown: Duration,
+    /// When it last closed, so that a trip soon after continues the backoff.
+    closed_at: Option<Instant>,
+    /// When the current outage began: the trip that opened it.
+    opened_at: Option<Instant>,
+}
+
+impl Breaker {
+    pub fn new(settings: config::Breaker) -> Breaker {
+        Breaker {
+            cooldown: settings.cooldown,
+            settings,
+            state: State::Closed,
+            failures: VecDeque::new(),
+            by_message: HashMap::new(),
+            acks: VecDeque::new(),
+            closed_at: None,
+            opened_at: None,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// When the current outage began, while the breaker is not closed.
+    pub fn opened_at(&self) -> Option<Instant> {
+        self.opened_at
+    }
+
+    /// New settings, from a reloaded configuration. A breaker that is turned off closes.
+    pub fn configure(&mut self, settings: config::Breaker) {
+        if !settings.enabled {
+            self.close(Instant::now());
+        }
+        self.settings = settings;
+    }
+
+    /// Notes the process's acked count at `now`. The supervisor calls this at least once a
+    /// second.
+    pub fn sample(&mut self, now: Instant, acked: u64) {
+        // A few samples a second are plenty to find the window's start, and bound the memory.
+        let due = self
+            .acks
+            .back()
+            .is_none_or(|&(t, _)| now.saturating_duration_since(t) >= SAMPLE_EVERY);
+        if due {
+            self.acks.push_back((now, acked));
+        }
+        self.forget(now);
+    }
+
+    /// A worker's attempt at `message` failed, at `now`, with `acked` tasks acked so far. Returns
+    /// the trip if this failure opened the breaker.
+    pub fn failed(&mut self, now: Instant, message: u64, acked: u64) -> Option<Trip> {
+        self.sample(now, acked);
+        if self.failures.len() >= MAX_FAILURES_KEPT {
+            self.drop_oldest();
+        }
+        self.failures.push_back((now, message));
+        *self.by_message.entry(message).or_default() += 1;
+        if !self.settings.enabled || self.state != State::Closed {
+            return None;
+        }
+        let failures = self.failures.len();
+        let messages = self.by_message.len();
+        let outcomes = failures as u64 + self.acks_in_window(acked);
+        let settings = &self.settings;
+        let tripped = failures >= settings.min_failures as usize
+            && messages >= settings.min_messages as usize
+            && failures as f64 >= settings.failure_ratio * outcomes as f64;
+        if !tripped {
+            return None;
+        }
+        // A trip soon after the last close is the same outage: the cool-down keeps growing.
+        self.cooldown = match self.closed_at {
+            Some(closed) if now.saturating_duration_since(closed) < settings.window => {
+                self.next_cooldown()
+            }
+            _ => settings.cooldown,
+        };
+        self.state = State::Open {
+            probe_at: now + self.cooldown,
+        };
+        self.opened_at = Some(now);
+        Some(Trip {
+            failures,
+            messages,
+            outcomes,
+            window: self.settings.window,
+            cooldown: self.cooldown,
+        })
+    }
+
+    /// When a probe is due, while the breaker is open.
+    pub fn probe_at(&self) -> Option<Instant> {
+        match self.state {
+            State::Open { probe_at } => Some(probe_at),
+            _ => None,
+        }
+    }
+
+    /// `worker` takes one message to probe.
+    pub fn probing(&mut self, worker: usize) {
+        self.state = State::HalfOpen { worker };
+    }
+
+    /// The probe's outcome. Returns the new state: closed after a success, open again with a
+    /// longer cool-down after a failure, open with the same cool-down when the probe said
+    /// nothing (no message, or an outcome that does not speak of the dependency).
+    pub fn probed(&mut self, now: Instant, probe: &Probe) -> State {
+        match probe {
+            Probe::Succeeded => self.close(now),
+            Probe::Failed(_) => {
+                self.cooldown = self.next_cooldown();
+                self.state = State::Open {
+                    probe_at: now + self.cooldown,
+                };
+            }
+            // Another message may say more, at once.
+            Probe::Inconclusive => self.state = State::Open { probe_at: now },
+            Probe::Empty | Probe::Lost => {
+                self.state = State::Open {
+                    probe_at: now + self.cooldown,
+                }
+            }
+        }
+        self.state
+    }
+
+    /// Closes the breaker (a probe succeeded, or the operator resumed): workers take messages
+    /// again, and the outcomes seen so far are forgotten.
+    pub fn close(&mut self, now: Instant) {
+        if self.state != State::Closed {
+            self.closed_at = Some(now);
+        }
+        self.state = State::Closed;
+        self.opened_at = None;
+        self.failures.clear();
+        self.by_message.clear();
+    }
+
+    /// The cool-down after the current one: doubled, at most `max_cooldown`.
+    fn next_cooldown(&self) -> Duration {
+        self.cooldown
+            .saturating_mul(2)
+            .clamp(self.settings.cooldown, self.settings.max_cooldown)
+    }
+
+    /// Acks since the window began, by the oldest sample at or before its start.
+    fn acks_in_window(&self, acked: u64) -> u64 {
+        self.acks
+            .front()
+            .map_or(0, |&(_, base)| acked.saturating_sub(base))
+    }
+
+    /// Forgets failures older than the window, and ack samples but the last one before it.
+    fn forget(&mut self, now: Instant) {
+        let start = now.checked_sub(self.settings.window);
+        let old = |t: Instant| start.is_some_and(|start| t < start);
+        while self.failures.front().is_some_and(|&(t, _)| old(t)) {
+            self.drop_oldest();
+        }
+        while self.acks.len() > 1 && self.acks.get(1).is_some_and(|&(t, _)| old(t)) {
+            self.acks.pop_front();
+        }
+    }
+
+    fn drop_oldest(&mut self) {
+        if let Some((_, message)) = self.failures.pop_front() {
+            if let Some(count) = self.by_message.get_mut(&message) {
+                *count -= 1;
+                if *count == 0 {
+                    self.by_message.remove(&message);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> config::Breaker {
+        config::Breaker::default()
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn failures_of_several_messages_that_dominate_the_window_trip_it() {
+        let t = Instant::now();
+        let mut breaker = Breaker::new(settings());
+        for (i, message) in [1, 2, 3, 4].into_iter().enumerate() {
+            assert_eq!(breaker.failed(t + secs(i as u64), message, 0), None);
+        }
+        let trip = breaker
+            .failed(t + secs(4), 5, 0)
+            .expect("the fifth failure trips it");
+        assert_eq!(
+            trip,
+            Trip {
+                failures: 5,
+                messages: 5,
+                outcomes: 5,
+                window: secs(30),
+                cooldown: secs(5)
+            }
+        );
+        assert_eq!(
+            breaker.state(),
+            State::Open {
+                probe_at: t + secs(9)
+            }
+        );
+    }
+
+    #[test]
+    fn one_message_failing_again_and_again_never_trips_it() {
+        let t = Instant::now();
+        let mut breaker = Breaker::new(settings());
+        for i in 0..100 {
+            assert_eq!(
+                breaker.failed(t + Duration::from_millis(i * 10), 7, 0),
+                None
+            );
+        }
+        // Two poison messages are still fewer than min_messages.
+        for i in 0..100 {
+            assert_eq!(breaker.failed(t + secs(1), 7 + i % 2, 0), None);
+        }
+        assert_eq!(breaker.state(), State::Closed);
+    }
+
+    #[test]
+    fn failures_among_many_successes_do_not_trip_it() {
+        let t = Instant::now();
+        let mut breaker = Breaker::new(settings());
+        breaker.sample(t, 0);
+        // 10 failures of 10 messages among 20 acks: a third of the outcomes.
+        for i in 0..10 {
+            assert_eq!(breaker.failed(t + secs(1), i, 20), None);
+        }
+        // Past the ratio once the acks stop: 20 failures to 20 acks.
+        for i in 10..19 {
+            assert_eq!(breaker.failed(t + secs(2), i, 20), None);
+        }
+        let trip = breaker
+            .failed(t + secs(2), 19, 20)
+            .expect("half the outcomes");
+        assert_eq!((trip.failures, trip.outcomes), (20, 40));
+    }
+
+    #[test]
+    fn old_failures_are_forgotten() {
+        let t = Instant::now();
+        let mut breaker = Breaker::new(settings());
+        for i in 0..4 {
+            breaker.failed(t, i, 0);
+        }
+        assert_eq!(
+            breaker.failed(t + secs(31), 9, 0),
+            None,
+            "the four are too old"
+        );
+        assert_eq!(breaker.failures.len(), 1);
+        assert_eq!(breaker.by_message.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_probe_doubles_the_cooldown_up_to_the_cap_and_a_success_closes_it() {
+        let t = Instant::now();
+        let mut breaker = Breaker::new(settings());
+        for i in 0..5 {
+            breaker.failed(t, i, 0);
+        }
+        let mut now = t;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            let at = breaker.probe_at().expect("open");
+            waits.push(at - now);
+            now = at;
+            breaker.probing(1);
+            assert_eq!(breaker.state(), State::HalfOpen { worker: 1 });
+            breaker.probed(now, &Probe::Failed("exit status 1".into()));
+        }
+        assert_eq!(waits, [5, 10, 20, 40, 60, 60].map(secs));
+        // An empty queue or a lost worker tries again after the same wait.
+        breaker.probing(2);
+        breaker.probed(now, &Probe::Empty);
+        assert_eq!(breaker.probe_at(), Some(now + secs(60)));
+        breaker.probing(2);
+        assert_eq!(
+            breaker.probed(now, &Probe::Inconclusive),
+            State::Open { probe_at: now }
+        );
+        breaker.probing(2);
+        assert_eq!(breaker.probed(now, &Probe::Succeeded), State::Closed);
+        assert!(
+            breaker.failures.is_empty(),
+            "a closed breaker starts afresh"
+        );
+    }
+
+    #[test]
+    fn a_trip_soon_after_closing_continues_the_backoff() {
+        let t = Instant::now();
+        let mut breaker = Breaker::new(settings());
+        for i in 0..5 {
+            breaker.failed(t, i, 0);
+        }
+        breaker.probing(1);
+        breaker.probed(t + secs(5), &Probe::Failed("x".into()));
+        breaker.probing(1);
+        breaker.probed(t + secs(15), &Probe::Succeeded);
+        let soon = (0..5).find_map(|i| breaker.failed(t + secs(20), 10 + i, 0));
+        assert_eq!(soon.map(|trip| trip.cooldown), Some(secs(20)));
+        breaker.close(t + secs(40));
+        let later = (0..5).find_map(|i| breaker.failed(t + secs(100), 20 + i, 0));
+        assert_eq!(later.map(|trip| trip.cooldown), Some(secs(5)));
+    }
+
+    #[test]
+    fn a_disabled_breaker_never_trips() {
+        let t = Instant::now();
+        let mut breaker = Breaker::new(config::Breaker {
+            enabled: false,
+            ..settings()
+        });
+        for i in 0..50 {
+            assert_eq!(breaker.failed(t, i, 0), None);
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The circuit breaker, against the real broker: while the handler's dependency is down, warren
+//! stops taking messages instead of spending their attempts, probes with one message at a time,
+//! and resumes by itself; a poison message never trips it; the messages that failed keep honest
+//! attempt counts.
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use util::{
+    epoch_ms, http_get, metric_sample, publish_ok, queue_counts, spawn_publish_stdin, wait_until,
+    Broker, Dependency, Proxy, Warren,
+};
+
+/// What one run of the outage scenario saw.
+#[derive(Debug)]
+struct Outage {
+    published: usize,
+    /// Tasks published while the dependency was down.
+    during: usize,
+    /// Handler calls that found the dependency down.
+    calls_during: usize,
+    dead: u32,
+    lost: usize,
+    /// From the dependency's return to the first success after it.
+    resumed_after: Duration,
+}
+
+/// Rate, outage and length of the scenario: tasks arrive every 100 ms for 70 s; the dependency
+/// is down from the 5th second to the 65th.
+const EVERY: Duration = Duration::from_millis(100);
+const TASKS: usize = 700;
+const DOWN_AT: usize = 50;
+const UP_AT: usize = 650;
+
+/// Four workers with the default settings (the breaker's as `breaker` sets them) and a command
+/// handler whose dependency fails for 60 s while tasks arrive steadily.
+fn outage(what: &str, breaker: &str) -> Outage {
+    let broker = Broker::shared();
+    let queue = broker.queue(what);
+    let dependency = Dependency::new(&broker, what);
+    let port = Proxy::free_port();
+    let config = broker.command_config(
+        &queue,
+        4,
+        &dependency.script,
+        &format!("{breaker}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 4);
+
+    let mut publisher = spawn_publish_stdin(&config, &[]);
+    let mut input = publisher.stdin.take().expect("stdin is piped");
+    let started = Instant::now();
+    let mut recovered_ms = 0;
+    for i in 0..TASKS {
+        if i == DOWN_AT {
+            dependency.fail();
+        }
+        if i == UP_AT {
+            dependency.recover();
+            recovered_ms = epoch_ms();
+        }
+        if i == 400 && breaker.is_empty() {
+            // Half way through the outage: open or probing, and healthy.
+            let (status, body) = http_get(port, "/healthz");
+            assert_eq!(status, 200, "{body}");
+            assert!(body.starts_with("ok; paused: breaker "), "{body}");
+            let metrics = http_get(port, "/metrics").1;
+            let state = metric_sample(
+                &metrics,
+                &format!("warren_breaker_state{{queue=\"{queue}\"}}"),
+            );
+            assert!(state > 0.0, "the breaker is not closed: {state}");
+        }
+        writeln!(input, "t-{i}").expect("feed warren publish");
+        let next = started + EVERY * (i as u32 + 1);
+        thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    drop(input);
+    let status = publisher.wait().expect("wait for warren publish");
+    assert!(status.success(), "warren publish failed: {status}");
+
+    let all: BTreeSet<String> = (0..TASKS).map(|i| format!("t-{i}")).collect();
+    let dead_queue = format!("{queue}.dead");
+    wait_until(
+        Duration::from_secs(120),
+        "every task to succeed or be dead-lettered",
+        || dependency.done().len() + queue_counts(&dead_queue).0 as usize >= TASKS,
+    );
+    let calls = dependency.calls();
+    let done = dependency.done();
+    let dead = queue_counts(&dead_queue).0;
+    let resumed_at = calls
+        .iter()
+        .filter(|call| call.ok && call.at_ms >= recovered_ms)
+        .map(|call| call.at_ms)
+        .min()
+        .unwrap_or(recovered_ms);
+    let outage = Outage {
+        published: TASKS,
+        during: UP_AT - DOWN_AT,
+        calls_during: calls.iter().filter(|call| !call.ok).count(),
+        dead,
+        lost: all.len().saturating_sub(done.len() + dead as usize),
+        resumed_after: Duration::from_millis(resumed_at - recovered_ms),
+    };
+    eprintln!(
+        "outage ({what}): {} tasks, {} while the dependency was down for 60s; {} handler calls \
+         found it down ({:.2} per task of the outage); {} dead-lettered; {} lost; first success \
+         {:.1?} after it returned",
+        outage.published,
+        outage.during,
+        outage.calls_during,
+        outage.calls_during as f64 / outage.during as f64,
+        outage.dead,
+        outage.lost,
+        outage.resumed_after
+    );
+    let trips = warren.lines_with("breaker open: ").len();
+    warren.stop(Duration::from_secs(20));
+    if breaker.is_empty() {
+        assert!(trips >= 1, "the breaker never opened");
+    }
+    outage
+}
+
+#[test]
+fn a_dependency_down_for_a_minute_dead_letters_nothing_and_costs_few_calls() {
+    let outage = outage("outage", "");
+    assert_eq!(outage.lost, 0, "{outage:?}");
+    assert_eq!(outage.dead, 0, "nothing is dead-lettered: {outage:?}");
+    assert!(
+        outage.calls_during * 3 < outage.during,
+        "the handler was called fewer than a third as many times as tasks arrived: {outage:?}"
+    );
+}
+
+/// The same outage without the breaker, to show what the one above protects against: the
+/// retries run out while the dependency is down.
+#[test]
+fn without_the_breaker_the_same_outage_dead_letters_tasks() {
+    let outage = outage("no-breaker", "[breaker]\nenabled = false\n");
+    assert_eq!(outage.lost, 0, "{outage:?}");
+    assert!(outage.dead > 0, "{outage:?}");
+    assert!(outage.calls_during > outage.during, "{outage:?}");
+}
+
+#[test]
+fn a_poison_message_among_healthy_ones_never_trips_the_breaker_and_is_dead_lettered() {
+    let broker = Broker::shared();
+    let queue = broker.queue("poison");
+    let dependency = Dependency::new(&broker, "poison");
+    // Six quick attempts: the poison message's failures outnumber the healthy successes, so
+    // only its being one message keeps the breaker closed.
+    let config = broker.command_config(
+        &queue,
+        2,
+        &dependency.script,
+        "[retry]\nmax_attempts = 6\ndelay = \"50ms\"\nmax_delay = \"100ms\"\n",
+    );
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 2);
+    publish_ok(&config, &["poison", "h-1", "h-2", "h-3", "h-4", "h-5"]);
+
+    let dead_queue = format!("{queue}.dead");
+    util::wait_for_ready(&dead_queue, 1, Duration::from_secs(20));
+    let dead = util::take_only(&dead_queue);
+    assert_eq!(dead.body, b"poison");
+    assert_eq!(
+        util::str_header(&dead, "x-warren-reason"),
+        "failed all 6 attempts"
+    );
+    wait_until(Duration::from_secs(10), "the healthy messages", || {
+        dependency.done().len() == 5
+    });
+    let poison: Vec<u32> = (dependency.calls().into_iter())
+        .filter(|call| call.body == "poison")
+        .map(|call| call.attempt)
+        .collect();
+    assert_eq!(poison, [1, 2, 3, 4, 5, 6]);
+    assert!(
+        warren.lines_with("breaker").is_empty(),
+        "{:#?}",
+        warren.lines_with("breaker")
+    );
+    warren.stop(Duration::from_secs(10));
+}
+
+#[test]
+fn a_pipe_program_that_crashes_on_every_message_trips_the_breaker() {
+    let broker = Broker::shared();
+    let queue = broker.queue("pipe-crash");
+    let program = broker.script("crash.sh", "exit 3");
+    let config = broker.config(
+        &queue,
+        &format!(
+            "[workers]\ncount = 2\n\n[handler]\nkind = \"pipe\"\ncommand = [\"{}\"]\n",
+            program.display()
+        ),
+    );
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 2);
+    let messages: Vec<String> = (0..20).map(|i| format!("m-{i}")).collect();
+    let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
+    publish_ok(&config, &messages);
+
+    let line = warren.wait_for_log("breaker open: ", Duration::from_secs(20));
+    assert!(line.contains(" WARN "), "{line}");
+    // The messages wait: none is dead-lettered, and most were never tried.
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(queue_counts(&format!("{queue}.dead")).0, 0);
+    let tried = warren
+        .lines_with("the pipe program exited mid-message")
+        .len();
+    assert!(tried < 20, "{tried} attempts failed");
+    warren.stop(Duration::from_secs(10));
+}
+
+#[test]
+fn the_breaker_probes_with_one_message_backs_off_and_closes_when_one_succeeds() {
+    let broker = Broker::shared();
+    let queue = broker.queue("probe");
+    let dependency = Dependency::new(&broker, "probe");
+    let config = broker.command_config(
+        &queue,
+        3,
+        &dependency.script,
+        "[breaker]\ncooldown = \"1s\"\nmax_cooldown = \"4s\"\n",
+    );
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 3);
+    dependency.fail();
+    let messages: Vec<String> = (0..30).map(|i| format!("p-{i}")).collect();
+    let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
+    publish_ok(&config, &messages);
+
+    warren.wait_for_log("breaker open: ", Duration::from_secs(20));
+    // Paused workers cancel their consumers: the broker sees none while the breaker is open.
+    wait_until(Duration::from_secs(5), "no consumer while open", || {
+        queue_counts(&queue).1 == 0
+    });
+    // A probe takes exactly one message: one call between two reopenings.
+    warren.wait_for_count("breaker open again: ", 1, Duration::from_secs(20));
+    let after_first = dependency.calls().len();
+    warren.wait_for_count("breaker open again: ", 2, Duration::from_secs(20));
+    assert_eq!(dependency.calls().len(), after_first + 1);
+    dependency.recover();
+    let closed = warren.wait_for_log("breaker closed: ", Duration::from_secs(20));
+    assert!(closed.contains("probe succeeded"), "{closed}");
+    let lines = warren.log();
+    let reopened: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("breaker open again: "))
+        .collect();
+    assert!(
+        reopened[0].contains("next probe in 2s") && reopened[1].contains("next probe in 4s"),
+        "the cool-down doubles: {reopened:#?}"
+    );
+    wait_until(Duration::from_secs(20), "every message", || {
+        dependency.done().len() == 30
+    });
+    let calls = dependency.calls();
+    assert_eq!(queue_counts(&format!("{queue}.dead")).0, 0);
+
+    // Honest attempt counts: every message's attempts are 1, 2, … with no gap.
+    for i in 0..30 {
+        let body = format!("p-{i}");
+        let attempts: Vec<u32> = (calls.iter())
+            .filter(|call| call.body == body)
+            .map(|call| call.attempt)
+            .collect();
+        let expected: Vec<u32> = (1..=attempts.len() as u32).collect();
+        assert_eq!(attempts, expected, "{body}");
+    }
+    warren.stop(Duration::from_secs(10));
+}
+
+#[test]
+fn paused_quorum_queue_messages_go_back_without_spending_an_attempt() {
+    let broker = Broker::shared();
+    let queue = broker.queue("quorum-pause");
+    let dependency = Dependency::new(&broker, "quorum-pause");
+    let socket = broker.dir.path().join("control.sock");
+    // Prefetch 5: each busy worker holds four unstarted messages when the pause comes.
+    let config = broker.dir.path().join("quorum.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nurl = \"{}\"\n[queue]\nname = \"{queue}\"\ntype = \"quorum\"\n\
+             [workers]\ncount = 2\nprefetch = 5\n[handler]\n{}\n[control]\nsocket = \"{}\"\n",
+            util::amqp_url(),
+            util::command_keys(&dependency.script),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 2);
+    let messages: Vec<String> = (0..12).map(|i| format!("slow-{i}")).collect();
+    let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
+    publish_ok(&config, &messages);
+    wait_until(Duration::from_secs(10), "two tasks running", || {
+        (warren.lines_with("\"slow-").iter())
+            .filter(|line| line.contains(" received "))
+            .count()
+            >= 2
+    });
+    let paused = util::warren_command(&["pause", "--config", config.to_str().unwrap()])
+        .output()
+        .expect("run warren pause");
+    assert!(paused.status.success(), "{paused:?}");
+    // The stragglers are back in the queue, ready, and no consumer holds them.
+    wait_until(
+        Duration::from_secs(15),
+        "ten messages back in the queue",
+        || queue_counts(&queue) == (10, 0),
+    );
+    let resumed = util::warren_command(&["resume", "--config", config.to_str().unwrap()])
+        .output()
+        .expect("run warren resume");
+    assert!(resumed.status.success(), "{resumed:?}");
+    wait_until(Duration::from_secs(30), "every message", || {
+        dependency.done().len() == 12
+    });
+    let attempts: Vec<u32> = dependency.calls().iter().map(|c| c.attempt).collect();
+    assert_eq!(attempts, [1; 12], "a pause spends no attempt");
+    warren.stop(Duration::from_secs(10));
+}
