@@ -103,24 +103,30 @@ pub struct MetricsConfig {
 pub struct Breaker {
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// How far back the outcomes it judges go.
+    /// How many of the latest outcomes (acks and failed attempts) it judges…
+    #[serde(
+        default = "default_breaker_outcomes",
+        deserialize_with = "positive_u32"
+    )]
+    pub outcomes: u32,
+    /// …forgetting those older than this.
     #[serde(default = "default_breaker_window", deserialize_with = "duration")]
     pub window: Duration,
-    /// It trips on at least this many failed attempts in the window…
+    /// It trips when failures are at least this share of them…
+    #[serde(default = "default_breaker_ratio")]
+    pub failure_ratio: f64,
+    /// …at least this many…
     #[serde(
         default = "default_breaker_failures",
         deserialize_with = "positive_u32"
     )]
     pub min_failures: u32,
-    /// …of at least this many different messages…
+    /// …of at least this many different messages.
     #[serde(
         default = "default_breaker_messages",
         deserialize_with = "positive_u32"
     )]
     pub min_messages: u32,
-    /// …that are at least this share of the window's outcomes (failures and successes).
-    #[serde(default = "default_breaker_ratio")]
-    pub failure_ratio: f64,
     /// How long it stays open before the first probe; each failed probe doubles it.
     #[serde(default = "default_breaker_cooldown", deserialize_with = "duration")]
     pub cooldown: Duration,
@@ -636,6 +642,12 @@ impl Config {
                 "must be at least breaker.min_messages: each of those messages fails once at least",
             );
         }
+        if breaker.outcomes < breaker.min_failures {
+            return breaker_error(
+                "outcomes",
+                "must be at least breaker.min_failures: they are among the outcomes it keeps",
+            );
+        }
         if !(breaker.failure_ratio > 0.0 && breaker.failure_ratio <= 1.0) {
             return breaker_error(
                 "failure_ratio",
@@ -787,6 +799,11 @@ impl Config {
             "breaker.enabled",
             old.enabled.to_string(),
             fresh.enabled.to_string(),
+        );
+        change(
+            "breaker.outcomes",
+            old.outcomes.to_string(),
+            fresh.outcomes.to_string(),
         );
         change("breaker.window", d(old.window), d(fresh.window));
         change(
@@ -1020,10 +1037,11 @@ impl Default for Breaker {
     fn default() -> Self {
         Breaker {
             enabled: true,
+            outcomes: default_breaker_outcomes(),
             window: default_breaker_window(),
+            failure_ratio: default_breaker_ratio(),
             min_failures: default_breaker_failures(),
             min_messages: default_breaker_messages(),
-            failure_ratio: default_breaker_ratio(),
             cooldown: default_breaker_cooldown(),
             max_cooldown: default_breaker_max_cooldown(),
         }
@@ -1071,8 +1089,11 @@ fn default_kill_grace() -> Duration {
 fn default_queue_depth_interval() -> Duration {
     Duration::from_secs(15)
 }
+fn default_breaker_outcomes() -> u32 {
+    20
+}
 fn default_breaker_window() -> Duration {
-    Duration::from_secs(30)
+    Duration::from_secs(60)
 }
 fn default_breaker_failures() -> u32 {
     5
@@ -1081,7 +1102,7 @@ fn default_breaker_messages() -> u32 {
     3
 }
 fn default_breaker_ratio() -> f64 {
-    0.5
+    0.8
 }
 fn default_breaker_cooldown() -> Duration {
     Duration::from_secs(5)
@@ -1603,6 +1624,9 @@ mod tests {
         assert!(with("[breaker]\nmin_failures = 2\n")
             .unwrap_err()
             .starts_with("w.toml:6: breaker.min_failures: must be at least breaker.min_messages"));
+        assert!(with("[breaker]\noutcomes = 4\n")
+            .unwrap_err()
+            .starts_with("w.toml:6: breaker.outcomes: must be at least breaker.min_failures"));
         assert!(with("[breaker]\nfailure_ratio = 1.5\n")
             .unwrap_err()
             .starts_with("w.toml:6: breaker.failure_ratio: must be more than 0 and at most 1"));

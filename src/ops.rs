@@ -246,13 +246,14 @@ fn effective(config: &Config, handler: &Handler) -> String {
 
     let breaker = &config.breaker;
     text.push_str(&format!(
-        "\n[breaker]\nenabled = {}\nwindow = {}\nmin_failures = {}\nmin_messages = {}\n\
-         failure_ratio = {:?}\ncooldown = {}\nmax_cooldown = {}\n",
+        "\n[breaker]\nenabled = {}\noutcomes = {}\nwindow = {}\nfailure_ratio = {:?}\n\
+         min_failures = {}\nmin_messages = {}\ncooldown = {}\nmax_cooldown = {}\n",
         breaker.enabled,
+        breaker.outcomes,
         d(breaker.window),
+        breaker.failure_ratio,
         breaker.min_failures,
         breaker.min_messages,
-        breaker.failure_ratio,
         d(breaker.cooldown),
         d(breaker.max_cooldown)
     ));

@@ -29,10 +29,13 @@ struct Outage {
     resumed_after: Duration,
 }
 
-/// Rate, outage and length of the scenario: tasks arrive every 100 ms for 70 s; the dependency
-/// is down from the 5th second to the 65th.
+/// Rate, outage and length of the scenario: after a burst of healthy tasks, tasks arrive every
+/// 100 ms for 70 s; the dependency is down from the 5th second to the 65th.
 const EVERY: Duration = Duration::from_millis(100);
 const TASKS: usize = 700;
+/// The healthy tasks first, all at once: with them, the breaker's window holds far more
+/// successes than the outage's first failures, as it does after hours of healthy work.
+const WARM_UP: usize = 300;
 const DOWN_AT: usize = 50;
 const UP_AT: usize = 650;
 
@@ -54,11 +57,18 @@ fn outage(what: &str, breaker: &str) -> Outage {
 
     let mut publisher = spawn_publish_stdin(&config, &[]);
     let mut input = publisher.stdin.take().expect("stdin is piped");
+    for i in 0..WARM_UP {
+        writeln!(input, "w-{i}").expect("feed warren publish");
+    }
+    wait_until(Duration::from_secs(30), "the healthy burst", || {
+        dependency.done().len() == WARM_UP
+    });
     let started = Instant::now();
-    let mut recovered_ms = 0;
+    let (mut down_ms, mut recovered_ms) = (0, 0);
     for i in 0..TASKS {
         if i == DOWN_AT {
             dependency.fail();
+            down_ms = epoch_ms();
         }
         if i == UP_AT {
             dependency.recover();
@@ -84,12 +94,15 @@ fn outage(what: &str, breaker: &str) -> Outage {
     let status = publisher.wait().expect("wait for warren publish");
     assert!(status.success(), "warren publish failed: {status}");
 
-    let all: BTreeSet<String> = (0..TASKS).map(|i| format!("t-{i}")).collect();
+    let all: BTreeSet<String> = (0..TASKS)
+        .map(|i| format!("t-{i}"))
+        .chain((0..WARM_UP).map(|i| format!("w-{i}")))
+        .collect();
     let dead_queue = format!("{queue}.dead");
     wait_until(
         Duration::from_secs(120),
         "every task to succeed or be dead-lettered",
-        || dependency.done().len() + queue_counts(&dead_queue).0 as usize >= TASKS,
+        || dependency.done().len() + queue_counts(&dead_queue).0 as usize >= all.len(),
     );
     let calls = dependency.calls();
     let done = dependency.done();
@@ -101,7 +114,7 @@ fn outage(what: &str, breaker: &str) -> Outage {
         .min()
         .unwrap_or(recovered_ms);
     let outage = Outage {
-        published: TASKS,
+        published: all.len(),
         during: UP_AT - DOWN_AT,
         calls_during: calls.iter().filter(|call| !call.ok).count(),
         dead,
@@ -109,7 +122,8 @@ fn outage(what: &str, breaker: &str) -> Outage {
         resumed_after: Duration::from_millis(resumed_at - recovered_ms),
     };
     eprintln!(
-        "outage ({what}): {} tasks, {} while the dependency was down for 60s; {} handler calls \
+        "outage ({what}): {} tasks ({WARM_UP} healthy ones at once first), {} while the \
+         dependency was down for 60s; {} handler calls \
          found it down ({:.2} per task of the outage); {} dead-lettered; {} lost; first success \
          {:.1?} after it returned",
         outage.published,
@@ -120,6 +134,33 @@ fn outage(what: &str, breaker: &str) -> Outage {
         outage.lost,
         outage.resumed_after
     );
+    // The timeline, in seconds from the start of the outage.
+    let at = |ms: u64| (ms.saturating_sub(down_ms)) as f64 / 1000.0;
+    let failed: Vec<String> = (calls.iter())
+        .filter(|call| !call.ok)
+        .map(|call| format!("{:.1}", at(call.at_ms)))
+        .collect();
+    let last = calls.iter().map(|call| call.at_ms).max().unwrap_or(down_ms);
+    eprintln!(
+        "outage ({what}) timeline: failed calls at [{}]s; the dependency back at {:.1}s; first \
+         success after it at {:.1}s; last task done at {:.1}s",
+        if failed.len() > 40 {
+            format!(
+                "{} … {} ({} calls)",
+                failed[..20].join(", "),
+                failed[failed.len() - 5..].join(", "),
+                failed.len()
+            )
+        } else {
+            failed.join(", ")
+        },
+        at(recovered_ms),
+        at(resumed_at),
+        at(last)
+    );
+    for line in warren.lines_with("breaker ") {
+        eprintln!("outage ({what}) log: {line}");
+    }
     let trips = warren.lines_with("breaker open: ").len();
     warren.stop(Duration::from_secs(20));
     if breaker.is_empty() {
@@ -129,7 +170,7 @@ fn outage(what: &str, breaker: &str) -> Outage {
 }
 
 #[test]
-fn a_dependency_down_for_a_minute_dead_letters_nothing_and_costs_few_calls() {
+fn an_outage_of_the_dependency_for_a_minute_dead_letters_nothing_and_costs_few_calls() {
     let outage = outage("outage", "");
     assert_eq!(outage.lost, 0, "{outage:?}");
     assert_eq!(outage.dead, 0, "nothing is dead-lettered: {outage:?}");
@@ -154,17 +195,17 @@ fn a_poison_message_among_healthy_ones_never_trips_the_breaker_and_is_dead_lette
     let broker = Broker::shared();
     let queue = broker.queue("poison");
     let dependency = Dependency::new(&broker, "poison");
-    // Six quick attempts: the poison message's failures outnumber the healthy successes, so
-    // only its being one message keeps the breaker closed.
+    // Ten quick attempts: the poison message's failures become far more than 80% of the
+    // outcomes, so only its being one message keeps the breaker closed.
     let config = broker.command_config(
         &queue,
         2,
         &dependency.script,
-        "[retry]\nmax_attempts = 6\ndelay = \"50ms\"\nmax_delay = \"100ms\"\n",
+        "[retry]\nmax_attempts = 10\ndelay = \"50ms\"\nmax_delay = \"100ms\"\n",
     );
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 2);
-    publish_ok(&config, &["poison", "h-1", "h-2", "h-3", "h-4", "h-5"]);
+    publish_ok(&config, &["poison", "h-1", "h-2"]);
 
     let dead_queue = format!("{queue}.dead");
     util::wait_for_ready(&dead_queue, 1, Duration::from_secs(20));
@@ -172,16 +213,16 @@ fn a_poison_message_among_healthy_ones_never_trips_the_breaker_and_is_dead_lette
     assert_eq!(dead.body, b"poison");
     assert_eq!(
         util::str_header(&dead, "x-warren-reason"),
-        "failed all 6 attempts"
+        "failed all 10 attempts"
     );
     wait_until(Duration::from_secs(10), "the healthy messages", || {
-        dependency.done().len() == 5
+        dependency.done().len() == 2
     });
     let poison: Vec<u32> = (dependency.calls().into_iter())
         .filter(|call| call.body == "poison")
         .map(|call| call.attempt)
         .collect();
-    assert_eq!(poison, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(poison, (1..=10).collect::<Vec<u32>>());
     assert!(
         warren.lines_with("breaker").is_empty(),
         "{:#?}",

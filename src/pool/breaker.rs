@@ -7,22 +7,19 @@
 //! touches a message: the messages of failed attempts are retried as ever, and the breaker only
 //! says whether workers may take new ones.
 //!
-//! It trips when, within `window`, at least `min_failures` attempts failed, of at least
-//! `min_messages` different messages, and those failures are at least `failure_ratio` of the
-//! window's outcomes (failures and acks). A message that fails again and again is one message, so
-//! it never trips the breaker alone. Messages are told apart by their message id, or by a hash of
-//! their body when they have none.
+//! It keeps the last `outcomes` outcomes of all workers (an ack, or a failed attempt and its
+//! message), forgetting those older than `window`, and trips when failures are at least
+//! `failure_ratio` of them, at least `min_failures` of them, of at least `min_messages` different
+//! messages. Counting outcomes rather than time, it trips as fast after hours of healthy work as
+//! after none; asking for a large share of them, it leaves a handler that fails now and then
+//! alone. A message that fails again and again is one message, so it never trips the breaker
+//! alone. Messages are told apart by their message id, or by a hash of their body when they have
+//! none.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::config;
-
-/// The most failures the window keeps; older ones are forgotten first. It bounds memory when a
-/// failure rate too low to trip the breaker meets a very high task rate.
-const MAX_FAILURES_KEPT: usize = 65_536;
-/// The shortest time between two samples of the acked count.
-const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 /// Where the breaker stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,22 +37,18 @@ pub enum State {
 pub struct Trip {
     pub failures: usize,
     pub messages: usize,
-    /// Failures and acks in the window.
-    pub outcomes: u64,
-    pub window: Duration,
+    /// The recent outcomes the failures are among.
+    pub outcomes: usize,
     /// How long until the first probe.
     pub cooldown: Duration,
 }
 
 impl Trip {
-    /// "12 failed attempts of 9 messages in 30s (of 12 outcomes)".
+    /// "17 of the last 20 outcomes failed, of 9 messages".
     pub fn describe(&self) -> String {
         format!(
-            "{} failed attempts of {} messages in {} (of {} outcomes)",
-            self.failures,
-            self.messages,
-            humantime::format_duration(self.window),
-            self.outcomes
+            "{} of the last {} outcomes failed, of {} messages",
+            self.failures, self.outcomes, self.messages
         )
     }
 }
@@ -79,13 +72,11 @@ pub enum Probe {
 pub struct Breaker {
     settings: config::Breaker,
     state: State,
-    /// The failed attempts in the window, oldest first: when, and which message.
-    failures: VecDeque<(Instant, u64)>,
-    /// How many of `failures` each message has.
-    by_message: HashMap<u64, usize>,
-    /// The process's acked count, sampled, oldest first; the first sample at or before the
-    /// window's start is the base the acks in the window are counted from.
-    acks: VecDeque<(Instant, u64)>,
+    /// The last `settings.outcomes` outcomes, oldest first: when, and the message of a failed
+    /// attempt (`None` for an ack).
+    recent: VecDeque<(Instant, Option<u64>)>,
+    /// The process's acked count when the breaker last looked, to add the acks since.
+    acked: u64,
     /// The cool-down of the last opening.
     cooldown: Duration,
     /// When it last closed, so that a trip soon after continues the backoff.
@@ -100,9 +91,8 @@ impl Breaker {
             cooldown: settings.cooldown,
             settings,
             state: State::Closed,
-            failures: VecDeque::new(),
-            by_message: HashMap::new(),
-            acks: VecDeque::new(),
+            recent: VecDeque::new(),
+            acked: 0,
             closed_at: None,
             opened_at: None,
         }
@@ -123,37 +113,39 @@ impl Breaker {
             self.close(Instant::now());
         }
         self.settings = settings;
+        self.trim();
     }
 
-    /// Notes the process's acked count at `now`. The supervisor calls this at least once a
-    /// second.
+    /// Notes the tasks acked since the last look, given the process's acked count at `now`.
+    /// The supervisor calls this at least once a second, and with every failure.
     pub fn sample(&mut self, now: Instant, acked: u64) {
-        // A few samples a second are plenty to find the window's start, and bound the memory.
-        let due = self
-            .acks
-            .back()
-            .is_none_or(|&(t, _)| now.saturating_duration_since(t) >= SAMPLE_EVERY);
-        if due {
-            self.acks.push_back((now, acked));
+        let new = acked.saturating_sub(self.acked);
+        self.acked = acked;
+        // More than the breaker keeps would only push each other out.
+        for _ in 0..new.min(u64::from(self.settings.outcomes)) {
+            self.recent.push_back((now, None));
         }
-        self.forget(now);
+        self.trim();
+        let start = now.checked_sub(self.settings.window);
+        while (self.recent.front()).is_some_and(|&(t, _)| start.is_some_and(|start| t < start)) {
+            self.recent.pop_front();
+        }
     }
 
     /// A worker's attempt at `message` failed, at `now`, with `acked` tasks acked so far. Returns
     /// the trip if this failure opened the breaker.
     pub fn failed(&mut self, now: Instant, message: u64, acked: u64) -> Option<Trip> {
         self.sample(now, acked);
-        if self.failures.len() >= MAX_FAILURES_KEPT {
-            self.drop_oldest();
-        }
-        self.failures.push_back((now, message));
-        *self.by_message.entry(message).or_default() += 1;
+        self.recent.push_back((now, Some(message)));
+        self.trim();
         if !self.settings.enabled || self.state != State::Closed {
             return None;
         }
-        let failures = self.failures.len();
-        let messages = self.by_message.len();
-        let outcomes = failures as u64 + self.acks_in_window(acked);
+        let mut failed: Vec<u64> = self.recent.iter().filter_map(|&(_, m)| m).collect();
+        let failures = failed.len();
+        failed.sort_unstable();
+        failed.dedup();
+        let (messages, outcomes) = (failed.len(), self.recent.len());
         let settings = &self.settings;
         let tripped = failures >= settings.min_failures as usize
             && messages >= settings.min_messages as usize
@@ -176,7 +168,6 @@ impl Breaker {
             failures,
             messages,
             outcomes,
-            window: self.settings.window,
             cooldown: self.cooldown,
         })
     }
@@ -225,8 +216,7 @@ impl Breaker {
         }
         self.state = State::Closed;
         self.opened_at = None;
-        self.failures.clear();
-        self.by_message.clear();
+        self.recent.clear();
     }
 
     /// The cool-down after the current one: doubled, at most `max_cooldown`.
@@ -236,33 +226,10 @@ impl Breaker {
             .clamp(self.settings.cooldown, self.settings.max_cooldown)
     }
 
-    /// Acks since the window began, by the oldest sample at or before its start.
-    fn acks_in_window(&self, acked: u64) -> u64 {
-        self.acks
-            .front()
-            .map_or(0, |&(_, base)| acked.saturating_sub(base))
-    }
-
-    /// Forgets failures older than the window, and ack samples but the last one before it.
-    fn forget(&mut self, now: Instant) {
-        let start = now.checked_sub(self.settings.window);
-        let old = |t: Instant| start.is_some_and(|start| t < start);
-        while self.failures.front().is_some_and(|&(t, _)| old(t)) {
-            self.drop_oldest();
-        }
-        while self.acks.len() > 1 && self.acks.get(1).is_some_and(|&(t, _)| old(t)) {
-            self.acks.pop_front();
-        }
-    }
-
-    fn drop_oldest(&mut self) {
-        if let Some((_, message)) = self.failures.pop_front() {
-            if let Some(count) = self.by_message.get_mut(&message) {
-                *count -= 1;
-                if *count == 0 {
-                    self.by_message.remove(&message);
-                }
-            }
+    /// Keeps the last `outcomes` outcomes.
+    fn trim(&mut self) {
+        while self.recent.len() > self.settings.outcomes as usize {
+            self.recent.pop_front();
         }
     }
 }
@@ -280,7 +247,7 @@ mod tests {
     }
 
     #[test]
-    fn failures_of_several_messages_that_dominate_the_window_trip_it() {
+    fn failures_of_several_messages_trip_it_at_the_fifth_when_nothing_succeeded() {
         let t = Instant::now();
         let mut breaker = Breaker::new(settings());
         for (i, message) in [1, 2, 3, 4].into_iter().enumerate() {
@@ -295,9 +262,12 @@ mod tests {
                 failures: 5,
                 messages: 5,
                 outcomes: 5,
-                window: secs(30),
                 cooldown: secs(5)
             }
+        );
+        assert_eq!(
+            trip.describe(),
+            "5 of the last 5 outcomes failed, of 5 messages"
         );
         assert_eq!(
             breaker.state(),
@@ -305,6 +275,37 @@ mod tests {
                 probe_at: t + secs(9)
             }
         );
+    }
+
+    #[test]
+    fn after_hours_of_acks_it_trips_as_soon_as_failures_fill_the_recent_outcomes() {
+        let t = Instant::now();
+        let mut breaker = Breaker::new(settings());
+        breaker.sample(t, 1_000_000);
+        // 16 of the last 20 outcomes: the 16th failure trips it, whatever came before.
+        for i in 0..15 {
+            assert_eq!(breaker.failed(t + secs(1), i, 1_000_000), None);
+        }
+        let trip = breaker
+            .failed(t + secs(1), 15, 1_000_000)
+            .expect("16 of 20");
+        assert_eq!((trip.failures, trip.outcomes), (16, 20));
+    }
+
+    #[test]
+    fn a_handler_that_fails_now_and_then_never_trips_it() {
+        let t = Instant::now();
+        let mut breaker = Breaker::new(settings());
+        // Two failures in three outcomes, for a long time: under the ratio of 80%.
+        let mut acked = 0;
+        for i in 0..1000 {
+            if i % 3 == 2 {
+                acked += 1;
+                breaker.sample(t + Duration::from_millis(i), acked);
+            } else {
+                assert_eq!(breaker.failed(t + Duration::from_millis(i), i, acked), None);
+            }
+        }
     }
 
     #[test]
@@ -325,38 +326,18 @@ mod tests {
     }
 
     #[test]
-    fn failures_among_many_successes_do_not_trip_it() {
-        let t = Instant::now();
-        let mut breaker = Breaker::new(settings());
-        breaker.sample(t, 0);
-        // 10 failures of 10 messages among 20 acks: a third of the outcomes.
-        for i in 0..10 {
-            assert_eq!(breaker.failed(t + secs(1), i, 20), None);
-        }
-        // Past the ratio once the acks stop: 20 failures to 20 acks.
-        for i in 10..19 {
-            assert_eq!(breaker.failed(t + secs(2), i, 20), None);
-        }
-        let trip = breaker
-            .failed(t + secs(2), 19, 20)
-            .expect("half the outcomes");
-        assert_eq!((trip.failures, trip.outcomes), (20, 40));
-    }
-
-    #[test]
-    fn old_failures_are_forgotten() {
+    fn outcomes_older_than_the_window_are_forgotten() {
         let t = Instant::now();
         let mut breaker = Breaker::new(settings());
         for i in 0..4 {
             breaker.failed(t, i, 0);
         }
         assert_eq!(
-            breaker.failed(t + secs(31), 9, 0),
+            breaker.failed(t + secs(61), 9, 0),
             None,
             "the four are too old"
         );
-        assert_eq!(breaker.failures.len(), 1);
-        assert_eq!(breaker.by_message.len(), 1);
+        assert_eq!(breaker.recent.len(), 1);
     }
 
     #[test]
@@ -388,10 +369,7 @@ mod tests {
         );
         breaker.probing(2);
         assert_eq!(breaker.probed(now, &Probe::Succeeded), State::Closed);
-        assert!(
-            breaker.failures.is_empty(),
-            "a closed breaker starts afresh"
-        );
+        assert!(breaker.recent.is_empty(), "a closed breaker starts afresh");
     }
 
     #[test]
@@ -408,7 +386,7 @@ mod tests {
         let soon = (0..5).find_map(|i| breaker.failed(t + secs(20), 10 + i, 0));
         assert_eq!(soon.map(|trip| trip.cooldown), Some(secs(20)));
         breaker.close(t + secs(40));
-        let later = (0..5).find_map(|i| breaker.failed(t + secs(100), 20 + i, 0));
+        let later = (0..5).find_map(|i| breaker.failed(t + secs(200), 20 + i, 0));
         assert_eq!(later.map(|trip| trip.cooldown), Some(secs(5)));
     }
 
