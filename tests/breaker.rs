@@ -245,9 +245,7 @@ fn a_pipe_program_that_crashes_on_every_message_trips_the_breaker() {
     );
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 2);
-    let messages: Vec<String> = (0..20).map(|i| format!("m-{i}")).collect();
-    let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
-    publish_ok(&config, &messages);
+    util::publish_numbered(&config, "m", 20);
 
     let line = warren.wait_for_log("breaker open: ", Duration::from_secs(20));
     assert!(line.contains(" WARN "), "{line}");
@@ -275,9 +273,7 @@ fn the_breaker_probes_with_one_message_backs_off_and_closes_when_one_succeeds() 
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 3);
     dependency.fail();
-    let messages: Vec<String> = (0..30).map(|i| format!("p-{i}")).collect();
-    let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
-    publish_ok(&config, &messages);
+    util::publish_numbered(&config, "p", 30);
 
     warren.wait_for_log("breaker open: ", Duration::from_secs(20));
     // Paused workers cancel their consumers: the broker sees none while the breaker is open.
@@ -341,9 +337,7 @@ fn paused_quorum_queue_messages_go_back_without_spending_an_attempt() {
     .unwrap();
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 2);
-    let messages: Vec<String> = (0..12).map(|i| format!("slow-{i}")).collect();
-    let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
-    publish_ok(&config, &messages);
+    util::publish_numbered(&config, "slow", 12);
     wait_until(Duration::from_secs(10), "two tasks running", || {
         (warren.lines_with("\"slow-").iter())
             .filter(|line| line.contains(" received "))

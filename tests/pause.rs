@@ -66,11 +66,7 @@ fn a_paused_pool_takes_nothing_new_finishes_its_running_task_and_resumes() {
     let again = control("pause", &config);
     assert!(stdout(&again).starts_with("already paused"), "{again:?}");
 
-    let fast: Vec<String> = (0..5).map(|i| format!("fast-{i}")).collect();
-    publish_ok(
-        &config,
-        &fast.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    util::publish_numbered(&config, "fast", 5);
     // The running task finishes; the new ones wait in the queue, with no consumer.
     wait_until(Duration::from_secs(10), "slow-1 to finish", || {
         dependency.done().contains("slow-1")

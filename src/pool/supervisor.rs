@@ -483,7 +483,7 @@ impl Supervisor {
     }
 
     /// After a change of the pause or the breaker: tells the workers to stop or start taking
-    /// messages if that changed from `was_taking`, and updates the metrics and the status line.
+    /// messages if that changed from `was_taking`, and shows the new state.
     fn gate(&mut self, was_taking: bool) {
         let taking = self.taking();
         if taking != was_taking && matches!(self.phase, Phase::Running) {
@@ -493,6 +493,12 @@ impl Supervisor {
                 Command::Pause
             });
         }
+        self.show_state();
+    }
+
+    /// Writes the breaker's state and the pause to the metrics, with the line that says why
+    /// workers take no messages.
+    fn show_state(&self) {
         self.metrics.set_breaker(match self.breaker.state() {
             breaker::State::Closed => BreakerState::Closed,
             breaker::State::Open { .. } => BreakerState::Open,
@@ -572,7 +578,7 @@ impl Supervisor {
         if let Some(commands) = &self.slots[worker - 1].commands {
             let _ = commands.send(Command::Probe);
         }
-        self.gate(false);
+        self.show_state();
     }
 
     /// A probe ended: the breaker closes, or opens again.

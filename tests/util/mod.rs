@@ -439,6 +439,17 @@ pub fn publish_ok(config: &Path, messages: &[&str]) {
     }
 }
 
+/// Publishes `count` messages, `PREFIX-0` to `PREFIX-<count-1>`, with `warren publish`, and
+/// returns them.
+pub fn publish_numbered(config: &Path, prefix: &str, count: usize) -> Vec<String> {
+    let messages: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+    publish_ok(
+        config,
+        &messages.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    messages
+}
+
 /// Publishes each `(message id, body)` to the existing `queue` with the library's publisher and
 /// returns once the broker has confirmed them all; panics if it has not within `timeout`.
 pub fn publish_confirmed(queue: &str, messages: &[(&str, &[u8])], timeout: Duration) {
