@@ -606,11 +606,11 @@ impl Supervisor {
                 "breaker open again: worker-{worker} ended before its probe was settled; next probe in {}",
                 wait(probe_at)
             ),
-            (breaker::State::Open { probe_at }, Probe::Empty) => log::info!(
+            (breaker::State::Open { probe_at }, Probe::Empty) => log::warn!(
                 "breaker open: the queue had no message to probe with; next probe in {}",
                 wait(probe_at)
             ),
-            (breaker::State::Open { .. }, _) => log::info!(
+            (breaker::State::Open { .. }, _) => log::warn!(
                 "breaker open: worker-{worker}'s probe message was dead-lettered for its own fault, which says nothing of the dependency; probing with another"
             ),
             (breaker::State::HalfOpen { .. }, _) => {
