@@ -2,7 +2,8 @@
 //! `warren resume` and `warren reload`, and the client side that sends them.
 //!
 //! One request per connection, one line of JSON each way: `{"command": "pause", "config":
-//! "/etc/warren/orders.toml"}`, answered by `{"ok": true, "message": "paused: ..."}`. The request
+//! "/etc/warren/orders.toml"}`, answered by `{"message": "paused: ..."}` (with `"refusal":
+//! "config"` or `"busy"` when the daemon refused). The request
 //! names the client's configuration file, and the server refuses one that is not its own, so that
 //! two configurations that happen to share a socket path cannot steer each other's daemon. The
 //! socket is made mode 0660 in `/run/warren` (systemd's RuntimeDirectory for the units) unless
@@ -35,16 +36,6 @@ pub enum Command {
     Reload,
 }
 
-impl Command {
-    pub fn name(self) -> &'static str {
-        match self {
-            Command::Pause => "pause",
-            Command::Resume => "resume",
-            Command::Reload => "reload",
-        }
-    }
-}
-
 /// Why a request was refused, as the client sorts it into an exit code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -62,9 +53,9 @@ struct Request {
     config: PathBuf,
 }
 
+/// The daemon's answer: its line, and why it refused, if it did.
 #[derive(Serialize, Deserialize)]
 struct Answer {
-    ok: bool,
     message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refusal: Option<Refusal>,
@@ -173,19 +164,22 @@ fn answer(stream: UnixStream, own: &Path, handle: &impl Fn(Command) -> Outcome) 
     };
     let answer = match outcome {
         Ok(message) => Answer {
-            ok: true,
             message,
             refusal: None,
         },
         Err((refusal, message)) => Answer {
-            ok: false,
             message,
             refusal: Some(refusal),
         },
     };
-    let mut text = serde_json::to_string(&answer).expect("invariant: an answer serialises");
+    write_line(&stream, &answer)
+}
+
+/// Writes `value` as one line of JSON.
+fn write_line(mut stream: &UnixStream, value: &impl Serialize) -> io::Result<()> {
+    let mut text = serde_json::to_string(value).expect("invariant: requests and answers serialise");
     text.push('\n');
-    (&stream).write_all(text.as_bytes())
+    stream.write_all(text.as_bytes())
 }
 
 /// Why the client's command did not get an answer of the daemon's own.
@@ -194,7 +188,7 @@ pub enum SendError {
     /// No daemon listens on the socket (or it vanished mid-request): exit 69.
     Unreachable(String),
     /// The daemon refused: exit 78 for [`Refusal::Config`], 75 for [`Refusal::Busy`].
-    Refused(Refusal, String),
+    Declined(Refusal, String),
 }
 
 /// Sends `command` to the daemon of the configuration at `config_path`, through
@@ -223,9 +217,7 @@ pub fn send(
         command,
         config: canonical(config_path),
     };
-    let mut text = serde_json::to_string(&request).expect("invariant: a request serialises");
-    text.push('\n');
-    (&stream).write_all(text.as_bytes()).map_err(unreachable)?;
+    write_line(&stream, &request).map_err(unreachable)?;
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)
@@ -236,12 +228,9 @@ pub fn send(
             format!("the answer is not warren's: {e}"),
         ))
     })?;
-    match (answer.ok, answer.refusal) {
-        (true, _) => Ok(answer.message),
-        (false, refusal) => Err(SendError::Refused(
-            refusal.unwrap_or(Refusal::Busy),
-            answer.message,
-        )),
+    match answer.refusal {
+        None => Ok(answer.message),
+        Some(refusal) => Err(SendError::Declined(refusal, answer.message)),
     }
 }
 
@@ -271,18 +260,18 @@ mod tests {
         let control = control(dir.path());
         let server = serve(&control, &own, |command| match command {
             Command::Reload => Err((Refusal::Config, "w.toml:3: bad".into())),
-            other => Ok(format!("did {}", other.name())),
+            other => Ok(format!("did {other:?}")),
         })
         .unwrap()
         .expect("listening");
-        assert_eq!(send(&control, &own, Command::Pause).unwrap(), "did pause");
+        assert_eq!(send(&control, &own, Command::Pause).unwrap(), "did Pause");
         assert!(matches!(
             send(&control, &own, Command::Reload),
-            Err(SendError::Refused(Refusal::Config, line)) if line == "w.toml:3: bad"
+            Err(SendError::Declined(Refusal::Config, line)) if line == "w.toml:3: bad"
         ));
         assert!(matches!(
             send(&control, &other, Command::Pause),
-            Err(SendError::Refused(Refusal::Config, line)) if line.contains("belongs to the warren run of")
+            Err(SendError::Declined(Refusal::Config, line)) if line.contains("belongs to the warren run of")
         ));
         let mode = std::fs::metadata(&control.socket)
             .unwrap()

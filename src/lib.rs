@@ -31,7 +31,7 @@ use std::sync::Arc;
 use crate::config::{Config, ConfigError};
 use crate::control::Refusal;
 use crate::handler::HandlerFactory;
-use crate::pool::{Controller, Pool, Refused, Report, Request, Stopper};
+use crate::pool::{Controller, Declined, Pool, Report, Request, Stopper};
 
 /// Exit codes, from sysexits.h where one fits.
 pub mod exit {
@@ -216,10 +216,10 @@ pub fn daemon(
 }
 
 /// How a refusal of the supervisor reaches the control socket's client.
-fn refusal(refused: Refused) -> (Refusal, String) {
-    match refused {
-        Refused::Config(why) => (Refusal::Config, why),
-        Refused::Busy(why) => (Refusal::Busy, why),
+fn refusal(declined: Declined) -> (Refusal, String) {
+    match declined {
+        Declined::Config(why) => (Refusal::Config, why),
+        Declined::Busy(why) => (Refusal::Busy, why),
     }
 }
 
@@ -262,8 +262,10 @@ fn reloader(
 pub fn control_command(config: &Config, command: control::Command) -> Result<String, Failure> {
     control::send(&config.control, &config.path, command).map_err(|e| match e {
         control::SendError::Unreachable(why) => Failure::NotRunning(why),
-        control::SendError::Refused(Refusal::Config, why) => Failure::Config(ConfigError::new(why)),
-        control::SendError::Refused(Refusal::Busy, why) => Failure::TempFail(why),
+        control::SendError::Declined(Refusal::Config, why) => {
+            Failure::Config(ConfigError::new(why))
+        }
+        control::SendError::Declined(Refusal::Busy, why) => Failure::TempFail(why),
     })
 }
 

@@ -9,7 +9,7 @@
 //! supervisor does.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -84,8 +84,8 @@ pub struct Metrics {
     restarts: Counter,
     losses: Counter,
     reconnects: Counter,
-    /// How many workers the pool runs, as a gauge.
-    workers_gauge: Gauge,
+    /// How many workers the pool runs.
+    workers: Gauge,
     breaker: Gauge,
     trips: Counter,
     paused: Gauge,
@@ -96,8 +96,6 @@ pub struct Metrics {
     queue: String,
     /// Why workers take no messages, while they do not.
     pause: Mutex<Option<String>>,
-    /// How many workers the pool runs.
-    workers: AtomicUsize,
     /// The broker could not be reached on the last try, and workers are waiting for it.
     broker_down: AtomicBool,
     stopping: AtomicBool,
@@ -154,11 +152,11 @@ impl Metrics {
             "Workers consuming again after a lost connection or an unreachable broker",
             reconnects.clone(),
         );
-        let workers_gauge = Family::<Labels, Gauge>::default();
+        let workers = Family::<Labels, Gauge>::default();
         registry.register(
             "workers",
             "Workers the pool runs (workers.count, or --workers)",
-            workers_gauge.clone(),
+            workers.clone(),
         );
         let breaker = Family::<Labels, Gauge>::default();
         registry.register(
@@ -219,7 +217,7 @@ impl Metrics {
             restarts: restarts.get_or_create(&labels).clone(),
             losses: losses.get_or_create(&labels).clone(),
             reconnects: reconnects.get_or_create(&labels).clone(),
-            workers_gauge: workers_gauge.get_or_create(&labels).clone(),
+            workers: workers.get_or_create(&labels).clone(),
             breaker: breaker.get_or_create(&labels).clone(),
             trips: trips.get_or_create(&labels).clone(),
             paused: paused.get_or_create(&labels).clone(),
@@ -229,7 +227,6 @@ impl Metrics {
             queue: queue.to_string(),
             pause: Mutex::new(None),
             registry,
-            workers: AtomicUsize::new(0),
             broker_down: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
         };
@@ -283,8 +280,7 @@ impl Metrics {
     }
 
     pub fn set_workers(&self, n: usize) {
-        self.workers.store(n, Ordering::Relaxed);
-        self.workers_gauge.set(n as i64);
+        self.workers.set(n as i64);
     }
 
     pub fn set_broker_down(&self, down: bool) {
@@ -356,7 +352,7 @@ impl Metrics {
     /// Workers consuming now, and how many there are.
     pub fn consuming(&self) -> (usize, usize) {
         let consuming = self.consuming.get().max(0) as usize;
-        (consuming, self.workers.load(Ordering::Relaxed))
+        (consuming, self.workers.get().max(0) as usize)
     }
 
     /// `Ok` when every worker is connected, with what holds them back if anything does (a pause,

@@ -76,11 +76,11 @@ impl fmt::Debug for Request {
 }
 
 /// The supervisor's answer to a [`Request`]: one line saying what it did, or why it refused.
-pub type Reply = Result<String, Refused>;
+pub type Reply = Result<String, Declined>;
 
 /// Why the supervisor did not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
+pub enum Declined {
     /// A reloaded configuration that cannot apply to the running one.
     #[error("{0}")]
     Config(String),
@@ -161,10 +161,10 @@ impl Controller {
         let (reply, answer) = bounded(1);
         self.0
             .send(Event::Control { request, reply })
-            .map_err(|_| Refused::Busy("warren is stopping".into()))?;
+            .map_err(|_| Declined::Busy("warren is stopping".into()))?;
         answer
             .recv_timeout(ANSWER_WAIT)
-            .map_err(|_| Refused::Busy(format!("warren did not answer within {ANSWER_WAIT:?}")))?
+            .map_err(|_| Declined::Busy(format!("warren did not answer within {ANSWER_WAIT:?}")))?
     }
 }
 

@@ -22,7 +22,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
 use super::breaker::{self, Breaker, Probe, Trip};
 use super::worker::{panic_message, Worker};
-use super::{Command, Event, Exit, Refused, Reply, Report, Request};
+use super::{Command, Declined, Event, Exit, Reply, Report, Request};
 use crate::amqp::AmqpError;
 use crate::config::Config;
 use crate::handler::{Abort, AbortTrigger, HandlerFactory};
@@ -623,7 +623,7 @@ impl Supervisor {
     /// The operator's pause, resume or reload.
     fn on_request(&mut self, request: Request) -> Reply {
         if !matches!(self.phase, Phase::Running) {
-            return Err(Refused::Busy("warren is stopping".into()));
+            return Err(Declined::Busy("warren is stopping".into()));
         }
         let busy = self.metrics.busy();
         let was_taking = self.taking();
@@ -662,7 +662,7 @@ impl Supervisor {
     /// Applies a configuration read again: the handler from each worker's next message on, the
     /// breaker's settings, the shutdown grace, and the worker count.
     fn reload(&mut self, new: Config, factory: HandlerFactory) -> Reply {
-        let reloaded = self.config.reloaded(new).map_err(Refused::Config)?;
+        let reloaded = self.config.reloaded(new).map_err(Declined::Config)?;
         let config = Arc::new(reloaded.config);
         self.config = Arc::clone(&config);
         self.factory = Arc::clone(&factory);
