@@ -9,11 +9,11 @@ Configure it with
 
 For each message warren writes one line of JSON, then exactly `size` bytes of body:
 
-    {"id": "...", "queue": "...", "attempt": 1, "redelivered": false, "size": 11}
+    {"tag": 1, "id": "...", "queue": "...", "attempt": 1, "redelivered": false, "size": 11}
     hello world
 
-and waits for one answer line on stdout: `ack`, `retry` or `dead`, optionally followed by a space
-and a reason. Write anything else (logs, tracebacks) to stderr, which goes to warren's log; never
+and waits for one answer line on stdout: the message's tag, a space, then `ack`, `retry` or
+`dead`, optionally followed by a space and a reason (`1 ack`, `1 retry the database is down`). Write anything else (logs, tracebacks) to stderr, which goes to warren's log; never
 print to stdout. When warren closes stdin, exit.
 
 This example does the tutorial's work: it sleeps one second per "." in the body. A body that is
@@ -28,7 +28,7 @@ import traceback
 
 
 def handle(header, body):
-    """The work for one message. Returns the answer line, without its newline."""
+    """The work for one message. Returns the answer, without the tag or a newline."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -54,7 +54,7 @@ def main():
         except Exception as error:
             traceback.print_exc(file=sys.stderr)
             answer = "retry " + " ".join(repr(error).split())
-        stdout.write(answer.encode("utf-8") + b"\n")
+        stdout.write(b"%d %s\n" % (header["tag"], answer.encode("utf-8")))
         stdout.flush()
 
 

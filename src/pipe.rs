@@ -1,15 +1,19 @@
 //! The `pipe` handler: one long-lived program per worker, with messages streamed to it, for
 //! handlers too costly to start once per message (an interpreter, a model, a connection pool).
 //!
-//! The protocol, one message at a time:
-//! - warren writes one line of JSON to the program's stdin, `{"id": …, "queue": …, "attempt":
-//!   1, "redelivered": false, "size": N}`, then exactly N bytes of body. The length framing makes
-//!   any body safe, binary included.
-//! - The program answers with one line on stdout: `ack`, `retry` or `dead`, optionally followed
-//!   by a space and a reason. Its stderr goes to warren's log.
-//! - A program that dies mid-message, answers anything else, answers out of turn or overruns
-//!   `handler.timeout` fails the attempt like a failing command, and is killed (its whole process
-//!   group) and started again, with a backoff when it keeps failing.
+//! The protocol (version [`PROTOCOL`], in the program's `WARREN_PIPE_PROTOCOL`), one message at
+//! a time:
+//! - warren writes one line of JSON to the program's stdin, `{"tag": T, "id": …, "queue": …,
+//!   "attempt": 1, "redelivered": false, "size": N}`, then exactly N bytes of body. The length
+//!   framing makes any body safe, binary included. T is new for every message the worker writes,
+//!   whichever program it writes to.
+//! - The program answers with one line on stdout that names the message: `T ack`, `T retry` or
+//!   `T dead`, optionally followed by a space and a reason. Its stderr goes to warren's log.
+//! - A program that dies mid-message, answers anything else (another message's tag, an answer
+//!   without a tag), answers out of turn or overruns `handler.timeout` fails the attempt like a
+//!   failing command, and is killed (its whole process group) and started again, with a backoff
+//!   when it keeps failing. An answer is only ever taken for the message whose tag it names, so
+//!   a late or repeated answer can never settle another message.
 //! - When warren stops or restarts the worker it closes the program's stdin; the program should
 //!   then exit. [`STOP_WAIT`] later its process group is killed.
 //!
@@ -33,6 +37,9 @@ use crate::child::{self, set_nonblocking, wait_ready, Waited};
 use crate::handler::{Abort, Handler, Outcome, Task};
 use crate::logging::preview;
 
+/// The version of the protocol, given to the program as `WARREN_PIPE_PROTOCOL`. Version 1 had
+/// answers without a tag; warren refuses them (each attempt fails, and says why).
+pub const PROTOCOL: &str = "2";
 /// After closing a program's stdin, how long warren waits for it to exit before killing it.
 pub const STOP_WAIT: Duration = Duration::from_secs(1);
 /// The longest answer line read; the rest of a longer line is a protocol error all the same.
@@ -57,6 +64,7 @@ fn backoff(failures: u32) -> Duration {
 /// The header line that precedes each body.
 #[derive(Serialize)]
 struct Frame<'a> {
+    tag: u64,
     id: Option<&'a str>,
     queue: &'a str,
     attempt: u32,
@@ -76,6 +84,8 @@ pub struct PipeHandler {
     program: Option<Program>,
     /// Failures in a row, for the restart backoff; a valid answer resets it.
     failures: u32,
+    /// The tag of the last message written; it only grows, across restarts of the program.
+    tag: u64,
     /// The program is not started again before this.
     restart_at: Option<Instant>,
 }
@@ -110,7 +120,9 @@ impl Program {
         worker: usize,
         name: &str,
     ) -> io::Result<(Program, u32)> {
-        let mut child = child::program(argv, queue, worker).spawn()?;
+        let mut child = child::program(argv, queue, worker)
+            .env("WARREN_PIPE_PROTOCOL", PROTOCOL)
+            .spawn()?;
         let pid = child.id();
         let stdin = child.stdin.take().expect("invariant: stdin is piped");
         let stdout = child.stdout.take().expect("invariant: stdout is piped");
@@ -169,12 +181,13 @@ impl Program {
         }
     }
 
-    /// Sends `task` (its header line, then its body) and reads the answer line, all before
+    /// Sends `task` under `tag` (its header line, then its body) and reads the answer line, all before
     /// `deadline`.
-    fn exchange(&mut self, task: &Task<'_>, deadline: Instant, abort: &Abort) -> Answer {
+    fn exchange(&mut self, tag: u64, task: &Task<'_>, deadline: Instant, abort: &Abort) -> Answer {
         let mut frame = std::mem::take(&mut self.frame);
         frame.clear();
         let header = Frame {
+            tag,
             id: task.message_id,
             queue: task.queue,
             attempt: task.attempt,
@@ -295,15 +308,32 @@ fn waited(waited: Waited) -> Option<Answer> {
     }
 }
 
-/// What a program's answer line means, or why it means nothing.
-fn parse_answer(line: &[u8]) -> Result<Outcome, String> {
+/// What a program's answer line to the message tagged `tag` means, or why it means nothing.
+fn parse_answer(line: &[u8], tag: u64) -> Result<Outcome, String> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let text = String::from_utf8_lossy(line);
-    let (verb, reason) = match text.split_once(' ') {
+    let (named, rest) = text.split_once(' ').unwrap_or((&*text, ""));
+    let (verb, reason) = match rest.split_once(' ') {
         Some((verb, reason)) if !reason.trim().is_empty() => (verb, Some(reason.trim())),
         Some((verb, _)) => (verb, None),
-        None => (&*text, None),
+        None => (rest, None),
     };
+    match named.parse::<u64>() {
+        Ok(named) if named == tag => {}
+        Ok(named) => {
+            return Err(format!(
+                "answered {} for tag {named} while tag {tag} was in flight",
+                preview(line)
+            ))
+        }
+        Err(_) if matches!(named, "ack" | "retry" | "dead") => {
+            return Err(format!(
+                "answered {} without a tag; pipe protocol {PROTOCOL} answers begin with the message's tag, as in \"{tag} {named}\"",
+                preview(line)
+            ))
+        }
+        Err(_) => return Err(format!("answered {}, which is not \"{tag} ack|retry|dead\"", preview(line))),
+    }
     match verb {
         "ack" => Ok(Outcome::Done),
         "retry" => Ok(Outcome::Retry(match reason {
@@ -315,7 +345,7 @@ fn parse_answer(line: &[u8]) -> Result<Outcome, String> {
             reason: reason.map(str::to_string),
         }),
         _ => Err(format!(
-            "answered {}, which is not ack, retry or dead",
+            "answered {}, which is not \"{tag} ack|retry|dead\"",
             preview(line)
         )),
     }
@@ -338,6 +368,7 @@ impl PipeHandler {
             kill_grace,
             program: None,
             failures: 0,
+            tag: 0,
             restart_at: None,
         }
     }
@@ -464,12 +495,14 @@ impl Handler for PipeHandler {
     fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome {
         self.check_idle();
         let deadline = Instant::now() + self.timeout;
+        self.tag += 1;
+        let tag = self.tag;
         let answer = match self.ensure_started(abort) {
-            Ok(program) => program.exchange(task, deadline, abort),
+            Ok(program) => program.exchange(tag, task, deadline, abort),
             Err(outcome) => return outcome,
         };
         match answer {
-            Answer::Line(line) => match parse_answer(&line) {
+            Answer::Line(line) => match parse_answer(&line, tag) {
                 Ok(outcome) => {
                     self.failures = 0;
                     outcome
@@ -485,7 +518,7 @@ impl Handler for PipeHandler {
                 let program = self.program.as_mut().expect("invariant: running");
                 program.kill();
                 let _ = program.fill();
-                match program.take_line().map(|line| parse_answer(&line)) {
+                match program.take_line().map(|line| parse_answer(&line, tag)) {
                     // It finished just before the kill landed: its answer stands.
                     Some(Ok(outcome)) => {
                         self.program = None;
@@ -514,34 +547,67 @@ mod tests {
     use super::*;
 
     #[test]
-    fn answers_are_ack_retry_or_dead_with_an_optional_reason() {
-        assert_eq!(parse_answer(b"ack"), Ok(Outcome::Done));
-        assert_eq!(parse_answer(b"ack\r"), Ok(Outcome::Done));
+    fn answers_are_the_tag_then_ack_retry_or_dead_with_an_optional_reason() {
+        assert_eq!(parse_answer(b"7 ack", 7), Ok(Outcome::Done));
+        assert_eq!(parse_answer(b"7 ack\r", 7), Ok(Outcome::Done));
         assert_eq!(
-            parse_answer(b"retry"),
+            parse_answer(b"7 retry", 7),
             Ok(Outcome::Retry("answered retry".into()))
         );
         assert_eq!(
-            parse_answer(b"retry database is down"),
+            parse_answer(b"7 retry database is down", 7),
             Ok(Outcome::Retry("answered retry: database is down".into()))
         );
         assert_eq!(
-            parse_answer(b"dead no such invoice"),
+            parse_answer(b"7 dead no such invoice", 7),
             Ok(Outcome::DeadLetter {
                 status: "answered dead".into(),
                 reason: Some("no such invoice".into())
             })
         );
         assert_eq!(
-            parse_answer(b"dead "),
+            parse_answer(b"7 dead ", 7),
             Ok(Outcome::DeadLetter {
                 status: "answered dead".into(),
                 reason: None
             })
         );
-        for bad in [&b""[..], b"ACK", b"ok", b"acknowledged", b" ack"] {
-            let why = parse_answer(bad).unwrap_err();
-            assert!(why.contains("not ack, retry or dead"), "{why}");
+        for bad in [
+            &b""[..],
+            b"7",
+            b"7 ",
+            b"7 ACK",
+            b"7 ok",
+            b"7  ack",
+            b" 7 ack",
+            b"x7 ack",
+        ] {
+            let why = parse_answer(bad, 7).unwrap_err();
+            assert!(why.contains("which is not \"7 ack|retry|dead\""), "{why}");
+        }
+    }
+
+    #[test]
+    fn an_answer_that_names_another_message_is_refused() {
+        for (line, tag) in [(&b"6 ack"[..], "6"), (b"8 ack", "8"), (b"0 dead", "0")] {
+            let why = parse_answer(line, 7).unwrap_err();
+            assert!(
+                why.contains(&format!("for tag {tag} while tag 7 was in flight")),
+                "{why}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_protocol_1_answer_is_refused_with_what_to_answer_instead() {
+        for (line, verb) in [
+            (&b"ack"[..], "ack"),
+            (b"retry later", "retry"),
+            (b"dead", "dead"),
+        ] {
+            let why = parse_answer(line, 7).unwrap_err();
+            assert!(why.contains("without a tag"), "{why}");
+            assert!(why.contains(&format!("as in \"7 {verb}\"")), "{why}");
         }
     }
 

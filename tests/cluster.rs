@@ -47,10 +47,11 @@ while True:
     header = tasks.readline()
     if not header:
         break
-    body = tasks.read(json.loads(header)["size"])
+    header = json.loads(header)
+    body = tasks.read(header["size"])
     time.sleep(delay)
     done.write(b"%s %.6f\n" % (body, time.time()))
-    sys.stdout.write("ack\n")
+    sys.stdout.write("%d ack\n" % header["tag"])
     sys.stdout.flush()
 "#;
 

@@ -1,8 +1,10 @@
 //! The `pipe` handler through the real `warren run` binary: one long-lived program per worker
-//! gets each message as a JSON header line and exactly `size` body bytes on its stdin, and
-//! answers `ack`, `retry` or `dead` (with an optional reason) on its stdout. A program that dies
-//! mid-message, answers anything else, speaks out of turn or overruns `handler.timeout` fails
-//! the attempt and is started again; stopping warren closes its stdin. The shipped examples
+//! gets each message as a JSON header line (with the message's tag) and exactly `size` body
+//! bytes on its stdin, and answers `TAG ack`, `TAG retry` or `TAG dead` (with an optional reason)
+//! on its stdout. A program that dies mid-message, answers anything else (another message's tag,
+//! no tag), speaks out of turn or overruns `handler.timeout` fails the attempt and is started
+//! again, so no answer can settle a message it was not meant for; stopping warren closes its
+//! stdin. The shipped examples
 //! (`examples/pipe_handler.py`, `examples/pipe_handler.sh`) work against the broker.
 
 mod util;
@@ -26,9 +28,11 @@ const BEHAVE: &str = r#"
 import json, os, signal, sys, time
 
 stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+with open(os.path.join(DIR, "protocol"), "w") as protocol:
+    protocol.write(os.environ.get("WARREN_PIPE_PROTOCOL", "unset"))
 
-def answer(line):
-    stdout.write(line.encode() + b"\n")
+def answer(line, tag=None):
+    stdout.write(b"%d " % (header["tag"] if tag is None else tag) + line.encode() + b"\n")
     stdout.flush()
 
 while True:
@@ -51,6 +55,13 @@ while True:
     elif word == b"chatter":
         answer("ack")
         answer("ack")
+    elif word == b"twice":
+        answer("ack")
+        time.sleep(0.2)
+        answer("ack")
+    elif word == b"untagged":
+        stdout.write(b"ack\n")
+        stdout.flush()
     elif word == b"sleep":
         time.sleep(60)
     elif word == b"stubborn":
@@ -189,6 +200,11 @@ fn one_program_gets_every_message_framed_by_its_size_whatever_the_bytes() {
         1,
         "the program was started once"
     );
+    assert_eq!(
+        fs::read_to_string(broker.dir.path().join("protocol")).expect("the protocol file"),
+        "2",
+        "WARREN_PIPE_PROTOCOL"
+    );
     warren.stop(STOP);
     wait_gone(&pids[0], Duration::from_secs(5));
 }
@@ -281,7 +297,7 @@ fn an_answer_that_is_not_ack_retry_or_dead_fails_the_attempt_and_restarts_the_pr
         &dead,
         &queues.work,
         "failed all 3 attempts",
-        "the pipe program answered \"hello\", which is not ack, retry or dead",
+        "the pipe program answered \"3 hello\", which is not \"3 ack|retry|dead\"",
         3,
     );
     let mut pids: Vec<String> = seen_of(&broker, "garbage")
@@ -292,19 +308,70 @@ fn an_answer_that_is_not_ack_retry_or_dead_fails_the_attempt_and_restarts_the_pr
     assert_eq!(pids.len(), 3, "restarted after each bad answer");
 
     // A second answer to one message, which arrives while no message is out, is caught before
-    // the next message is written. (One that arrives after the next message was written would
-    // be taken as its answer: the protocol has no way to tell them apart.)
+    // the next message is written.
     publish(&queues.work, &[("chatter", b"chatter")]);
     queues.wait_settled(0);
     publish(&queues.work, &[("next", b"fine")]);
     queues.wait_settled(0);
-    warren.wait_for_log("wrote \"ack\" between messages", WAIT);
+    warren.wait_for_log(" ack\" between messages", WAIT);
     let (chatter, next) = (seen_of(&broker, "chatter"), seen_of(&broker, "next"));
     assert_eq!((chatter.len(), next.len()), (1, 1));
     assert_ne!(
         chatter[0].pid, next[0].pid,
         "restarted after speaking out of turn"
     );
+    warren.stop(STOP);
+}
+
+/// The case that pipe protocol 1, whose answers named nothing, got wrong: a program answers A
+/// twice, the second time after warren has written B. Taken as B's answer, it would ack B
+/// unhandled; named by its tag, it is a failed attempt for B, and B is handled on its next one.
+#[test]
+fn a_late_second_answer_to_one_message_never_settles_the_next() {
+    let broker = Broker::shared();
+    let queues = Queues::new(&broker, "pipe-misattribute");
+    let warren = start_behave(&broker, &queues.work, 1, "");
+    publish(&queues.work, &[("a", b"twice"), ("b", b"fine")]);
+    util::wait_until(WAIT, "b to be handled on a second attempt", || {
+        seen_of(&broker, "b").iter().any(|s| s.attempt == 2)
+    });
+    queues.wait_settled(0);
+    warren.wait_for_log(
+        "answered \"1 ack\" for tag 1 while tag 2 was in flight",
+        WAIT,
+    );
+    let b = seen_of(&broker, "b");
+    assert_eq!(
+        b.last().map(|s| s.attempt),
+        Some(2),
+        "b was acked only on the attempt the program answered: {b:?}"
+    );
+    assert_eq!(
+        util::queue_counts(&queues.dead).0,
+        0,
+        "nothing dead-lettered"
+    );
+    warren.stop(STOP);
+}
+
+/// A program written for protocol 1 answers without a tag: every attempt fails, saying what
+/// to answer instead, and the message ends in the dead-letter queue with that reason.
+#[test]
+fn an_answer_without_a_tag_fails_the_attempt_and_says_what_protocol_2_wants() {
+    let broker = Broker::shared();
+    let queues = Queues::new(&broker, "pipe-untagged");
+    let warren = start_behave(&broker, &queues.work, 1, "");
+    publish(&queues.work, &[("old", b"untagged")]);
+    queues.wait_settled(1);
+    assert_dead_letter_headers(
+        &take_only(&queues.dead),
+        &queues.work,
+        "failed all 3 attempts",
+        "the pipe program answered \"ack\" without a tag; pipe protocol 2 answers begin with the \
+         message's tag, as in \"3 ack\"",
+        3,
+    );
+    assert_eq!(seen_of(&broker, "old").len(), 3);
     warren.stop(STOP);
 }
 
