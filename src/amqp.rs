@@ -132,6 +132,13 @@ pub enum AmqpError {
     /// network caught by heartbeats). Reconnect; unacked messages have been requeued.
     #[error("lost the connection to {address}: {reason}")]
     Lost { address: String, reason: String },
+    /// The broker closed the channel because a delivery stayed unacked longer than the
+    /// `consumer_timeout` it enforces, which it names. Reconnect; the message has been requeued.
+    #[error(
+        "the broker at {address} closed the channel: a task outlived its consumer_timeout ({})",
+        humantime::format_duration(*timeout)
+    )]
+    AckTimeout { address: String, timeout: Duration },
 }
 
 impl AmqpError {
@@ -482,6 +489,9 @@ impl Session {
         match connection.close() {
             Ok(()) => Ok(ended),
             Err(amiquip::Error::ClientClosedConnection) => Err(ended),
+            // The channel's own reason says more than the connection's ("received message for
+            // nonexistent channel", after an ack on the closed channel).
+            Err(_) if matches!(ended, AmqpError::AckTimeout { .. }) => Err(ended),
             Err(e) => Err(lost(&url, e)),
         }
     }
@@ -620,7 +630,32 @@ fn connect_tcp(url: &BrokerUrl, timeout: Duration) -> Result<TcpStream, String> 
     })
 }
 
+/// The consumer_timeout named by the broker's reason for closing a channel, if that is why:
+/// "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout value used:
+/// 3000 ms. …".
+fn ack_timeout(message: &str) -> Option<Duration> {
+    if !message.contains("delivery acknowledgement on channel") {
+        return None;
+    }
+    let (_, used) = message.split_once("Timeout value used: ")?;
+    let (ms, _) = used.split_once(" ms")?;
+    ms.trim().parse().ok().map(Duration::from_millis)
+}
+
 fn lost(url: &BrokerUrl, err: amiquip::Error) -> AmqpError {
+    if let amiquip::Error::ServerClosedChannel {
+        code: PRECONDITION_FAILED,
+        ref message,
+        ..
+    } = err
+    {
+        if let Some(timeout) = ack_timeout(message) {
+            return AmqpError::AckTimeout {
+                address: url.address(),
+                timeout,
+            };
+        }
+    }
     let reason = match err {
         amiquip::Error::ServerClosedConnection {
             code: CONNECTION_FORCED,
@@ -1099,6 +1134,33 @@ impl Held<'_> {
 mod tests {
     use super::{describe_inequivalent, lost, AmqpError};
     use crate::config::BrokerUrl;
+    use std::time::Duration;
+
+    #[test]
+    fn a_channel_closed_for_an_ack_timeout_names_the_broker_consumer_timeout() {
+        let url = BrokerUrl::parse("amqp://guest:pw@127.0.0.1:5681/%2f").unwrap();
+        let closed = |message: &str| {
+            lost(
+                &url,
+                amiquip::Error::ServerClosedChannel {
+                    channel_id: 1,
+                    code: 406,
+                    message: message.into(),
+                },
+            )
+        };
+        let err = closed("PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout value used: 3000 ms. This timeout value can be configured, see consumers doc guide to learn more");
+        assert!(
+            matches!(err, AmqpError::AckTimeout { timeout, .. } if timeout == Duration::from_secs(3)),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "the broker at 127.0.0.1:5681 closed the channel: a task outlived its consumer_timeout (3s)"
+        );
+        let other = closed("PRECONDITION_FAILED - unknown delivery tag 7");
+        assert!(matches!(other, AmqpError::Lost { .. }), "{other:?}");
+    }
 
     #[test]
     fn a_disabled_feature_flag_says_how_to_enable_it() {

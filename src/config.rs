@@ -741,6 +741,23 @@ pub struct Reloaded {
 }
 
 impl Config {
+    /// Fits the handler's limits inside `limit`, the consumer_timeout the broker enforces (it
+    /// named it when it closed a channel over a task that outlived it), when they do not fit
+    /// already: `handler.kill_grace` becomes at most a quarter of it and `handler.timeout` at
+    /// most half, so that a task is killed and its attempt failed well before the broker gives up
+    /// on it. `broker.consumer_timeout` becomes `limit`, so that a reload must fit it too.
+    /// Returns the handler's new limits, or None if they already fitted.
+    pub fn fit_consumer_timeout(&mut self, limit: Duration) -> Option<(Duration, Duration)> {
+        self.broker.consumer_timeout = self.broker.consumer_timeout.min(limit);
+        let handler = self.handler.as_mut()?;
+        if (handler.timeout + handler.kill_grace) * 4 <= limit * 3 {
+            return None;
+        }
+        handler.kill_grace = handler.kill_grace.min(limit / 4);
+        handler.timeout = handler.timeout.min(limit / 2);
+        Some((handler.timeout, handler.kill_grace))
+    }
+
     /// Merges `new`, read from the same file while warren runs, into this configuration. The
     /// worker count, the handler, the circuit breaker and the shutdown grace are taken from it;
     /// the broker, the queues, the retries, the prefetch, metrics, control and log keep their
@@ -1380,6 +1397,25 @@ mod tests {
         assert!(parse(&none)
             .unwrap_err()
             .ends_with("name at least one node"));
+    }
+
+    #[test]
+    fn a_consumer_timeout_the_broker_enforces_shrinks_the_handler_limits_to_fit() {
+        let text = "[queue]\nname = \"q\"\n[handler]\nkind = \"dots\"\ntimeout = \"5m\"\nkill_grace = \"10s\"\n";
+        let mut config = parse(text).unwrap();
+        assert_eq!(
+            config.fit_consumer_timeout(Duration::from_secs(8)),
+            Some((Duration::from_secs(4), Duration::from_secs(2)))
+        );
+        assert_eq!(config.broker.consumer_timeout, Duration::from_secs(8));
+        assert_eq!(
+            config.fit_consumer_timeout(Duration::from_secs(8)),
+            None,
+            "fitted already"
+        );
+        let mut roomy = parse(text).unwrap();
+        assert_eq!(roomy.fit_consumer_timeout(Duration::from_secs(3600)), None);
+        assert_eq!(roomy.handler.unwrap().timeout, Duration::from_secs(300));
     }
 
     #[test]

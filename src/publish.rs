@@ -254,7 +254,7 @@ pub fn lines(input: impl BufRead) -> impl Iterator<Item = std::io::Result<Vec<u8
 /// A lost connection goes on through another; any other broker error ends the run.
 fn stop(e: AmqpError) -> Stop {
     match e {
-        AmqpError::Lost { .. } => Stop::Lost(e),
+        AmqpError::Lost { .. } | AmqpError::AckTimeout { .. } => Stop::Lost(e),
         other => Stop::Failed(PublishError::Unavailable(other)),
     }
 }

@@ -458,7 +458,12 @@ impl Supervisor {
                 self.fatal = Some(e);
                 self.begin_stop();
             }
-            Exit::Lost(e) => self.schedule_restart(worker, &format!("worker-{worker}: {e}")),
+            Exit::Lost(e) => {
+                if let AmqpError::AckTimeout { timeout, .. } = e {
+                    self.fit_consumer_timeout(worker, timeout);
+                }
+                self.schedule_restart(worker, &format!("worker-{worker}: {e}"))
+            }
             Exit::Panicked(message) => self.schedule_restart(
                 worker,
                 &format!("worker-{worker} panicked ({message}); its unacked message returns to the queue"),
@@ -691,6 +696,37 @@ impl Supervisor {
         }
         log::info!("{text}");
         Ok(text)
+    }
+
+    /// The broker closed `worker`'s channel because a task outlived `limit`, its real
+    /// consumer_timeout. Unless the handler's limits fit inside it already, they shrink to fit
+    /// (`Config::fit_consumer_timeout`), from each worker's next task on: the message the broker
+    /// requeued comes back once, and its next attempts end by warren's own timeout, so it is
+    /// retried and dead-lettered like any task that runs too long, not redelivered for ever.
+    fn fit_consumer_timeout(&mut self, worker: usize, limit: Duration) {
+        let mut config = (*self.config).clone();
+        let configured = config.broker.consumer_timeout;
+        let Some((timeout, grace)) = config.fit_consumer_timeout(limit) else {
+            return;
+        };
+        let d = humantime::format_duration;
+        log::error!(
+            "the broker closed worker-{worker}'s channel because a task outlived its consumer_timeout of {}, not the {} that broker.consumer_timeout in {} says; until warren restarts, tasks get handler.timeout {} and handler.kill_grace {}. Set broker.consumer_timeout and handler.timeout to fit the broker, or raise its consumer_timeout",
+            d(limit),
+            d(configured),
+            config.path.display(),
+            d(timeout),
+            d(grace),
+        );
+        let handler = config
+            .handler
+            .as_ref()
+            .expect("invariant: fitted a handler");
+        let factory = crate::handler::from_config(handler, &config.queue.name);
+        let config = Arc::new(config);
+        self.config = Arc::clone(&config);
+        self.factory = Arc::clone(&factory);
+        self.tell_all(Command::Reload(config, factory));
     }
 
     /// Grows the pool to `count` workers, or retires the last ones: they finish their task and
