@@ -10,7 +10,11 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use util::nodes::Cluster;
 use util::{wait_until, Warren};
@@ -146,5 +150,192 @@ fn a_broker_consumer_timeout_shorter_than_a_task_ends_in_one_redelivery_and_no_r
         3,
     );
     assert_eq!(counts(&url, QUEUE).0, 0, "nothing left in the work queue");
+    warren.stop(Duration::from_secs(15));
+}
+
+/// A `command` handler for the delivery-limit test: it records `BODY ATTEMPT`, fails at once on
+/// the last attempt of `fails-last`, and otherwise works for 3 s. The test closes the worker's
+/// connection as soon as a run starts; the worker notices when it tries to ack.
+const STUBBORN: &str = "#!/bin/sh\nbody=$(cat)\necho \"$body $WARREN_ATTEMPT\" >> \"$1\"\n\
+if [ \"$body\" = fails-last ] && [ \"$WARREN_ATTEMPT\" = 3 ]; then exit 3; fi\nexec sleep 3\n";
+
+/// A quorum queue counts every delivery that ends without an ack (here: the worker's connection
+/// closed mid-task) against `x-delivery-limit` (`retry.max_attempts - 1`). warren counts them
+/// too, in its attempt number, so the two never disagree about the last attempt: a message whose
+/// last attempt fails is dead-lettered by warren with its reason, and one whose last delivery
+/// is lost too is dead-lettered by the broker into the same queue. Neither is dropped.
+#[test]
+fn a_quorum_queue_delivery_limit_never_drops_a_message_that_belongs_in_the_dead_letter_queue() {
+    let broker = util::Broker::shared();
+    let queues = util::Queues::new(&broker, "delivery-limit");
+    let runs = broker.dir.path().join("runs");
+    let script = broker.script("stubborn.sh", STUBBORN);
+    let config = broker.config(
+        &queues.work,
+        &format!(
+            "type = \"quorum\"\n\n[workers]\ncount = 1\n\n[handler]\nkind = \"command\"\n\
+             command = [\"{}\", \"{}\"]\n\n{}",
+            script.display(),
+            runs.display(),
+            util::RETRY
+        ),
+    );
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queues.work, 1);
+    let recorded = || util::recorded(&runs);
+    // Cuts the worker's connection once the handler has started run `run` of `body`.
+    let cut_during = |body: &str, attempt: u32| {
+        let line = format!("{body} {attempt}");
+        wait_until(Duration::from_secs(20), &format!("run {line:?}"), || {
+            recorded().contains(&line)
+        });
+        for connection in util::connections_of(warren.pid()) {
+            util::rabbitmqctl(&["close_connection", &connection, "hostile test"]);
+        }
+    };
+
+    util::publish_ok(&config, &["fails-last"]);
+    cut_during("fails-last", 1);
+    cut_during("fails-last", 2);
+    wait_until(
+        Duration::from_secs(20),
+        "fails-last in the dead-letter queue",
+        || util::queue_counts(&queues.dead).0 == 1,
+    );
+    util::assert_dead_letter_headers(
+        &util::take_only(&queues.dead),
+        &queues.work,
+        "failed all 3 attempts",
+        "exit status 3",
+        3,
+    );
+
+    util::publish_ok(&config, &["never-ends"]);
+    cut_during("never-ends", 1);
+    cut_during("never-ends", 2);
+    cut_during("never-ends", 3);
+    wait_until(
+        Duration::from_secs(20),
+        "never-ends in the dead-letter queue",
+        || util::queue_counts(&queues.dead).0 == 1,
+    );
+    let dead = util::take_only(&queues.dead);
+    assert_eq!(dead.body, b"never-ends");
+    let death = dead
+        .header("x-death")
+        .unwrap_or_else(|| panic!("the broker dead-lettered it, with x-death: {dead:?}"));
+    assert!(
+        format!("{death:?}").contains("delivery_limit"),
+        "x-death says delivery_limit: {death:?}"
+    );
+    assert_eq!(
+        recorded(),
+        [
+            "fails-last 1",
+            "fails-last 2",
+            "fails-last 3",
+            "never-ends 1",
+            "never-ends 2",
+            "never-ends 3"
+        ],
+        "each delivery ran once, with warren's attempt counting the broker's deliveries"
+    );
+    wait_until(Duration::from_secs(20), "nothing left in the work queue", || {
+        util::ready_and_unacked(&queues.work) == (0, 0)
+    });
+    warren.stop(Duration::from_secs(15));
+}
+
+/// The system broker's Erlang VM, stopped with SIGSTOP while the guard lives and continued with
+/// SIGCONT when it drops, a failing test included.
+struct Frozen(i32);
+
+impl Frozen {
+    fn broker() -> Frozen {
+        let out = util::rabbitmqctl(&["eval", "os:getpid()."]);
+        let pid: i32 = out
+            .trim()
+            .trim_matches('"')
+            .parse()
+            .unwrap_or_else(|_| panic!("the broker's pid from {out:?}"));
+        signal_pid(pid, Signal::SIGSTOP);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal_pid(self.0, Signal::SIGCONT);
+    }
+}
+
+fn signal_pid(pid: i32, signal: Signal) {
+    kill(Pid::from_raw(pid), signal).unwrap_or_else(|e| panic!("kill -{signal} {pid}: {e}"));
+}
+
+/// A broker that stops answering but keeps its sockets open (its VM SIGSTOPped, as a hung or
+/// swapped-out node) is detected by heartbeats within two heartbeat intervals; with no other
+/// node to go to, the workers wait, reconnecting with a timeout, and consume again once the VM
+/// is continued. Nothing is lost.
+#[test]
+fn a_hung_broker_is_detected_within_two_heartbeats_and_workers_resume_when_it_returns() {
+    let broker = util::Broker::exclusive();
+    let queue = broker.queue("hung");
+    let runs = broker.dir.path().join("runs");
+    let script = broker.script("record.sh", "#!/bin/sh\ncat >> \"$1\"\necho >> \"$1\"\n");
+    let config = broker.dir.path().join("hung.toml");
+    fs::write(
+        &config,
+        format!(
+            "[broker]\nurl = \"{}\"\nheartbeat = \"2s\"\nconnect_timeout = \"2s\"\n\n\
+             [queue]\nname = \"{queue}\"\n\n[workers]\ncount = 2\n\n\
+             [handler]\nkind = \"command\"\ncommand = [\"{}\", \"{}\"]\n",
+            util::amqp_url(),
+            script.display(),
+            runs.display()
+        ),
+    )
+    .expect("write the config");
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 2);
+    util::publish_ok(&config, &["before-1", "before-2"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the first messages to be done",
+        || util::recorded(&runs).len() == 2,
+    );
+
+    let frozen = Frozen::broker();
+    let stopped = Instant::now();
+    wait_until(
+        Duration::from_secs(20),
+        "both workers to miss the broker's heartbeats",
+        || warren.lines_with("missed heartbeats from the broker").len() >= 2,
+    );
+    let detected = stopped.elapsed();
+    // Two intervals, and the time for the worker to log it.
+    assert!(
+        detected <= Duration::from_secs(4) + Duration::from_millis(1500),
+        "detected after {detected:?}, more than two 2s heartbeats"
+    );
+    // Hung, the broker still accepts TCP connections (the kernel does), but never logs them in.
+    thread::sleep(Duration::from_secs(5));
+    drop(frozen);
+    let continued = Instant::now();
+    warren.wait_consuming(&queue, 2);
+    eprintln!(
+        "hung broker: detected after {detected:.1?}; consuming again {:.1?} after SIGCONT",
+        continued.elapsed()
+    );
+    util::publish_ok(&config, &["after-1", "after-2"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the later messages to be done",
+        || util::recorded(&runs).len() == 4,
+    );
+    let mut done = util::recorded(&runs);
+    done.sort();
+    assert_eq!(done, ["after-1", "after-2", "before-1", "before-2"]);
+    assert_eq!(util::ready_and_unacked(&queue), (0, 0));
     warren.stop(Duration::from_secs(15));
 }
