@@ -7,8 +7,8 @@
 //! Every scenario checks that no task was lost (each was completed; none dead-lettered, since
 //! the handler always succeeds), counts duplicates, and measures the longest pause in
 //! processing: the longest gap between two completions. Each prints one line, `cluster:
-//! scenario=... tasks=N node_failures=N lost=0 duplicates=N longest_pause=T`, whose figures the
-//! README quotes; run `cargo test --test cluster -- --nocapture 2>&1 | grep '^cluster:'`.
+//! scenario=... tasks=N node_failures=N lost=0 duplicates=N longest_pause=T`, whose figures
+//! RELIABILITY.md quotes; run `cargo test --test cluster -- --nocapture 2>&1 | grep '^cluster:'`.
 //!
 //! The nodes are extra RabbitMQ nodes on this machine (tests/util/nodes.rs); the system broker
 //! is not involved. Tests that use extra nodes run one at a time.

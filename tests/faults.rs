@@ -7,7 +7,7 @@
 //! (none lost), duplicates stay within what at-least-once allows (one per worker per fault, with
 //! prefetch 1), and every queue warren declared (work, retry and dead-letter queues) ends empty
 //! with nothing unacked. Each prints one line, `faults: scenario=... lost=0 duplicates=N
-//! dead_lettered=N recovery=T`, whose figures the README quotes; run
+//! dead_lettered=N recovery=T`, whose figures RELIABILITY.md quotes; run
 //! `cargo test --test faults -- --nocapture 2>&1 | grep '^faults:'` to see them.
 
 mod util;

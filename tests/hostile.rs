@@ -240,9 +240,11 @@ fn a_quorum_queue_delivery_limit_never_drops_a_message_that_belongs_in_the_dead_
         ],
         "each delivery ran once, with warren's attempt counting the broker's deliveries"
     );
-    wait_until(Duration::from_secs(20), "nothing left in the work queue", || {
-        util::ready_and_unacked(&queues.work) == (0, 0)
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "nothing left in the work queue",
+        || util::ready_and_unacked(&queues.work) == (0, 0),
+    );
     warren.stop(Duration::from_secs(15));
 }
 
