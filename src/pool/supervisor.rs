@@ -707,6 +707,14 @@ impl Supervisor {
         let mut config = (*self.config).clone();
         let configured = config.broker.consumer_timeout;
         let Some((timeout, grace)) = config.fit_consumer_timeout(limit) else {
+            // The task fitted: what outlived the limit was a message waiting behind it.
+            if config.workers.prefetch > 1 {
+                log::warn!(
+                    "worker-{worker}: a message prefetched behind running tasks waited longer than the broker's consumer_timeout ({}); lower workers.prefetch in {}",
+                    humantime::format_duration(limit),
+                    config.path.display()
+                );
+            }
             return;
         };
         let d = humantime::format_duration;
