@@ -862,8 +862,15 @@ impl Config {
             a.urls != b.urls
                 || a.heartbeat != b.heartbeat
                 || a.connect_timeout != b.connect_timeout
-                || a.consumer_timeout != b.consumer_timeout
                 || format!("{:?}", a.tls) != format!("{:?}", b.tls),
+        );
+        // consumer_timeout only bounds the handler: a lower one applies now. The running one
+        // may be lower than any file said, learned from the broker (`fit_consumer_timeout`);
+        // that stays until a restart.
+        let consumer_timeout = a.consumer_timeout.min(b.consumer_timeout);
+        needs(
+            "broker.consumer_timeout",
+            b.consumer_timeout > a.consumer_timeout,
         );
         needs("queue", self.queue != new.queue);
         needs(
@@ -882,17 +889,27 @@ impl Config {
         needs("control.socket", self.control != new.control);
         needs("log.format", self.log.format != new.log.format);
 
-        // The broker keeps its running consumer_timeout, which the new handler must respect.
-        if handler.timeout + handler.kill_grace >= self.broker.consumer_timeout {
+        if handler.timeout + handler.kill_grace >= consumer_timeout {
             return Err(format!(
                 "{}: handler.timeout ({}) plus handler.kill_grace ({}) must be shorter than the running broker.consumer_timeout ({})",
                 new.path.display(),
                 d(handler.timeout),
                 d(handler.kill_grace),
-                d(self.broker.consumer_timeout)
+                d(consumer_timeout)
+            ));
+        }
+        if consumer_timeout < a.consumer_timeout {
+            applied.push(format!(
+                "broker.consumer_timeout {} → {}",
+                d(a.consumer_timeout),
+                d(consumer_timeout)
             ));
         }
         let config = Config {
+            broker: Broker {
+                consumer_timeout,
+                ..self.broker.clone()
+            },
             workers: Workers {
                 count: new.workers.count,
                 prefetch: self.workers.prefetch,

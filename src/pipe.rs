@@ -5,8 +5,9 @@
 //! a time:
 //! - warren writes one line of JSON to the program's stdin, `{"tag": T, "id": …, "queue": …,
 //!   "attempt": 1, "redelivered": false, "size": N}`, then exactly N bytes of body. The length
-//!   framing makes any body safe, binary included. T is new for every message the worker writes,
-//!   whichever program it writes to.
+//!   framing makes any body safe, binary included. T grows with every message, so a program never
+//!   sees the same tag twice (a new handler, after a reconnect or a reload, starts a new program
+//!   and counts from 1 again).
 //! - The program answers with one line on stdout that names the message: `T ack`, `T retry` or
 //!   `T dead`, optionally followed by a space and a reason. Its stderr goes to warren's log.
 //! - A program that dies mid-message, answers anything else (another message's tag, an answer
@@ -84,7 +85,8 @@ pub struct PipeHandler {
     program: Option<Program>,
     /// Failures in a row, for the restart backoff; a valid answer resets it.
     failures: u32,
-    /// The tag of the last message written; it only grows, across restarts of the program.
+    /// The tag of the last message written; it only grows, across restarts of the program, so
+    /// that no program sees a tag twice.
     tag: u64,
     /// The program is not started again before this.
     restart_at: Option<Instant>,
@@ -318,21 +320,27 @@ fn parse_answer(line: &[u8], tag: u64) -> Result<Outcome, String> {
         Some((verb, _)) => (verb, None),
         None => (rest, None),
     };
-    match named.parse::<u64>() {
-        Ok(named) if named == tag => {}
-        Ok(named) => {
+    let digits = !named.is_empty() && named.bytes().all(|b| b.is_ascii_digit());
+    match named {
+        _ if digits && named == tag.to_string() => {}
+        _ if digits => {
             return Err(format!(
                 "answered {} for tag {named} while tag {tag} was in flight",
                 preview(line)
             ))
         }
-        Err(_) if matches!(named, "ack" | "retry" | "dead") => {
+        "ack" | "retry" | "dead" => {
             return Err(format!(
                 "answered {} without a tag; pipe protocol {PROTOCOL} answers begin with the message's tag, as in \"{tag} {named}\"",
                 preview(line)
             ))
         }
-        Err(_) => return Err(format!("answered {}, which is not \"{tag} ack|retry|dead\"", preview(line))),
+        _ => {
+            return Err(format!(
+                "answered {}, which is not \"{tag} ack|retry|dead\"",
+                preview(line)
+            ))
+        }
     }
     match verb {
         "ack" => Ok(Outcome::Done),
@@ -589,7 +597,12 @@ mod tests {
 
     #[test]
     fn an_answer_that_names_another_message_is_refused() {
-        for (line, tag) in [(&b"6 ack"[..], "6"), (b"8 ack", "8"), (b"0 dead", "0")] {
+        for (line, tag) in [
+            (&b"6 ack"[..], "6"),
+            (b"8 ack", "8"),
+            (b"0 dead", "0"),
+            (b"07 ack", "07"),
+        ] {
             let why = parse_answer(line, 7).unwrap_err();
             assert!(
                 why.contains(&format!("for tag {tag} while tag 7 was in flight")),

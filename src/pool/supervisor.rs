@@ -166,6 +166,8 @@ pub(super) struct Supervisor {
     breaker: Breaker,
     /// The trip that opened the breaker, while it is not closed.
     trip: Option<Trip>,
+    /// The handler's limits were fitted to the broker's consumer_timeout at least once.
+    fitted: bool,
     /// The operator paused the pool.
     paused: bool,
 }
@@ -213,6 +215,7 @@ impl Supervisor {
             notifier: Notifier::from_env(),
             breaker: Breaker::new(config_breaker),
             trip: None,
+            fitted: false,
             paused: false,
         })
     }
@@ -707,16 +710,20 @@ impl Supervisor {
         let mut config = (*self.config).clone();
         let configured = config.broker.consumer_timeout;
         let Some((timeout, grace)) = config.fit_consumer_timeout(limit) else {
-            // The task fitted: what outlived the limit was a message waiting behind it.
-            if config.workers.prefetch > 1 {
+            // The handler fits the limit, which the running configuration now records. Unless
+            // a task started before an earlier fit outlived it, what did was a message
+            // prefetched behind running tasks.
+            if config.workers.prefetch > 1 && !self.fitted {
                 log::warn!(
                     "worker-{worker}: a message prefetched behind running tasks waited longer than the broker's consumer_timeout ({}); lower workers.prefetch in {}",
                     humantime::format_duration(limit),
                     config.path.display()
                 );
             }
+            self.config = Arc::new(config);
             return;
         };
+        self.fitted = true;
         let d = humantime::format_duration;
         log::error!(
             "the broker closed worker-{worker}'s channel because a task outlived its consumer_timeout of {}, not the {} that broker.consumer_timeout in {} says; until warren restarts, tasks get handler.timeout {} and handler.kill_grace {}. Set broker.consumer_timeout and handler.timeout to fit the broker, or raise its consumer_timeout",
