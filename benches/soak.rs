@@ -752,31 +752,14 @@ fn wait_drained(node: &Node, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let mut empty_since: Option<Instant> = None;
     while Instant::now() < deadline {
-        let list = node
-            .try_rabbitmqctl(
-                &[
-                    "list_queues",
-                    "-q",
-                    "--no-table-headers",
-                    "name",
-                    "messages_ready",
-                    "messages_unacknowledged",
-                ],
-                Duration::from_secs(30),
-            )
-            .unwrap_or_default();
-        let busy: u64 = list
-            .lines()
-            .filter_map(|line| {
-                let mut fields = line.split_whitespace();
-                let name = fields.next()?;
-                let counts: u64 = fields.filter_map(|n| n.parse::<u64>().ok()).sum();
-                (!name.ends_with(".dead")).then_some(counts)
-            })
+        let queues = node.queues(Duration::from_secs(30)).unwrap_or_default();
+        let busy: u64 = (queues.iter())
+            .filter(|q| !q.name.ends_with(".dead"))
+            .map(|q| q.ready + q.unacked)
             .sum();
         // Quorum queues report their counts from a tick of a few seconds: only readings of
         // zero that span more than that count.
-        if !list.is_empty() && busy == 0 {
+        if !queues.is_empty() && busy == 0 {
             let since = *empty_since.get_or_insert_with(Instant::now);
             if since.elapsed() > Duration::from_secs(8) {
                 return true;

@@ -201,31 +201,9 @@ impl Scenario {
     /// `list_queues`.
     fn queue_info(&self, queue: &str) -> Option<(u64, u64, usize)> {
         self.cluster.nodes().iter().find_map(|node| {
-            let out = node
-                .try_rabbitmqctl(
-                    &[
-                        "list_queues",
-                        "-q",
-                        "--no-table-headers",
-                        "name",
-                        "messages_ready",
-                        "messages_unacknowledged",
-                        "consumers",
-                    ],
-                    Duration::from_secs(15),
-                )
-                .ok()?;
-            out.lines().find_map(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                match fields.as_slice() {
-                    [name, ready, unacked, consumers] if *name == queue => Some((
-                        ready.parse().ok()?,
-                        unacked.parse().ok()?,
-                        consumers.parse().ok()?,
-                    )),
-                    _ => None,
-                }
-            })
+            let queues = node.queues(Duration::from_secs(15))?;
+            let found = queues.into_iter().find(|q| q.name == queue)?;
+            Some((found.ready, found.unacked, found.consumers))
         })
     }
 }

@@ -80,6 +80,15 @@ pub fn short_hostname() -> String {
         .to_string()
 }
 
+/// One queue's line of `rabbitmqctl list_queues`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub name: String,
+    pub ready: u64,
+    pub unacked: u64,
+    pub consumers: usize,
+}
+
 /// One extra RabbitMQ node: its name, ports and directory, and the faults a test can inflict on
 /// it. Nodes belong to a [`Cluster`], which starts and removes them.
 pub struct Node {
@@ -453,6 +462,40 @@ impl Node {
             let _ = self.wait_down_quietly(seen, Duration::from_secs(10));
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+
+    /// Every queue of the node's cluster, as `rabbitmqctl list_queues` on this node reports it;
+    /// None if the node does not answer within `timeout`.
+    pub fn queues(&self, timeout: Duration) -> Option<Vec<QueueCounts>> {
+        let out = self
+            .try_rabbitmqctl(
+                &[
+                    "list_queues",
+                    "-q",
+                    "--no-table-headers",
+                    "name",
+                    "messages_ready",
+                    "messages_unacknowledged",
+                    "consumers",
+                ],
+                timeout,
+            )
+            .ok()?;
+        Some(
+            out.lines()
+                .filter_map(
+                    |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                        [name, ready, unacked, consumers] => Some(QueueCounts {
+                            name: name.to_string(),
+                            ready: ready.parse().ok()?,
+                            unacked: unacked.parse().ok()?,
+                            consumers: consumers.parse().ok()?,
+                        }),
+                        _ => None,
+                    },
+                )
+                .collect(),
+        )
     }
 
     /// The number of client connections to this node (not to the rest of its cluster).
