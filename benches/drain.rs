@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender};
+use warren::abort::Abort;
 use warren::amqp::Session;
 use warren::config::Config;
-use warren::handler::{Abort, Handler, HandlerFactory, Outcome, Task};
+use warren::handler::{Handler, HandlerFactory, Outcome, Task};
 use warren::pool::Pool;
 use warren::publish::{self, Options};
 use warren::retry::Topology;

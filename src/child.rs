@@ -20,8 +20,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
+use crate::abort::Abort;
 use crate::config;
-use crate::handler::Abort;
 
 /// Longest line of a program's output that goes to the log as one line; longer lines are split.
 const MAX_LOG_LINE: usize = 4096;

@@ -5,18 +5,11 @@
 //! worker's job. A handler must return promptly once its [`Abort`] fires (the shutdown grace has
 //! run out), so it waits on that signal rather than sleeping or blocking blind.
 
-use std::convert::Infallible;
-use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, Receiver, Sender};
-use nix::fcntl::OFlag;
-
+use crate::abort::Abort;
 use crate::child;
-use crate::config;
-use crate::pipe::PipeHandler;
 
 /// One message, as a handler sees it.
 #[derive(Debug, Clone, Copy)]
@@ -66,96 +59,6 @@ pub trait Handler: Send {
 /// Makes the handler of worker `n` (1…N). Called again when a worker is restarted.
 pub type HandlerFactory = Arc<dyn Fn(usize) -> Box<dyn Handler> + Send + Sync>;
 
-/// Fires when tasks in flight must be abandoned: the shutdown grace has run out, or a second stop
-/// signal came. It fires when its [`AbortTrigger`] is dropped, which reaches every clone at once,
-/// both as a channel that disconnects (for `select!`) and as a pipe whose write end closes (for
-/// `poll`, next to a program's pipes).
-#[derive(Clone)]
-pub struct Abort {
-    receiver: Receiver<Infallible>,
-    /// The read end of the pipe: readable (at end of file) once the abort has fired.
-    fd: Arc<OwnedFd>,
-}
-
-/// Fires its [`Abort`] when dropped.
-pub struct AbortTrigger {
-    _sender: Sender<Infallible>,
-    _write: OwnedFd,
-}
-
-impl Abort {
-    /// A new abort signal and the trigger that fires it.
-    pub fn new() -> io::Result<(AbortTrigger, Abort)> {
-        let (sender, receiver) = bounded(0);
-        // Close-on-exec: a program that inherited the write end would keep the abort from firing.
-        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-        let trigger = AbortTrigger {
-            _sender: sender,
-            _write: write,
-        };
-        Ok((
-            trigger,
-            Abort {
-                receiver,
-                fd: Arc::new(read),
-            },
-        ))
-    }
-
-    /// An abort signal that never fires, for running a handler outside a pool.
-    pub fn never() -> Abort {
-        let (trigger, abort) = Abort::new().expect("invariant: a pipe can be made");
-        // Leaking the trigger keeps the signal unfired for the life of the process.
-        std::mem::forget(trigger);
-        abort
-    }
-
-    pub fn receiver(&self) -> &Receiver<Infallible> {
-        &self.receiver
-    }
-
-    /// Readable once the abort has fired, for `poll`.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-
-    /// Sleeps for `duration` unless the abort fires first. Returns false if it fired.
-    pub fn sleep(&self, duration: Duration) -> bool {
-        self.receiver
-            .recv_timeout(duration)
-            .is_err_and(|e| e.is_timeout())
-    }
-}
-
-/// The factory for the configured handler.
-pub fn from_config(handler: &config::Handler, queue: &str) -> HandlerFactory {
-    let timeout = handler.timeout;
-    match &handler.kind {
-        config::HandlerKind::Dots => Arc::new(move |_| Box::new(Dots { timeout })),
-        config::HandlerKind::Pipe { argv } => {
-            let (argv, queue, kill_grace) = (argv.clone(), queue.to_string(), handler.kill_grace);
-            Arc::new(move |worker| {
-                Box::new(PipeHandler::new(
-                    argv.clone(),
-                    &queue,
-                    worker,
-                    timeout,
-                    kill_grace,
-                ))
-            })
-        }
-        config::HandlerKind::Command { argv } => {
-            let command = CommandHandler {
-                argv: argv.clone(),
-                queue: queue.to_string(),
-                timeout,
-                kill_grace: handler.kill_grace,
-            };
-            Arc::new(move |_| Box::new(command.clone()))
-        }
-    }
-}
-
 /// The exit status by which a command asks for a retry (sysexits' EX_TEMPFAIL).
 pub const EXIT_RETRY: i32 = 75;
 /// The exit status by which a command says the message can never succeed (EX_DATAERR).
@@ -193,6 +96,17 @@ pub struct CommandHandler {
     queue: String,
     timeout: Duration,
     kill_grace: Duration,
+}
+
+impl CommandHandler {
+    pub fn new(argv: Vec<String>, queue: &str, timeout: Duration, kill_grace: Duration) -> Self {
+        CommandHandler {
+            argv,
+            queue: queue.to_string(),
+            timeout,
+            kill_grace,
+        }
+    }
 }
 
 impl Handler for CommandHandler {

@@ -7,11 +7,13 @@
 //! they can fail into a [`Failure`] that carries its sysexits code. It parses no command line and
 //! installs no signal handler: `main.rs` does both, so that tests can drive the library directly.
 
+pub mod abort;
 pub mod amqp;
 pub mod child;
 pub mod config;
 pub mod control;
 pub mod depth;
+pub mod factory;
 pub mod handler;
 pub mod http;
 pub mod logging;
@@ -136,7 +138,7 @@ pub fn daemon(
         config.workers.count = workers;
     }
     let handler = config.handler()?;
-    let factory = handler::from_config(handler, &config.queue.name);
+    let factory = factory::from_config(handler, &config.queue.name);
     log::info!(
         "warren {} starting {} workers on queue {} at {} (handler {}, prefetch {})",
         env!("CARGO_PKG_VERSION"),
@@ -238,7 +240,7 @@ fn reloader(
             if let Some(workers) = workers {
                 config.workers.count = workers;
             }
-            let factory = handler::from_config(config.handler()?, &config.queue.name);
+            let factory = factory::from_config(config.handler()?, &config.queue.name);
             Ok((config, factory))
         };
         let outcome = match read() {

@@ -34,8 +34,9 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 
+use crate::abort::Abort;
 use crate::child::{self, set_nonblocking, wait_ready, Waited};
-use crate::handler::{Abort, Handler, Outcome, Task};
+use crate::handler::{Handler, Outcome, Task};
 use crate::logging::preview;
 
 /// The version of the protocol, given to the program as `WARREN_PIPE_PROTOCOL`. Version 1 had

@@ -14,8 +14,9 @@ use std::time::Duration;
 use amiquip::{AmqpProperties, AmqpValue, Connection, FieldTable, Publish};
 use proptest::prelude::*;
 use proptest::test_runner::Config as Cases;
+use warren::abort::Abort;
 use warren::config::{BrokerUrl, Config};
-use warren::handler::{Abort, Handler, Outcome, Task};
+use warren::handler::{Handler, Outcome, Task};
 use warren::pipe::PipeHandler;
 
 // ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 //! Rules of the code base that ARCHITECTURE.md states, checked here rather than by memory.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
 
@@ -59,4 +60,121 @@ fn only_main_rs_exits_the_process() {
             );
         }
     }
+}
+
+/// The modules of `src/` that each module names through `crate::`, with `pool/*.rs` counted as
+/// `pool` and the crate root's own items (`crate::exit`, `crate::Failure`) as `lib`.
+fn import_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let sources = sources();
+    let module = |file: &str| {
+        let file = file.trim_end_matches(".rs");
+        file.split('/').next().unwrap().to_string()
+    };
+    let modules: BTreeSet<String> = sources.iter().map(|(name, _)| module(name)).collect();
+    let mut graph = BTreeMap::new();
+    for (name, text) in &sources {
+        let from = module(name);
+        let edges: &mut BTreeSet<String> = graph.entry(from.clone()).or_default();
+        for path in crate_paths(text) {
+            let to = if modules.contains(&path) {
+                path
+            } else {
+                "lib".to_string()
+            };
+            if to != from {
+                edges.insert(to);
+            }
+        }
+    }
+    graph
+}
+
+/// The first segment of every `crate::` path in `text`, including each member of a
+/// `crate::{a, b::c}` group.
+fn crate_paths(text: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut paths = Vec::new();
+    for (at, _) in text.match_indices("crate::") {
+        let rest = &text[at + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let group = &group[..group.find('}').unwrap_or(group.len())];
+            paths.extend(group.split(',').map(ident).filter(|s| !s.is_empty()));
+        } else {
+            paths.push(ident(rest));
+        }
+    }
+    paths
+}
+
+/// A cycle in `graph`, as the modules along it, if there is one.
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(start) = path.iter().position(|n| n == node) {
+            let mut cycle = path[start..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, graph, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn the_modules_are_layered_with_no_import_circle() {
+    let graph = import_graph();
+    // The reader sees the edges it must: without them this test would pass on an empty graph.
+    for (from, to) in [
+        ("pool", "handler"),
+        ("pipe", "child"),
+        ("lib", "pool"),
+        ("ops", "lib"),
+    ] {
+        assert!(
+            graph[from].contains(to),
+            "the import graph lacks {from} -> {to}: {graph:?}"
+        );
+    }
+    if let Some(cycle) = find_cycle(&graph) {
+        panic!(
+            "the modules import each other in a circle: {}; move what they share into a module \
+             below them (ARCHITECTURE.md, code map)",
+            cycle.join(" -> ")
+        );
+    }
+}
+
+#[test]
+fn the_circle_check_finds_a_circle() {
+    let graph = BTreeMap::from([
+        ("a".to_string(), BTreeSet::from(["b".to_string()])),
+        ("b".to_string(), BTreeSet::from(["c".to_string()])),
+        ("c".to_string(), BTreeSet::from(["a".to_string()])),
+    ]);
+    assert_eq!(find_cycle(&graph).unwrap(), ["a", "b", "c", "a"]);
+    let text = "use crate::{x, y::Z};\nlet a = crate::w::f();";
+    assert_eq!(crate_paths(text), ["x", "y", "w"]);
 }

@@ -14,8 +14,9 @@ use nix::sys::signal::Signal;
 use util::{
     publish_ok, queue_counts, rabbitmqctl, ready_and_unacked, recorded, wait_until, Broker, Warren,
 };
+use warren::abort::Abort;
 use warren::config::Config;
-use warren::handler::{Abort, Handler, HandlerFactory, Outcome, Task};
+use warren::handler::{Handler, HandlerFactory, Outcome, Task};
 use warren::pool::{Pool, Report};
 
 /// Panics on a message's first delivery; records its id on the redelivery.

@@ -23,9 +23,10 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use super::breaker::{self, Breaker, Probe, Trip};
 use super::worker::{panic_message, Worker};
 use super::{Command, Declined, Event, Exit, Reply, Report, Request};
+use crate::abort::{Abort, AbortTrigger};
 use crate::amqp::AmqpError;
 use crate::config::Config;
-use crate::handler::{Abort, AbortTrigger, HandlerFactory};
+use crate::handler::HandlerFactory;
 use crate::metrics::{BreakerState, Metrics, TaskOutcome};
 use crate::notify::Notifier;
 
@@ -737,7 +738,7 @@ impl Supervisor {
             .handler
             .as_ref()
             .expect("invariant: fitted a handler");
-        let factory = crate::handler::from_config(handler, &config.queue.name);
+        let factory = crate::factory::from_config(handler, &config.queue.name);
         let config = Arc::new(config);
         self.config = Arc::clone(&config);
         self.factory = Arc::clone(&factory);

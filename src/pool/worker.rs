@@ -18,9 +18,10 @@ use crossbeam_channel::{select_biased, Receiver, Sender};
 
 use super::breaker::Probe;
 use super::{Command, Event, Exit};
+use crate::abort::Abort;
 use crate::amqp::{AmqpError, Confirmed, Delivery, Header, Next, Publisher, Session, Subscription};
 use crate::config::{Config, QueueType};
-use crate::handler::{Abort, Handler, HandlerFactory, Outcome, Task};
+use crate::handler::{Handler, HandlerFactory, Outcome, Task};
 use crate::logging::preview;
 use crate::metrics::{Metrics, TaskOutcome};
 use crate::retry::{self, Decision, Topology};

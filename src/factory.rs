@@ -1,0 +1,33 @@
+//! Builds each worker's handler from the configuration: the one module that knows every handler
+//! kind, above the handlers themselves (`handler` for `dots` and `command`, `pipe`), so that no
+//! handler needs to know another.
+
+use std::sync::Arc;
+
+use crate::config;
+use crate::handler::{CommandHandler, Dots, HandlerFactory};
+use crate::pipe::PipeHandler;
+
+/// The factory for the configured handler.
+pub fn from_config(handler: &config::Handler, queue: &str) -> HandlerFactory {
+    let timeout = handler.timeout;
+    match &handler.kind {
+        config::HandlerKind::Dots => Arc::new(move |_| Box::new(Dots { timeout })),
+        config::HandlerKind::Pipe { argv } => {
+            let (argv, queue, kill_grace) = (argv.clone(), queue.to_string(), handler.kill_grace);
+            Arc::new(move |worker| {
+                Box::new(PipeHandler::new(
+                    argv.clone(),
+                    &queue,
+                    worker,
+                    timeout,
+                    kill_grace,
+                ))
+            })
+        }
+        config::HandlerKind::Command { argv } => {
+            let command = CommandHandler::new(argv.clone(), queue, timeout, handler.kill_grace);
+            Arc::new(move |_| Box::new(command.clone()))
+        }
+    }
+}
