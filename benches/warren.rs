@@ -334,7 +334,7 @@ fn drain_table(flags: &Flags) -> Result<(), String> {
                     );
                     row.runs.push(measured);
                 }
-                Err(Error::Refused(why)) if row.name == "pipe" => {
+                Err(Error::Misconfigured(why)) if row.name == "pipe" => {
                     eprintln!("pipe: {why}");
                     for row in rows.iter_mut().filter(|r| r.name == "pipe") {
                         row.skipped = true;

@@ -58,7 +58,7 @@ fn open_error(url: &BrokerUrl, e: amiquip::Error) -> AmqpError {
         amiquip::Error::ServerClosedConnection {
             code: NOT_ALLOWED,
             message,
-        } => AmqpError::Refused {
+        } => AmqpError::LoginRefused {
             address: url.address(),
             reason: format!(
                 "user {:?} may not use vhost {:?} ({})",
@@ -123,7 +123,7 @@ pub enum AmqpError {
     /// The broker answered but refused us: wrong credentials or a vhost we may not use. Retrying
     /// will not help; the configuration must change.
     #[error("the broker at {address} refused the connection: {reason}")]
-    Refused { address: String, reason: String },
+    LoginRefused { address: String, reason: String },
     /// The broker refused an operation on an open channel, such as a queue declare whose
     /// arguments differ from the existing queue's. Retrying will not help.
     #[error("the broker rejected {what}: {reason}")]
@@ -144,7 +144,10 @@ pub enum AmqpError {
 impl AmqpError {
     /// True when retrying cannot help and the operator must change something.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, AmqpError::Refused { .. } | AmqpError::Rejected { .. })
+        matches!(
+            self,
+            AmqpError::LoginRefused { .. } | AmqpError::Rejected { .. }
+        )
     }
 }
 
@@ -204,7 +207,7 @@ impl Session {
             opened = Session::attempt(broker, url, name);
         }
         opened.map_err(|failed| match failed {
-            Failed::Login => AmqpError::Refused {
+            Failed::Login => AmqpError::LoginRefused {
                 address: url.address(),
                 reason: format!("invalid credentials for user {:?}", url.username()),
             },
@@ -817,7 +820,7 @@ pub enum PublishEvent {
 pub enum Confirmed {
     Stored,
     /// Nacked by the broker, or returned as unroutable.
-    Refused(String),
+    NotStored(String),
     /// No answer within the timeout (time spent blocked by an alarm does not count), or the
     /// caller gave up waiting.
     TimedOut,
@@ -899,14 +902,14 @@ impl Publisher<'_> {
                     if t == tag || (multiple && t > tag) =>
                 {
                     return Ok(match returned {
-                        Some(reason) => Confirmed::Refused(reason),
+                        Some(reason) => Confirmed::NotStored(reason),
                         None => Confirmed::Stored,
                     })
                 }
                 Some(PublishEvent::Nack { tag: t, multiple })
                     if t == tag || (multiple && t > tag) =>
                 {
-                    return Ok(Confirmed::Refused("nacked by the broker".into()))
+                    return Ok(Confirmed::NotStored("nacked by the broker".into()))
                 }
                 Some(PublishEvent::Returned { reason, .. }) => {
                     returned = Some(format!("returned as unroutable: {reason}"))

@@ -11,6 +11,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(version, about)]
 pub struct Cli {
+    /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -19,18 +22,16 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: consume the queue and run the handler for each message.
     Run {
-        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
+        /// Log each task as it is received and as it ends, as the tutorial's worker prints them
+        /// (adds warren::task=debug to the log filter).
+        #[arg(short, long)]
+        verbose: bool,
         /// Worker threads, overriding workers.count.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         workers: Option<u16>,
     },
     /// Publish persistent messages to the queue, with publisher confirms.
     Publish {
-        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
         /// The queue to publish to, overriding queue.name.
         #[arg(long, value_name = "NAME")]
         queue: Option<String>,
@@ -54,9 +55,6 @@ pub enum Command {
     ///
     /// Every default is filled in. Exits 78 with the same line as `warren run` on a bad file.
     CheckConfig {
-        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
         /// Also connect to every broker node, look for each queue (without creating it), and
         /// check the handler program; one line per check.
         #[arg(long)]
@@ -67,9 +65,6 @@ pub enum Command {
     /// Queues are looked at with passive declares: a missing queue is shown as missing, not
     /// created.
     Stats {
-        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
         /// Refresh every second, with the change in ready messages per second, until Ctrl+C.
         #[arg(long)]
         watch: bool,
@@ -81,29 +76,17 @@ pub enum Command {
     ///
     /// Tasks already running finish and are settled as usual; connections stay up. It lasts
     /// until `warren resume` or a restart. Talks to the daemon through control.socket.
-    Pause {
-        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
-    },
+    Pause,
     /// Ask the running `warren run` of this configuration to take messages again.
     ///
     /// Ends a pause, and closes the circuit breaker if it is open.
-    Resume {
-        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
-    },
+    Resume,
     /// Ask the running `warren run` to read its configuration again and apply it.
     ///
     /// The worker count, the handler, [breaker] and [shutdown] apply without dropping a running
     /// task; other changes are named and need a restart. A bad file is refused (exit 78) and
     /// the running configuration stays. This is the units' ExecReload= (systemctl reload).
-    Reload {
-        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
-    },
+    Reload,
 }
 
 #[derive(Subcommand)]
@@ -112,9 +95,6 @@ pub enum DeadLetters {
     ///
     /// Every message stays in the queue (taken unacked and put back, so their order may change).
     List {
-        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
         /// Show at most N messages.
         #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
@@ -124,9 +104,6 @@ pub enum DeadLetters {
     /// Each is removed from the dead-letter queue only once the broker has confirmed its copy in
     /// the work queue: a crash can duplicate a message, never lose one.
     Requeue {
-        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
         /// Move at most N messages [default: every message in the queue when it starts]
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         limit: Option<u32>,
@@ -142,9 +119,6 @@ pub enum DeadLetters {
     ///
     /// Nothing else in warren deletes messages.
     Purge {
-        /// The configuration file [default: $WARREN_CONFIG, else /etc/warren/warren.toml]
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
         /// Yes, delete them: without it, purge refuses and exits 64.
         #[arg(long)]
         yes: bool,

@@ -61,7 +61,7 @@ pub enum Failure {
     Config(#[from] ConfigError),
     /// The broker refused something that only a configuration change can fix.
     #[error("{0}")]
-    Refused(String),
+    Misconfigured(String),
     #[error("{0}")]
     Unavailable(amqp::AmqpError),
     #[error("{0}")]
@@ -77,7 +77,7 @@ impl Failure {
     pub fn exit_code(&self) -> u8 {
         match self {
             Failure::Usage(_) => exit::USAGE,
-            Failure::Config(_) | Failure::Refused(_) => exit::CONFIG,
+            Failure::Config(_) | Failure::Misconfigured(_) => exit::CONFIG,
             Failure::Unavailable(_) | Failure::NotRunning(_) => exit::UNAVAILABLE,
             Failure::TempFail(_) => exit::TEMPFAIL,
             Failure::Software(_) => exit::SOFTWARE,
@@ -213,7 +213,7 @@ pub fn daemon(
             Ok(exit::ABANDONED)
         }
         Report::Interrupted => Ok(exit::INTERRUPTED),
-        Report::Fatal(e) => Err(Failure::Refused(e.to_string())),
+        Report::Fatal(e) => Err(Failure::Misconfigured(e.to_string())),
     }
 }
 
@@ -278,9 +278,11 @@ pub fn publish_messages(
     messages: impl Iterator<Item = std::io::Result<Vec<u8>>>,
 ) -> Result<publish::Summary, Failure> {
     let summary = publish::publish(config, options, messages).map_err(|e| match e {
-        publish::PublishError::Unavailable(e) if e.is_fatal() => Failure::Refused(e.to_string()),
+        publish::PublishError::Unavailable(e) if e.is_fatal() => {
+            Failure::Misconfigured(e.to_string())
+        }
         publish::PublishError::Unavailable(e) => Failure::Unavailable(e),
-        publish::PublishError::Refused(why) => Failure::Refused(why),
+        publish::PublishError::Misconfigured(why) => Failure::Misconfigured(why),
         publish::PublishError::NotConfirmed(why) => Failure::TempFail(why),
         publish::PublishError::Input(e) => {
             Failure::Software(format!("cannot read standard input: {e}"))

@@ -13,8 +13,13 @@ use crate::config::LogFormat;
 /// Set once the configuration asks for JSON; read by every log line.
 static JSON: AtomicBool = AtomicBool::new(false);
 
-/// Installs the logger. Call once, first thing.
-pub fn init() {
+/// The log target of each task's received and done lines, which are at debug level: at thousands
+/// of tasks a second two lines per task cost throughput (BENCHMARKS.md) and journald's rate limit.
+/// `warren run --verbose` shows them.
+pub const TASKS: &str = "warren::task";
+
+/// Installs the logger. Call once, first thing. `verbose` adds [`TASKS`] at debug to the filter.
+pub fn init(verbose: bool) {
     // amiquip's own warnings repeat, less clearly, what warren logs about the same event, so
     // they are hidden unless RUST_LOG asks for amiquip by name.
     let mut filter = std::env::var("RUST_LOG")
@@ -23,6 +28,9 @@ pub fn init() {
         .unwrap_or_else(|| "info".into());
     if !filter.contains("amiquip") {
         filter.push_str(",amiquip=error");
+    }
+    if verbose {
+        filter.push_str(&format!(",{TASKS}=debug"));
     }
     // systemd sets JOURNAL_STREAM when standard error is connected to the journal.
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();

@@ -52,7 +52,8 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
-    warren::logging::init();
+    let verbose = matches!(cli.command, Command::Run { verbose: true, .. });
+    warren::logging::init(verbose);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
@@ -63,9 +64,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {
+    let config = warren::load_config(&warren::config_path(cli.config))?;
     match cli.command {
-        Command::Run { config, workers } => {
-            let config = warren::load_config(&warren::config_path(config))?;
+        Command::Run { workers, .. } => {
             let code = warren::daemon(config, workers.map(usize::from), |handle| {
                 let on_ctrl_c = handle.clone();
                 if let Err(e) = ctrlc::set_handler(move || on_ctrl_c.stop()) {
@@ -85,7 +86,6 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(code)
         }
         Command::Publish {
-            config,
             queue,
             stdin,
             no_declare,
@@ -93,7 +93,6 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             metrics_file,
             message,
         } => {
-            let config = warren::load_config(&warren::config_path(config))?;
             let options = warren::publish::Options {
                 queue: queue.unwrap_or_else(|| config.queue.name.clone()),
                 declare: !no_declare,
@@ -119,25 +118,20 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             }
             Ok(exit::OK)
         }
-        Command::CheckConfig { config, connect } => {
-            let config = warren::load_config(&warren::config_path(config))?;
+        Command::CheckConfig { connect } => {
             warren::ops::check_config(&config, connect, &mut std::io::stdout())
         }
-        Command::Stats { config, watch } => {
-            let config = warren::load_config(&warren::config_path(config))?;
+        Command::Stats { watch } => {
             warren::ops::stats(&config, watch, &stop_on_signal(), &mut std::io::stdout())
         }
-        Command::DeadLetters(DeadLetters::List { config, limit }) => {
-            let config = warren::load_config(&warren::config_path(config))?;
+        Command::DeadLetters(DeadLetters::List { limit }) => {
             warren::ops::list(&config, limit, &mut std::io::stdout())
         }
         Command::DeadLetters(DeadLetters::Requeue {
-            config,
             limit,
             ids,
             test_pause_after_confirm,
         }) => {
-            let config = warren::load_config(&warren::config_path(config))?;
             let options = warren::ops::Requeue {
                 limit,
                 ids,
@@ -146,20 +140,18 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let stop = stop_on_signal();
             warren::ops::requeue(&config, &options, &stop, &mut std::io::stdout())
         }
-        Command::DeadLetters(DeadLetters::Purge { config, yes }) => {
-            let config = warren::load_config(&warren::config_path(config))?;
+        Command::DeadLetters(DeadLetters::Purge { yes }) => {
             warren::ops::purge(&config, yes, &mut std::io::stdout())
         }
-        Command::Pause { config } => control(config, control::Command::Pause),
-        Command::Resume { config } => control(config, control::Command::Resume),
-        Command::Reload { config } => control(config, control::Command::Reload),
+        Command::Pause => control(&config, control::Command::Pause),
+        Command::Resume => control(&config, control::Command::Resume),
+        Command::Reload => control(&config, control::Command::Reload),
     }
 }
 
 /// `warren pause`, `resume` and `reload`: the daemon's answer on standard output.
-fn control(config: Option<std::path::PathBuf>, command: control::Command) -> Result<u8, Failure> {
-    let config = warren::load_config(&warren::config_path(config))?;
-    let answer = warren::control_command(&config, command)?;
+fn control(config: &warren::config::Config, command: control::Command) -> Result<u8, Failure> {
+    let answer = warren::control_command(config, command)?;
     println!("{answer}");
     Ok(exit::OK)
 }

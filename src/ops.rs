@@ -35,7 +35,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// checks the broker nodes, the queues and the handler program, one line each.
 ///
 /// Returns [`exit::CHECK_FAILED`] if a check failed; an unreachable broker is
-/// [`Failure::Unavailable`] and a refused login [`Failure::Refused`].
+/// [`Failure::Unavailable`] and a refused login [`Failure::Misconfigured`].
 pub fn check_config(config: &Config, connect: bool, out: &mut dyn Write) -> Result<u8, Failure> {
     let handler = config.handler()?;
     emit(out, &effective(config, handler))?;
@@ -66,7 +66,7 @@ pub fn check_config(config: &Config, connect: bool, out: &mut dyn Write) -> Resu
             Err(e) => {
                 checks.report(out, &format!("node {url}"), Err(e.to_string()))?;
                 if e.is_fatal() {
-                    return Err(Failure::Refused(e.to_string()));
+                    return Err(Failure::Misconfigured(e.to_string()));
                 }
                 unreachable = Some(e);
             }
@@ -724,7 +724,7 @@ fn move_back(
                 moved.count += 1;
                 moved.ids.insert(id);
             }
-            Confirmed::Refused(why) => {
+            Confirmed::NotStored(why) => {
                 message.requeue()?;
                 break Ended::NotStored(format!(
                     "the broker did not store the copy of {shown} in work queue {work}: {why}"
@@ -789,7 +789,7 @@ fn open_any(config: &Config, command: &str) -> Result<(Session, usize), Failure>
 /// A broker error as a failure: refused (exit 78) if retrying cannot help, else unavailable (69).
 fn broker(e: AmqpError) -> Failure {
     if e.is_fatal() {
-        Failure::Refused(e.to_string())
+        Failure::Misconfigured(e.to_string())
     } else {
         Failure::Unavailable(e)
     }

@@ -41,7 +41,7 @@ pub enum PublishError {
     /// After a lost connection, the next node refused what only a configuration change can fix,
     /// such as the login (exit 78); the text says how many messages were left unconfirmed.
     #[error("{0}")]
-    Refused(String),
+    Misconfigured(String),
     /// The input could not be read.
     #[error("cannot read standard input: {0}")]
     Input(std::io::Error),
@@ -135,7 +135,7 @@ pub fn publish(
         (session, node) = Session::open_from(&config.broker, node + 1, &name).map_err(|e| {
             if e.is_fatal() {
                 // Users and permissions are the cluster's: every other node would refuse too.
-                PublishError::Refused(format!(
+                PublishError::Misconfigured(format!(
                     "{e}; publishing stopped with {unconfirmed} messages not confirmed since warren {lost}"
                 ))
             } else {

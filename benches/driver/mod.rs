@@ -137,14 +137,14 @@ impl CpuTime {
 pub enum Error {
     /// The consumer exited 78: it refused its configuration (such as a handler kind it does not
     /// know). The bench skips a scenario for this; anything else fails it.
-    Refused(String),
+    Misconfigured(String),
     Failed(String),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Refused(why) | Error::Failed(why) => f.write_str(why),
+            Error::Misconfigured(why) | Error::Failed(why) => f.write_str(why),
         }
     }
 }
@@ -540,7 +540,7 @@ impl Run {
     }
 
     /// Polls the queue's ready messages and consumers until `done(now, ready, consumers)` gives
-    /// a result. Fails if the consumer exits ([`Error::Refused`] if with 78) or after `timeout`.
+    /// a result. Fails if the consumer exits ([`Error::Misconfigured`] if with 78) or after `timeout`.
     fn watch<T>(
         &mut self,
         timeout: Duration,
@@ -577,7 +577,7 @@ impl Run {
             self.what
         ));
         Err(match status.code() {
-            Some(78) => Error::Refused(why),
+            Some(78) => Error::Misconfigured(why),
             _ => Error::Failed(why),
         })
     }

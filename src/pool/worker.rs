@@ -22,7 +22,7 @@ use crate::abort::Abort;
 use crate::amqp::{AmqpError, Confirmed, Delivery, Header, Next, Publisher, Session, Subscription};
 use crate::config::{Config, QueueType};
 use crate::handler::{Handler, HandlerFactory, Outcome, Task};
-use crate::logging::preview;
+use crate::logging::{self, preview};
 use crate::metrics::{Metrics, TaskOutcome};
 use crate::retry::{self, Decision, Topology};
 
@@ -329,10 +329,9 @@ impl Worker {
         if let Some(warning) = warning {
             log::warn!("{name} {id}: {warning}");
         }
-        // At debug: at thousands of tasks a second, two lines per task cost about a tenth of the
-        // throughput (BENCHMARKS.md) and would trip journald's rate limit, which would drop the
-        // warnings too.
+        // At debug, under their own target (see logging::TASKS).
         log::debug!(
+            target: logging::TASKS,
             "{name} received {id} (attempt {attempt}{}{}) {}",
             if delivery.redelivered() {
                 ", redelivered"
@@ -378,7 +377,9 @@ impl Worker {
                 counted = Some(TaskOutcome::Ack);
                 session
                     .ack(delivery)
-                    .map(|()| log::debug!("{name} done {id} (attempt {attempt}) in {took:.2?}"))
+                    .map(|()| {
+                        log::debug!(target: logging::TASKS, "{name} done {id} (attempt {attempt}) in {took:.2?}")
+                    })
             }
             Outcome::Retry(status) => {
                 match retry::after_failure(attempt, &config.queue, &config.retry) {
@@ -517,7 +518,7 @@ impl Worker {
             self.abort.receiver(),
         ) {
             Ok(Confirmed::Stored) => return session.ack(delivery),
-            Ok(Confirmed::Refused(why)) => why,
+            Ok(Confirmed::NotStored(why)) => why,
             Ok(Confirmed::TimedOut) => format!("no confirm within {CONFIRM_TIMEOUT:?}"),
             Err(e) => {
                 let _ = session.requeue(delivery);
