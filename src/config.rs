@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
-use serde::Deserialize;
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::tls::{Tls, TlsSection};
@@ -64,16 +65,19 @@ impl ConfigError {
     }
 }
 
-/// The validated configuration of one warren process.
-#[derive(Debug, Clone)]
+/// The validated configuration of one warren process. It serializes as the TOML file that would
+/// give it, every default filled in and every password masked (`warren check-config`).
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
     /// The file this configuration was read from, for messages.
+    #[serde(skip)]
     pub path: PathBuf,
     pub broker: Broker,
     pub queue: Queue,
     pub workers: Workers,
     /// Required by `warren run` (see [`Config::handler`]), not by `warren publish`, so that a
     /// producer's file needs only `[broker]` and `[queue]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub handler: Option<Handler>,
     pub retry: Retry,
     pub shutdown: Shutdown,
@@ -84,21 +88,23 @@ pub struct Config {
 }
 
 /// The HTTP endpoint for `/metrics` and `/healthz`; off unless `listen` is set.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<std::net::SocketAddr>,
     /// How often the depth of the work queue, its retry queues and its dead-letter queue is read
     /// from the broker for `/metrics`; zero turns it off. Only with `listen`.
     #[serde(
         default = "default_queue_depth_interval",
-        deserialize_with = "duration"
+        deserialize_with = "duration",
+        serialize_with = "human"
     )]
     pub queue_depth_interval: Duration,
 }
 
 /// The circuit breaker: stop taking messages while the handler's dependency is down.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Breaker {
     #[serde(default = "yes")]
@@ -110,7 +116,11 @@ pub struct Breaker {
     )]
     pub outcomes: u32,
     /// …forgetting those older than this.
-    #[serde(default = "default_breaker_window", deserialize_with = "duration")]
+    #[serde(
+        default = "default_breaker_window",
+        deserialize_with = "duration",
+        serialize_with = "human"
+    )]
     pub window: Duration,
     /// It trips when failures are at least this share of them…
     #[serde(default = "default_breaker_ratio")]
@@ -128,11 +138,16 @@ pub struct Breaker {
     )]
     pub min_messages: u32,
     /// How long it stays open before the first probe; each failed probe doubles it.
-    #[serde(default = "default_breaker_cooldown", deserialize_with = "duration")]
+    #[serde(
+        default = "default_breaker_cooldown",
+        deserialize_with = "duration",
+        serialize_with = "human"
+    )]
     pub cooldown: Duration,
     #[serde(
         default = "default_breaker_max_cooldown",
-        deserialize_with = "duration"
+        deserialize_with = "duration",
+        serialize_with = "human"
     )]
     pub max_cooldown: Duration,
 }
@@ -144,6 +159,17 @@ pub struct Control {
     /// The socket was set in the file, not derived from the file's name: failing to listen on it
     /// is an error, not a warning.
     pub explicit: bool,
+}
+
+/// Only a socket the file set is written: the default follows the file's name.
+impl Serialize for Control {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        if self.explicit {
+            map.serialize_entry("socket", &self.socket)?;
+        }
+        map.end()
+    }
 }
 
 /// Where the control socket of the configuration at `path` is, unless the file sets one: in
@@ -160,7 +186,7 @@ pub fn default_control_socket(path: &Path) -> PathBuf {
 /// The directory of the default control sockets; the units make it (RuntimeDirectory=warren).
 pub const RUNTIME_DIR: &str = "/run/warren";
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
@@ -168,7 +194,7 @@ pub struct LogConfig {
 }
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One line of text per event.
@@ -178,18 +204,57 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Broker {
-    /// The nodes of the broker (one, or the nodes of a cluster). Never empty.
+    /// The nodes of the broker (one, or the nodes of a cluster). Never empty. Serialized as
+    /// `url` for one node, `urls` for several.
+    #[serde(flatten, serialize_with = "url_or_urls")]
     pub urls: Vec<BrokerUrl>,
+    /// Where `urls` came from.
+    #[serde(skip)]
+    pub url_source: UrlSource,
     /// Heartbeat interval in whole seconds; 0 disables heartbeats.
+    #[serde(serialize_with = "heartbeat_text")]
     pub heartbeat: u16,
+    #[serde(serialize_with = "human")]
     pub connect_timeout: Duration,
     /// The broker's `consumer_timeout`: it closes a channel whose delivery stays unacked longer.
     /// warren does not set it; it refuses a handler timeout that could outlast it.
+    #[serde(serialize_with = "human")]
     pub consumer_timeout: Duration,
     /// How to make `amqps://` connections: set when any URL is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<Tls>,
+}
+
+/// Where the broker URLs came from: the file, or an override that keeps the password out of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum UrlSource {
+    /// `broker.url` or `broker.urls`, or the default URL when the file sets neither.
+    #[default]
+    File,
+    /// The environment variable [`BROKER_URL_ENV`].
+    Environment,
+    /// The systemd credential at this path (`$CREDENTIALS_DIRECTORY/broker-url`).
+    Credential(PathBuf),
+}
+
+impl fmt::Display for UrlSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UrlSource::File => f.write_str("the configuration file"),
+            UrlSource::Environment => f.write_str(BROKER_URL_ENV),
+            UrlSource::Credential(path) => write!(f, "the systemd credential {}", path.display()),
+        }
+    }
+}
+
+/// Broker URLs that replace the file's, one or several separated by commas, and where they came
+/// from.
+#[derive(Debug, Clone)]
+pub struct UrlOverride {
+    pub urls: String,
+    pub source: UrlSource,
 }
 
 impl Broker {
@@ -201,10 +266,11 @@ impl Broker {
 }
 
 /// The work queue and the queues warren declares around it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Queue {
     pub name: String,
     pub durable: bool,
+    #[serde(rename = "type")]
     pub kind: QueueType,
     /// Where messages go after their last attempt, or when the handler rejects them.
     pub dead_letter: String,
@@ -222,7 +288,7 @@ impl Queue {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
     Classic,
@@ -233,14 +299,22 @@ pub enum QueueType {
 
 /// Bounded retries: a failed message is held back in a retry queue, then tried again, until
 /// `max_attempts`; then it goes to the dead-letter queue.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Retry {
     #[serde(default = "default_max_attempts", deserialize_with = "attempts")]
     pub max_attempts: u32,
-    #[serde(default = "default_retry_delay", deserialize_with = "duration")]
+    #[serde(
+        default = "default_retry_delay",
+        deserialize_with = "duration",
+        serialize_with = "human"
+    )]
     pub delay: Duration,
-    #[serde(default = "default_retry_max_delay", deserialize_with = "duration")]
+    #[serde(
+        default = "default_retry_max_delay",
+        deserialize_with = "duration",
+        serialize_with = "human"
+    )]
     pub max_delay: Duration,
 }
 
@@ -256,7 +330,7 @@ impl Retry {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workers {
     #[serde(default = "default_count", deserialize_with = "positive")]
@@ -266,23 +340,34 @@ pub struct Workers {
 }
 
 /// What runs for each message, and for how long at most.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Handler {
+    #[serde(flatten)]
     pub kind: HandlerKind,
     /// A task that runs longer fails (and is retried). A command gets SIGTERM, then SIGKILL
     /// after `kill_grace`.
+    #[serde(serialize_with = "human")]
     pub timeout: Duration,
+    #[serde(serialize_with = "human")]
     pub kill_grace: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Serialized as the file writes it: `kind = "command"` and `command = [...]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum HandlerKind {
     /// The tutorial's handler: sleep one second per `.` in the body.
     Dots,
     /// Run a program per message, body on stdin. `argv[0]` is the program.
-    Command { argv: Vec<String> },
+    Command {
+        #[serde(rename = "command")]
+        argv: Vec<String>,
+    },
     /// Run one long-lived program per worker and stream messages to it (see `pipe.rs`).
-    Pipe { argv: Vec<String> },
+    Pipe {
+        #[serde(rename = "command")]
+        argv: Vec<String>,
+    },
 }
 
 impl HandlerKind {
@@ -304,10 +389,14 @@ impl HandlerKind {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Shutdown {
-    #[serde(default = "default_grace", deserialize_with = "duration")]
+    #[serde(
+        default = "default_grace",
+        deserialize_with = "duration",
+        serialize_with = "human"
+    )]
     pub grace: Duration,
 }
 
@@ -417,6 +506,13 @@ impl fmt::Display for BrokerUrl {
     }
 }
 
+/// Serialized as displayed: with the password masked.
+impl Serialize for BrokerUrl {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl fmt::Debug for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "BrokerUrl({self})")
@@ -430,246 +526,48 @@ fn decode(text: &str) -> String {
 }
 
 impl Config {
-    /// Reads and validates the file at `path`. `broker_url_env` is the value of
-    /// `WARREN_BROKER_URL`, if set; it overrides `broker.url`.
+    /// Reads and validates the file at `path`. `url_override`, if any, replaces `broker.url`
+    /// (see `secrets::broker_url_override`).
     ///
     /// This does not require a handler, nor check that a `command` handler's program exists: a
     /// host that only runs `warren publish` need not have it. [`Config::handler`] does both.
-    pub fn load(path: &Path, broker_url_env: Option<String>) -> Result<Config, ConfigError> {
+    pub fn load(path: &Path, url_override: Option<UrlOverride>) -> Result<Config, ConfigError> {
         let source = fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
-        Config::parse(path, &source, broker_url_env)
+        Config::parse(path, &source, url_override)
     }
 
-    /// Like [`Config::load`], from text already read.
+    /// Like [`Config::load`], from text already read. Each section is checked by its own
+    /// function below; the broker's goes first, as the handler's limits depend on it.
     pub fn parse(
         path: &Path,
         source: &str,
-        broker_url_env: Option<String>,
+        url_override: Option<UrlOverride>,
     ) -> Result<Config, ConfigError> {
-        let file: File = toml::from_str(source)
-            .map_err(|e| ConfigError::at(path, source, e.span(), e.message()))?;
-        let err =
-            |span: Range<usize>, message: &str| ConfigError::at(path, source, Some(span), message);
-
-        let broker = file.broker.unwrap_or_default();
-        let overridden = broker_url_env.is_some();
-        let urls = match broker_url_env {
-            Some(env) => env
-                .split(',')
-                .map(|url| BrokerUrl::parse(url.trim()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| {
-                    ConfigError(format!(
-                        "{BROKER_URL_ENV} (overriding broker.url in {}): {e}",
-                        path.display()
-                    ))
-                })?,
-            None => match (broker.url, broker.urls) {
-                (Some(_), Some(urls)) => {
-                    return Err(err(urls.span(), "set broker.url or broker.urls, not both"))
-                }
-                (Some(url), None) => {
-                    vec![BrokerUrl::parse(url.get_ref()).map_err(|e| err(url.span(), &e))?]
-                }
-                (None, Some(urls)) => {
-                    let span = urls.span();
-                    let urls = urls.into_inner();
-                    if urls.is_empty() {
-                        return Err(err(span, "name at least one node"));
-                    }
-                    urls.iter()
-                        .map(|url| BrokerUrl::parse(url))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| err(span, &e))?
-                }
-                (None, None) => {
-                    vec![BrokerUrl::parse(DEFAULT_URL).expect("invariant: the default URL parses")]
-                }
-            },
-        };
-        if urls.iter().any(BrokerUrl::is_tls) && !urls.iter().all(BrokerUrl::is_tls) {
-            let message = "the broker URLs mix amqp:// and amqps://: the password would travel unencrypted to some nodes; use amqps:// for every node";
-            return Err(if overridden {
-                ConfigError(format!(
-                    "{BROKER_URL_ENV} (overriding broker.url in {}): {message}",
-                    path.display()
-                ))
-            } else {
-                ConfigError::at_key(path, source, "broker", "urls", message)
-            });
-        }
-        let tls = if urls.iter().any(BrokerUrl::is_tls) {
-            let base = path.parent().unwrap_or(Path::new("."));
-            let tls = Tls::load(broker.tls.as_ref(), base)
-                .map_err(|e| ConfigError::at_key(path, source, "broker.tls", e.key, &e.message))?;
-            Some(tls)
-        } else if broker.tls.is_some() {
-            let span = find_table(source, "broker.tls");
-            let message = if overridden {
-                format!("[broker.tls] is set but none of the URLs of {BROKER_URL_ENV} (or the broker-url credential) uses amqps://")
-            } else {
-                "[broker.tls] is set but no broker URL uses amqps://; use amqps:// URLs or remove it".to_string()
-            };
-            return Err(ConfigError::at(path, source, span, &message));
-        } else {
-            None
-        };
-        if broker.connect_timeout.is_zero() {
-            let span = find_key(source, "broker", "connect_timeout");
-            return Err(ConfigError::at(
-                path,
-                source,
-                span,
-                "must be longer than 0s",
-            ));
-        }
-
-        let Some(section) = file.queue else {
+        let text = FileText { path, source };
+        let file: File = toml::from_str(source).map_err(|e| text.error(e.span(), e.message()))?;
+        let broker = file.broker.unwrap_or_default().check(&text, url_override)?;
+        let Some(queue) = file.queue else {
             return Err(ConfigError(format!(
                 "{}: queue.name: missing; add a [queue] section with name = \"...\"",
                 path.display()
             )));
         };
-        let span = section.span();
-        let section = section.into_inner();
-        if section.name.is_empty() {
-            return Err(err(span, "queue.name must not be empty"));
-        }
-        if section.kind == QueueType::Quorum && !section.durable {
-            return Err(err(
-                span,
-                "a quorum queue is always durable; remove durable = false",
-            ));
-        }
-        let dead_letter = section
-            .dead_letter
-            .unwrap_or_else(|| format!("{}.dead", section.name));
-        if dead_letter == section.name || dead_letter.is_empty() {
-            return Err(err(span, "queue.dead_letter must name another queue"));
-        }
-        let queue = Queue {
-            name: section.name,
-            durable: section.durable,
-            kind: section.kind,
-            dead_letter,
-        };
-
-        let handler = file.handler.map(|section| {
-            let span = section.span();
-            let section = section.into_inner();
-            let kind = match (section.kind, section.command) {
-                (Kind::Dots, None) => HandlerKind::Dots,
-                (Kind::Dots, Some(command)) => {
-                    return Err(err(
-                        command.span(),
-                        "only kind = \"command\" or \"pipe\" takes a command",
-                    ))
-                }
-                (kind, None) => {
-                    let kind = if matches!(kind, Kind::Pipe) { "pipe" } else { "command" };
-                    return Err(ConfigError(format!(
-                        "{}: handler.command: missing; kind = \"{kind}\" needs command = [\"/path/to/program\", ...]",
-                        path.display()
-                    )));
-                }
-                (kind, Some(command)) => {
-                    let span = command.span();
-                    let argv = command.into_inner();
-                    if argv.is_empty() || argv[0].is_empty() {
-                        return Err(err(span, "the command must name a program"));
-                    }
-                    match kind {
-                        Kind::Pipe => HandlerKind::Pipe { argv },
-                        _ => HandlerKind::Command { argv },
-                    }
-                }
-            };
-            if section.timeout.is_zero() {
-                let span = find_key(source, "handler", "timeout").unwrap_or(span);
-                return Err(err(span, "must be longer than 0s"));
-            }
-            // The broker closes the channel of a delivery unacked for longer than its
-            // consumer_timeout; a task must end (and be killed) well before that.
-            if section.timeout + section.kill_grace >= broker.consumer_timeout {
-                let span = find_key(source, "handler", "timeout").unwrap_or(span);
-                return Err(err(
-                    span,
-                    &format!(
-                        "handler.timeout ({}) plus handler.kill_grace ({}) must be shorter than broker.consumer_timeout ({}), or the broker closes the channel first",
-                        humantime::format_duration(section.timeout),
-                        humantime::format_duration(section.kill_grace),
-                        humantime::format_duration(broker.consumer_timeout)
-                    ),
-                ));
-            }
-            Ok(Handler {
-                kind,
-                timeout: section.timeout,
-                kill_grace: section.kill_grace,
-            })
-        });
-        let handler = handler.transpose()?;
-
+        let queue = QueueSection::check(queue, &text)?;
+        let handler = file
+            .handler
+            .map(|section| HandlerSection::check(section, &text, broker.consumer_timeout))
+            .transpose()?;
         let retry = file.retry.unwrap_or_default();
-        if retry.delay.is_zero() || retry.max_delay < retry.delay {
-            let span = find_key(source, "retry", "max_delay")
-                .or_else(|| find_key(source, "retry", "delay"));
-            return Err(ConfigError::at(
-                path,
-                source,
-                span,
-                "retry.delay must be longer than 0s and retry.max_delay at least as long",
-            ));
-        }
-
+        retry.check(&text)?;
         let breaker = file.breaker.unwrap_or_default();
-        let breaker_error = |key: &str, message: &str| {
-            Err(ConfigError::at_key(path, source, "breaker", key, message))
-        };
-        if breaker.window.is_zero() {
-            return breaker_error("window", "must be longer than 0s");
-        }
-        if breaker.min_messages < 2 {
-            return breaker_error(
-                "min_messages",
-                "must be at least 2: one message that fails again and again must not trip the breaker",
-            );
-        }
-        if breaker.min_failures < breaker.min_messages {
-            return breaker_error(
-                "min_failures",
-                "must be at least breaker.min_messages: each of those messages fails once at least",
-            );
-        }
-        if breaker.outcomes < breaker.min_failures {
-            return breaker_error(
-                "outcomes",
-                "must be at least breaker.min_failures: they are among the outcomes it keeps",
-            );
-        }
-        if !(breaker.failure_ratio > 0.0 && breaker.failure_ratio <= 1.0) {
-            return breaker_error(
-                "failure_ratio",
-                &format!(
-                    "must be more than 0 and at most 1, not {}",
-                    breaker.failure_ratio
-                ),
-            );
-        }
-        if breaker.cooldown.is_zero() || breaker.max_cooldown < breaker.cooldown {
-            return breaker_error(
-                "max_cooldown",
-                "breaker.cooldown must be longer than 0s and breaker.max_cooldown at least as long",
-            );
-        }
-
+        breaker.check(&text)?;
         let control = match file.control.and_then(|section| section.socket) {
             Some(socket) => {
                 let span = socket.span();
                 let socket = socket.into_inner();
                 if socket.is_relative() {
-                    return Err(err(span, "must be an absolute path"));
+                    return Err(text.error(Some(span), "must be an absolute path"));
                 }
                 Control {
                     socket,
@@ -681,17 +579,10 @@ impl Config {
                 explicit: false,
             },
         };
-        let metrics = file.metrics.unwrap_or_default();
 
         Ok(Config {
             path: path.to_path_buf(),
-            broker: Broker {
-                urls,
-                heartbeat: broker.heartbeat,
-                connect_timeout: broker.connect_timeout,
-                consumer_timeout: broker.consumer_timeout,
-                tls,
-            },
+            broker,
             queue,
             workers: file.workers.unwrap_or_default(),
             handler,
@@ -699,7 +590,7 @@ impl Config {
             shutdown: file.shutdown.unwrap_or_default(),
             breaker,
             control,
-            metrics,
+            metrics: file.metrics.unwrap_or_default(),
             log: file.log.unwrap_or_default(),
         })
     }
@@ -958,6 +849,269 @@ pub fn resolve_program(program: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// The file's path and text, for errors that name its line and key.
+struct FileText<'a> {
+    path: &'a Path,
+    source: &'a str,
+}
+
+impl FileText<'_> {
+    fn error(&self, span: Option<Range<usize>>, message: &str) -> ConfigError {
+        ConfigError::at(self.path, self.source, span, message)
+    }
+
+    fn key_error(&self, table: &str, key: &str, message: &str) -> ConfigError {
+        ConfigError::at_key(self.path, self.source, table, key, message)
+    }
+
+    /// At `key` of `[table]` if the file has it, else at `span`.
+    fn key_or(&self, table: &str, key: &str, span: Range<usize>, message: &str) -> ConfigError {
+        self.error(find_key(self.source, table, key).or(Some(span)), message)
+    }
+}
+
+impl BrokerSection {
+    /// The broker's nodes (from `url_override` if there is one, else the file), TLS and
+    /// timeouts.
+    fn check(
+        self,
+        text: &FileText<'_>,
+        url_override: Option<UrlOverride>,
+    ) -> Result<Broker, ConfigError> {
+        let path = text.path;
+        let (urls, url_source) = match url_override {
+            Some(UrlOverride { urls, source }) => {
+                let urls = urls
+                    .split(',')
+                    .map(|url| BrokerUrl::parse(url.trim()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| {
+                        ConfigError(format!(
+                            "{source} (overriding broker.url in {}): {e}",
+                            path.display()
+                        ))
+                    })?;
+                (urls, source)
+            }
+            None => (self.file_urls(text)?, UrlSource::File),
+        };
+        if urls.iter().any(BrokerUrl::is_tls) && !urls.iter().all(BrokerUrl::is_tls) {
+            let message = "the broker URLs mix amqp:// and amqps://: the password would travel unencrypted to some nodes; use amqps:// for every node";
+            return Err(match &url_source {
+                UrlSource::File => text.key_error("broker", "urls", message),
+                source => ConfigError(format!(
+                    "{source} (overriding broker.url in {}): {message}",
+                    path.display()
+                )),
+            });
+        }
+        let tls = if urls.iter().any(BrokerUrl::is_tls) {
+            let base = path.parent().unwrap_or(Path::new("."));
+            let tls = Tls::load(self.tls.as_ref(), base)
+                .map_err(|e| text.key_error("broker.tls", e.key, &e.message))?;
+            Some(tls)
+        } else if self.tls.is_some() {
+            let span = find_table(text.source, "broker.tls");
+            let message = match &url_source {
+                UrlSource::File => "[broker.tls] is set but no broker URL uses amqps://; use amqps:// URLs or remove it".to_string(),
+                source => format!("[broker.tls] is set but none of the URLs of {source} uses amqps://"),
+            };
+            return Err(text.error(span, &message));
+        } else {
+            None
+        };
+        if self.connect_timeout.is_zero() {
+            let span = find_key(text.source, "broker", "connect_timeout");
+            return Err(text.error(span, "must be longer than 0s"));
+        }
+        Ok(Broker {
+            urls,
+            url_source,
+            heartbeat: self.heartbeat,
+            connect_timeout: self.connect_timeout,
+            consumer_timeout: self.consumer_timeout,
+            tls,
+        })
+    }
+
+    /// `broker.url` or `broker.urls`, else the default URL.
+    fn file_urls(&self, text: &FileText<'_>) -> Result<Vec<BrokerUrl>, ConfigError> {
+        match (&self.url, &self.urls) {
+            (Some(_), Some(urls)) => {
+                Err(text.error(Some(urls.span()), "set broker.url or broker.urls, not both"))
+            }
+            (Some(url), None) => {
+                Ok(vec![BrokerUrl::parse(url.get_ref())
+                    .map_err(|e| text.error(Some(url.span()), &e))?])
+            }
+            (None, Some(urls)) => {
+                let span = urls.span();
+                if urls.get_ref().is_empty() {
+                    return Err(text.error(Some(span), "name at least one node"));
+                }
+                urls.get_ref()
+                    .iter()
+                    .map(|url| BrokerUrl::parse(url))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| text.error(Some(span), &e))
+            }
+            (None, None) => Ok(vec![
+                BrokerUrl::parse(DEFAULT_URL).expect("invariant: the default URL parses")
+            ]),
+        }
+    }
+}
+
+impl QueueSection {
+    fn check(section: Spanned<QueueSection>, text: &FileText<'_>) -> Result<Queue, ConfigError> {
+        let span = section.span();
+        let section = section.into_inner();
+        let err = |message: &str| text.error(Some(span.clone()), message);
+        if section.name.is_empty() {
+            return Err(err("queue.name must not be empty"));
+        }
+        if section.kind == QueueType::Quorum && !section.durable {
+            return Err(err(
+                "a quorum queue is always durable; remove durable = false",
+            ));
+        }
+        let dead_letter = section
+            .dead_letter
+            .unwrap_or_else(|| format!("{}.dead", section.name));
+        if dead_letter == section.name || dead_letter.is_empty() {
+            return Err(err("queue.dead_letter must name another queue"));
+        }
+        Ok(Queue {
+            name: section.name,
+            durable: section.durable,
+            kind: section.kind,
+            dead_letter,
+        })
+    }
+}
+
+impl HandlerSection {
+    /// The handler, whose task must end (and be killed) well before the broker's
+    /// `consumer_timeout`, or the broker closes the channel first.
+    fn check(
+        section: Spanned<HandlerSection>,
+        text: &FileText<'_>,
+        consumer_timeout: Duration,
+    ) -> Result<Handler, ConfigError> {
+        let span = section.span();
+        let section = section.into_inner();
+        let kind = match (section.kind, section.command) {
+            (Kind::Dots, None) => HandlerKind::Dots,
+            (Kind::Dots, Some(command)) => {
+                return Err(text.error(
+                    Some(command.span()),
+                    "only kind = \"command\" or \"pipe\" takes a command",
+                ))
+            }
+            (kind, None) => {
+                let kind = if matches!(kind, Kind::Pipe) {
+                    "pipe"
+                } else {
+                    "command"
+                };
+                return Err(ConfigError(format!(
+                    "{}: handler.command: missing; kind = \"{kind}\" needs command = [\"/path/to/program\", ...]",
+                    text.path.display()
+                )));
+            }
+            (kind, Some(command)) => {
+                let span = command.span();
+                let argv = command.into_inner();
+                if argv.is_empty() || argv[0].is_empty() {
+                    return Err(text.error(Some(span), "the command must name a program"));
+                }
+                match kind {
+                    Kind::Pipe => HandlerKind::Pipe { argv },
+                    _ => HandlerKind::Command { argv },
+                }
+            }
+        };
+        if section.timeout.is_zero() {
+            return Err(text.key_or("handler", "timeout", span, "must be longer than 0s"));
+        }
+        if section.timeout + section.kill_grace >= consumer_timeout {
+            return Err(text.key_or(
+                "handler",
+                "timeout",
+                span,
+                &format!(
+                    "handler.timeout ({}) plus handler.kill_grace ({}) must be shorter than broker.consumer_timeout ({}), or the broker closes the channel first",
+                    humantime::format_duration(section.timeout),
+                    humantime::format_duration(section.kill_grace),
+                    humantime::format_duration(consumer_timeout)
+                ),
+            ));
+        }
+        Ok(Handler {
+            kind,
+            timeout: section.timeout,
+            kill_grace: section.kill_grace,
+        })
+    }
+}
+
+impl Retry {
+    fn check(&self, text: &FileText<'_>) -> Result<(), ConfigError> {
+        if self.delay.is_zero() || self.max_delay < self.delay {
+            let span = find_key(text.source, "retry", "max_delay")
+                .or_else(|| find_key(text.source, "retry", "delay"));
+            return Err(text.error(
+                span,
+                "retry.delay must be longer than 0s and retry.max_delay at least as long",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Breaker {
+    fn check(&self, text: &FileText<'_>) -> Result<(), ConfigError> {
+        let err = |key: &str, message: &str| Err(text.key_error("breaker", key, message));
+        if self.window.is_zero() {
+            return err("window", "must be longer than 0s");
+        }
+        if self.min_messages < 2 {
+            return err(
+                "min_messages",
+                "must be at least 2: one message that fails again and again must not trip the breaker",
+            );
+        }
+        if self.min_failures < self.min_messages {
+            return err(
+                "min_failures",
+                "must be at least breaker.min_messages: each of those messages fails once at least",
+            );
+        }
+        if self.outcomes < self.min_failures {
+            return err(
+                "outcomes",
+                "must be at least breaker.min_failures: they are among the outcomes it keeps",
+            );
+        }
+        if !(self.failure_ratio > 0.0 && self.failure_ratio <= 1.0) {
+            return err(
+                "failure_ratio",
+                &format!(
+                    "must be more than 0 and at most 1, not {}",
+                    self.failure_ratio
+                ),
+            );
+        }
+        if self.cooldown.is_zero() || self.max_cooldown < self.cooldown {
+            return err(
+                "max_cooldown",
+                "breaker.cooldown must be longer than 0s and breaker.max_cooldown at least as long",
+            );
+        }
+        Ok(())
+    }
+}
+
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// The file as written, before cross-key validation.
@@ -1152,6 +1306,29 @@ fn default_retry_delay() -> Duration {
 }
 fn default_retry_max_delay() -> Duration {
     Duration::from_secs(5 * 60)
+}
+
+/// A duration as the file writes it, such as "1m 30s".
+fn human<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&humantime::format_duration(*duration).to_string())
+}
+
+/// `broker.heartbeat` as the file writes it: "30s", or "0" for none.
+fn heartbeat_text<S: Serializer>(secs: &u16, serializer: S) -> Result<S::Ok, S::Error> {
+    match secs {
+        0 => serializer.serialize_str("0"),
+        secs => serializer.serialize_str(&format!("{secs}s")),
+    }
+}
+
+/// The broker's nodes as the file writes them: `url` for one, `urls` for several.
+fn url_or_urls<S: Serializer>(urls: &[BrokerUrl], serializer: S) -> Result<S::Ok, S::Error> {
+    let mut map = serializer.serialize_map(Some(1))?;
+    match urls {
+        [url] => map.serialize_entry("url", url)?,
+        urls => map.serialize_entry("urls", urls)?,
+    }
+    map.end()
 }
 
 fn attempts<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
@@ -1360,11 +1537,23 @@ mod tests {
         assert!(parse(&text)
             .unwrap_err()
             .starts_with("w.toml:2: broker.urls: the broker URLs mix amqp:// and amqps://"));
-        let env = Some("amqps://u:p@n1,amqp://u:p@n2".to_string());
-        let err = Config::parse(Path::new("w.toml"), MINIMAL, env).unwrap_err();
+        let urls = "amqps://u:p@n1,amqp://u:p@n2";
+        let err = Config::parse(Path::new("w.toml"), MINIMAL, env(urls)).unwrap_err();
         assert!(err.to_string().starts_with(
             "WARREN_BROKER_URL (overriding broker.url in w.toml): the broker URLs mix"
         ));
+        let credential = Some(UrlOverride {
+            urls: urls.to_string(),
+            source: UrlSource::Credential("/run/credentials/warren.service/broker-url".into()),
+        });
+        let err = Config::parse(Path::new("w.toml"), MINIMAL, credential).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "the systemd credential /run/credentials/warren.service/broker-url (overriding \
+                 broker.url in w.toml): the broker URLs mix"
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1593,23 +1782,28 @@ mod tests {
             .starts_with("w.toml:2: broker.url: unsupported scheme"));
     }
 
+    /// `WARREN_BROKER_URL` set to `urls`.
+    fn env(urls: &str) -> Option<UrlOverride> {
+        Some(UrlOverride {
+            urls: urls.to_string(),
+            source: UrlSource::Environment,
+        })
+    }
+
     #[test]
     fn the_environment_overrides_the_broker_url() {
-        let config = Config::parse(
-            Path::new("w.toml"),
-            MINIMAL,
-            Some("amqp://u:p@h:1/v".into()),
-        )
-        .unwrap();
+        let config = Config::parse(Path::new("w.toml"), MINIMAL, env("amqp://u:p@h:1/v")).unwrap();
         assert_eq!(config.broker.urls[0].address(), "h:1");
+        assert_eq!(config.broker.url_source, UrlSource::Environment);
+        assert_eq!(parse(MINIMAL).unwrap().broker.url_source, UrlSource::File);
         let config = Config::parse(
             Path::new("w.toml"),
             MINIMAL,
-            Some("amqp://a:5672, amqp://b:5672".into()),
+            env("amqp://a:5672, amqp://b:5672"),
         )
         .unwrap();
         assert_eq!(config.broker.describe(), "amqp://a:5672, amqp://b:5672");
-        let err = Config::parse(Path::new("w.toml"), MINIMAL, Some("nope".into())).unwrap_err();
+        let err = Config::parse(Path::new("w.toml"), MINIMAL, env("nope")).unwrap_err();
         assert!(err.to_string().starts_with("WARREN_BROKER_URL"), "{err}");
     }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{select, Receiver, TryRecvError};
 
 use crate::amqp::{AmqpError, Confirmed, Header, QueueSpec, QueueState, Session};
-use crate::config::{self, Config, Handler, LogFormat, QueueType};
+use crate::config::{self, Config, Handler, HandlerKind, UrlSource};
 use crate::retry::{self, Topology};
 use crate::{exit, Failure};
 
@@ -131,158 +131,75 @@ impl Checks {
 /// The configuration as TOML, with every default filled in and every password masked: what
 /// `warren run` would use.
 fn effective(config: &Config, handler: &Handler) -> String {
-    let s = |text: &str| toml::Value::String(text.to_string()).to_string();
-    let d = |duration: Duration| s(&humantime::format_duration(duration).to_string());
-    let list = |items: &[String]| {
-        let items: Vec<String> = items.iter().map(|i| s(i)).collect();
-        format!("[{}]", items.join(", "))
-    };
+    let mut shown = config.clone();
+    let mut handler = handler.clone();
+    if let HandlerKind::Command { argv } | HandlerKind::Pipe { argv } = &mut handler.kind {
+        for arg in argv {
+            *arg = mask(config, arg);
+        }
+    }
+    shown.handler = Some(handler);
+    let toml = toml::to_string(&shown).expect("invariant: a configuration serializes as TOML");
+
+    // What the keys cannot say, as a comment under the table's header.
+    let mut notes: Vec<(&str, String)> = Vec::new();
+    if config.broker.url_source != UrlSource::File {
+        let source = &config.broker.url_source;
+        notes.push((
+            "[broker]",
+            format!("From {source} (it overrides the file)."),
+        ));
+    }
+    if let Some(tls) = &config.broker.tls {
+        if tls.settings.ca_file.is_none() {
+            notes.push((
+                "[broker.tls]",
+                "No ca_file: the system's CAs are trusted.".into(),
+            ));
+        }
+    }
+    if let Some(program) = shown
+        .handler
+        .as_ref()
+        .and_then(|h| h.kind.argv())
+        .map(|a| &a[0])
+    {
+        if let (false, Ok(path)) = (program.contains('/'), config::resolve_program(program)) {
+            let found = format!("The program found in PATH: {}", path.display());
+            notes.push(("[handler]", found));
+        }
+    }
+    let topology = Topology::new(&config.queue, &config.retry);
+    let retries: Vec<&str> = topology.retries.iter().map(|q| q.name.as_str()).collect();
+    if !retries.is_empty() {
+        notes.push(("[retry]", format!("Retry queues: {}.", retries.join(", "))));
+    }
+    if !config.control.explicit {
+        let socket = config.control.socket.display();
+        let note = format!("socket is not set: named after the file, {socket:?}.");
+        notes.push(("[control]", note));
+    }
+    if config.metrics.listen.is_none() {
+        notes.push(("[metrics]", "listen is not set: no HTTP endpoint.".into()));
+    }
+
     let mut text = format!(
         "# The configuration warren run would use, read from {}: every default filled in,\n\
          # every password shown as ***.\n",
         config.path.display()
     );
-    text.push_str("\n[broker]\n");
-    if std::env::var_os(config::BROKER_URL_ENV).is_some() {
-        text.push_str(&format!(
-            "# From {} (it overrides the file).\n",
-            config::BROKER_URL_ENV
-        ));
-    }
-    let urls: Vec<String> = config.broker.urls.iter().map(ToString::to_string).collect();
-    match urls.as_slice() {
-        [url] => text.push_str(&format!("url = {}\n", s(url))),
-        urls => text.push_str(&format!("urls = {}\n", list(urls))),
-    }
-    let heartbeat = match config.broker.heartbeat {
-        0 => "0".to_string(),
-        secs => format!("{secs}s"),
-    };
-    text.push_str(&format!("heartbeat = {}\n", s(&heartbeat)));
-    text.push_str(&format!(
-        "connect_timeout = {}\n",
-        d(config.broker.connect_timeout)
-    ));
-    text.push_str(&format!(
-        "consumer_timeout = {}\n",
-        d(config.broker.consumer_timeout)
-    ));
-
-    if let Some(tls) = &config.broker.tls {
-        let settings = &tls.settings;
-        let path =
-            |path: &Option<std::path::PathBuf>| path.as_ref().map(|p| p.display().to_string());
-        let keys = [
-            ("ca_file", path(&settings.ca_file)),
-            ("cert_file", path(&settings.cert_file)),
-            ("key_file", path(&settings.key_file)),
-            ("server_name", settings.server_name.clone()),
-        ];
-        text.push_str("\n[broker.tls]\n");
-        if settings.ca_file.is_none() {
-            text.push_str("# No ca_file: the system's CAs are trusted.\n");
+    for line in toml.lines() {
+        if line.starts_with('[') && !text.ends_with("\n\n") {
+            text.push('\n');
         }
-        for (key, value) in keys {
-            if let Some(value) = value {
-                text.push_str(&format!("{key} = {}\n", s(&value)));
-            }
+        if !line.is_empty() {
+            text.push_str(line);
+            text.push('\n');
+        }
+        for (_, note) in notes.iter().filter(|(header, _)| *header == line) {
+            text.push_str(&format!("# {note}\n"));
         }
     }
-
-    let queue = &config.queue;
-    let kind = match queue.kind {
-        QueueType::Classic => "classic",
-        QueueType::Quorum => "quorum",
-    };
-    text.push_str(&format!(
-        "\n[queue]\nname = {}\ndurable = {}\ntype = {}\ndead_letter = {}\n",
-        s(&queue.name),
-        queue.durable,
-        s(kind),
-        s(&queue.dead_letter)
-    ));
-
-    text.push_str(&format!(
-        "\n[workers]\ncount = {}\nprefetch = {}\n",
-        config.workers.count, config.workers.prefetch
-    ));
-
-    text.push_str("\n[handler]\n");
-    text.push_str(&format!("kind = {}\n", s(handler.kind.name())));
-    if let Some(argv) = handler.kind.argv() {
-        let argv: Vec<String> = argv.iter().map(|arg| mask(config, arg)).collect();
-        text.push_str(&format!("command = {}\n", list(&argv)));
-        if !argv[0].contains('/') {
-            if let Ok(path) = config::resolve_program(&argv[0]) {
-                text.push_str(&format!(
-                    "# The program found in PATH: {}\n",
-                    path.display()
-                ));
-            }
-        }
-    }
-    text.push_str(&format!(
-        "timeout = {}\nkill_grace = {}\n",
-        d(handler.timeout),
-        d(handler.kill_grace)
-    ));
-
-    let topology = Topology::new(&config.queue, &config.retry);
-    let retries: Vec<&str> = topology.retries.iter().map(|q| q.name.as_str()).collect();
-    text.push_str(&format!(
-        "\n[retry]\nmax_attempts = {}\ndelay = {}\nmax_delay = {}\n",
-        config.retry.max_attempts,
-        d(config.retry.delay),
-        d(config.retry.max_delay)
-    ));
-    if !retries.is_empty() {
-        text.push_str(&format!("# Retry queues: {}.\n", retries.join(", ")));
-    }
-
-    text.push_str(&format!(
-        "\n[shutdown]\ngrace = {}\n",
-        d(config.shutdown.grace)
-    ));
-
-    let breaker = &config.breaker;
-    text.push_str(&format!(
-        "\n[breaker]\nenabled = {}\noutcomes = {}\nwindow = {}\nfailure_ratio = {:?}\n\
-         min_failures = {}\nmin_messages = {}\ncooldown = {}\nmax_cooldown = {}\n",
-        breaker.enabled,
-        breaker.outcomes,
-        d(breaker.window),
-        breaker.failure_ratio,
-        breaker.min_failures,
-        breaker.min_messages,
-        d(breaker.cooldown),
-        d(breaker.max_cooldown)
-    ));
-
-    text.push_str("\n[control]\n");
-    let socket = s(&config.control.socket.display().to_string());
-    if config.control.explicit {
-        text.push_str(&format!("socket = {socket}\n"));
-    } else {
-        text.push_str(&format!(
-            "# socket is not set: named after the file, {socket}.\n"
-        ));
-    }
-
-    text.push_str("\n[metrics]\n");
-    match config.metrics.listen {
-        Some(listen) => text.push_str(&format!("listen = {}\n", s(&listen.to_string()))),
-        None => text.push_str("# listen is not set: no HTTP endpoint.\n"),
-    }
-    text.push_str(&format!(
-        "queue_depth_interval = {}\n",
-        d(config.metrics.queue_depth_interval)
-    ));
-
-    let format = match config.log.format {
-        LogFormat::Text => "text",
-        LogFormat::Json => "json",
-    };
-    text.push_str(&format!("\n[log]\nformat = {}\n", s(format)));
     text
 }
 
@@ -854,6 +771,26 @@ mod tests {
         );
         let back = parse(&printed.replace("***", "pw"));
         assert_eq!(format!("{back:?}"), format!("{config:?}"));
+    }
+
+    #[test]
+    fn the_printed_configuration_says_where_the_broker_url_came_from() {
+        let text = "[broker]\nurl = \"amqp://u:pw@file\"\n[queue]\nname = \"q\"\n[handler]\nkind = \"dots\"\n";
+        let printed = |source: Option<UrlSource>| {
+            let url_override = source.map(|source| config::UrlOverride {
+                urls: "amqp://u:pw@elsewhere".into(),
+                source,
+            });
+            let config = Config::parse(Path::new("w.toml"), text, url_override).unwrap();
+            effective(&config, config.handler.as_ref().unwrap())
+        };
+        assert!(!printed(None).contains("# From"));
+        let credential = UrlSource::Credential("/run/credentials/w/broker-url".into());
+        assert!(printed(Some(credential)).contains(
+            "[broker]\n# From the systemd credential /run/credentials/w/broker-url (it overrides the file).\nurl = \"amqp://u:***@elsewhere\"\n"
+        ));
+        assert!(printed(Some(UrlSource::Environment))
+            .contains("[broker]\n# From WARREN_BROKER_URL (it overrides the file).\n"));
     }
 
     #[test]

@@ -12,16 +12,19 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::{BrokerUrl, ConfigError, BROKER_URL_ENV};
+use crate::config::{BrokerUrl, ConfigError, UrlOverride, UrlSource, BROKER_URL_ENV};
 
 /// The name of the systemd credential that holds the broker URL.
 pub const CREDENTIAL: &str = "broker-url";
 
 /// The broker URL that overrides the file's, if any: `WARREN_BROKER_URL`, else the credential.
 /// Either may list several nodes, separated by commas.
-pub fn broker_url_override() -> Result<Option<String>, ConfigError> {
+pub fn broker_url_override() -> Result<Option<UrlOverride>, ConfigError> {
     match std::env::var(BROKER_URL_ENV) {
-        Ok(url) => Ok(Some(url)),
+        Ok(urls) => Ok(Some(UrlOverride {
+            urls,
+            source: UrlSource::Environment,
+        })),
         Err(std::env::VarError::NotPresent) => credential(),
         Err(std::env::VarError::NotUnicode(_)) => Err(ConfigError::new(format!(
             "{BROKER_URL_ENV}: not valid UTF-8"
@@ -39,7 +42,7 @@ pub fn credential_path() -> Option<PathBuf> {
 /// The credential's contents, trimmed, checked here so that a bad one is reported under its own
 /// name rather than as `WARREN_BROKER_URL`. A credentials directory without it is no error:
 /// the unit passes other credentials, or none.
-fn credential() -> Result<Option<String>, ConfigError> {
+fn credential() -> Result<Option<UrlOverride>, ConfigError> {
     let Some(path) = credential_path() else {
         return Ok(None);
     };
@@ -64,7 +67,10 @@ fn credential() -> Result<Option<String>, ConfigError> {
         BrokerUrl::parse(url.trim())
             .map_err(|e| ConfigError::new(format!("{}: {e}", path.display())))?;
     }
-    Ok(Some(urls.to_string()))
+    Ok(Some(UrlOverride {
+        urls: urls.to_string(),
+        source: UrlSource::Credential(path),
+    }))
 }
 
 /// Logs one warning, naming the file and the key, when the config file at `path` holds a broker

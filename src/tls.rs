@@ -10,22 +10,26 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use native_tls::{Certificate, Identity, TlsConnector};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 /// `[broker.tls]` as written in the file (relative paths are relative to the file's
 /// directory), or as loaded (the paths joined to that directory).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
     /// The CA certificate(s), PEM, that signed the broker's certificate. When set, only these
     /// are trusted; otherwise the system's roots are.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// The client certificate (PEM, optionally followed by its chain), for mutual TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_file: Option<PathBuf>,
     /// The client certificate's private key, PEM in PKCS#8 (`BEGIN PRIVATE KEY`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
     /// The name the broker's certificate must carry, when it is not the URL's host (a node
     /// reached by IP address or through a load balancer).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
 }
 
@@ -36,6 +40,13 @@ pub struct Tls {
     /// The settings it was built from, with the file paths joined to the config file's
     /// directory.
     pub settings: TlsSection,
+}
+
+/// Serialized as its settings.
+impl Serialize for Tls {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.settings.serialize(serializer)
+    }
 }
 
 impl fmt::Debug for Tls {
