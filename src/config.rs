@@ -78,10 +78,10 @@ pub struct Config {
     /// Required by `warren run` (see [`Config::handler`]), not by `warren publish`, so that a
     /// producer's file needs only `[broker]` and `[queue]`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub handler: Option<Handler>,
+    pub handler: Option<HandlerConfig>,
     pub retry: Retry,
     pub shutdown: Shutdown,
-    pub breaker: Breaker,
+    pub breaker: BreakerConfig,
     pub control: Control,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
@@ -106,7 +106,7 @@ pub struct MetricsConfig {
 /// The circuit breaker: stop taking messages while the handler's dependency is down.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Breaker {
+pub struct BreakerConfig {
     #[serde(default = "yes")]
     pub enabled: bool,
     /// How many of the latest outcomes (acks and failed attempts) it judges…
@@ -341,7 +341,7 @@ pub struct Workers {
 
 /// What runs for each message, and for how long at most.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Handler {
+pub struct HandlerConfig {
     #[serde(flatten)]
     pub kind: HandlerKind,
     /// A task that runs longer fails (and is retried). A command gets SIGTERM, then SIGKILL
@@ -597,7 +597,7 @@ impl Config {
 
     /// The handler, as `warren run` needs it: configured, and if it is a command, with a program
     /// that exists and is executable.
-    pub fn handler(&self) -> Result<&Handler, ConfigError> {
+    pub fn handler(&self) -> Result<&HandlerConfig, ConfigError> {
         let handler = self.handler.as_ref().ok_or_else(|| {
             ConfigError(format!(
                 "{}: handler.kind: missing; add a [handler] section with kind = \"dots\", \"command\" or \"pipe\"",
@@ -997,7 +997,7 @@ impl HandlerSection {
         section: Spanned<HandlerSection>,
         text: &FileText<'_>,
         consumer_timeout: Duration,
-    ) -> Result<Handler, ConfigError> {
+    ) -> Result<HandlerConfig, ConfigError> {
         let span = section.span();
         let section = section.into_inner();
         let kind = match (section.kind, section.command) {
@@ -1047,7 +1047,7 @@ impl HandlerSection {
                 ),
             ));
         }
-        Ok(Handler {
+        Ok(HandlerConfig {
             kind,
             timeout: section.timeout,
             kill_grace: section.kill_grace,
@@ -1069,7 +1069,7 @@ impl Retry {
     }
 }
 
-impl Breaker {
+impl BreakerConfig {
     fn check(&self, text: &FileText<'_>) -> Result<(), ConfigError> {
         let err = |key: &str, message: &str| Err(text.key_error("breaker", key, message));
         if self.window.is_zero() {
@@ -1124,7 +1124,7 @@ struct File {
     handler: Option<Spanned<HandlerSection>>,
     retry: Option<Retry>,
     shutdown: Option<Shutdown>,
-    breaker: Option<Breaker>,
+    breaker: Option<BreakerConfig>,
     control: Option<ControlSection>,
     metrics: Option<MetricsConfig>,
     log: Option<LogConfig>,
@@ -1221,9 +1221,9 @@ impl Default for MetricsConfig {
     }
 }
 
-impl Default for Breaker {
+impl Default for BreakerConfig {
     fn default() -> Self {
-        Breaker {
+        BreakerConfig {
             enabled: true,
             outcomes: default_breaker_outcomes(),
             window: default_breaker_window(),
@@ -1853,7 +1853,7 @@ mod tests {
     #[test]
     fn the_breaker_and_the_control_socket_are_configured_and_checked() {
         let config = parse(MINIMAL).unwrap();
-        assert_eq!(config.breaker, Breaker::default());
+        assert_eq!(config.breaker, BreakerConfig::default());
         assert!(config.breaker.enabled);
         assert_eq!(
             config.control,

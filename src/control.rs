@@ -62,7 +62,7 @@ struct Answer {
 }
 
 /// What the daemon answers to a command: one line, or the refusal and its line.
-pub type Outcome = Result<String, (Refusal, String)>;
+pub type Response = Result<String, (Refusal, String)>;
 
 /// A listening control socket. Dropping it removes the socket file; the thread that answers on
 /// it ends with the process.
@@ -85,7 +85,7 @@ impl Drop for Server {
 pub fn serve(
     control: &config::Control,
     config_path: &Path,
-    handle: impl Fn(Command) -> Outcome + Send + 'static,
+    handle: impl Fn(Command) -> Response + Send + 'static,
 ) -> Result<Option<Server>, String> {
     let path = &control.socket;
     let listener = match listen(path) {
@@ -145,7 +145,7 @@ fn listen(path: &Path) -> Result<UnixListener, String> {
 }
 
 /// Reads one request from `stream`, and writes the answer.
-fn answer(stream: UnixStream, own: &Path, handle: &impl Fn(Command) -> Outcome) -> io::Result<()> {
+fn answer(stream: UnixStream, own: &Path, handle: &impl Fn(Command) -> Response) -> io::Result<()> {
     stream.set_read_timeout(Some(LINE_WAIT))?;
     stream.set_write_timeout(Some(LINE_WAIT))?;
     let mut line = String::new();

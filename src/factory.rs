@@ -9,7 +9,7 @@ use crate::handler::{CommandHandler, Dots, HandlerFactory};
 use crate::pipe::PipeHandler;
 
 /// The factory for the configured handler.
-pub fn from_config(handler: &config::Handler, queue: &str) -> HandlerFactory {
+pub fn from_config(handler: &config::HandlerConfig, queue: &str) -> HandlerFactory {
     let timeout = handler.timeout;
     match &handler.kind {
         config::HandlerKind::Dots => Arc::new(move |_| Box::new(Dots { timeout })),

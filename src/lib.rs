@@ -107,7 +107,7 @@ pub fn load_config(path: &Path) -> Result<Config, Failure> {
 #[derive(Clone)]
 pub struct Handle {
     stopper: Stopper,
-    reload: Arc<dyn Fn() -> control::Outcome + Send + Sync>,
+    reload: Arc<dyn Fn() -> control::Response + Send + Sync>,
 }
 
 impl Handle {
@@ -118,7 +118,7 @@ impl Handle {
 
     /// Reads the configuration file again and applies it, as `warren reload` does; the outcome
     /// is logged too.
-    pub fn reload(&self) -> control::Outcome {
+    pub fn reload(&self) -> control::Response {
         (self.reload)()
     }
 }
@@ -233,7 +233,7 @@ fn reloader(
     path: PathBuf,
     workers: Option<usize>,
     controller: Controller,
-) -> Arc<dyn Fn() -> control::Outcome + Send + Sync> {
+) -> Arc<dyn Fn() -> control::Response + Send + Sync> {
     Arc::new(move || {
         let read = || -> Result<(Config, HandlerFactory), ConfigError> {
             let mut config = Config::load(&path, secrets::broker_url_override()?)?;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{select, Receiver, TryRecvError};
 
 use crate::amqp::{AmqpError, Confirmed, Header, QueueSpec, QueueState, Session};
-use crate::config::{self, Config, Handler, HandlerKind, UrlSource};
+use crate::config::{self, Config, HandlerConfig, HandlerKind, UrlSource};
 use crate::retry::{self, Topology};
 use crate::{exit, Failure};
 
@@ -130,7 +130,7 @@ impl Checks {
 
 /// The configuration as TOML, with every default filled in and every password masked: what
 /// `warren run` would use.
-fn effective(config: &Config, handler: &Handler) -> String {
+fn effective(config: &Config, handler: &HandlerConfig) -> String {
     let mut shown = config.clone();
     let mut handler = handler.clone();
     if let HandlerKind::Command { argv } | HandlerKind::Pipe { argv } = &mut handler.kind {

@@ -92,7 +92,7 @@ pub enum Declined {
 /// What the supervisor tells one worker, on a channel of that worker's own. A worker reads it
 /// between tasks, never during one.
 #[derive(Clone)]
-enum Command {
+enum Order {
     /// Take no new message: cancel the consumer and return what it delivered unprocessed.
     Pause,
     /// Consume again.

@@ -70,7 +70,7 @@ pub enum Probe {
 }
 
 pub struct Breaker {
-    settings: config::Breaker,
+    settings: config::BreakerConfig,
     state: State,
     /// The last `settings.outcomes` outcomes, oldest first: when, and the message of a failed
     /// attempt (`None` for an ack).
@@ -86,7 +86,7 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    pub fn new(settings: config::Breaker) -> Breaker {
+    pub fn new(settings: config::BreakerConfig) -> Breaker {
         Breaker {
             cooldown: settings.cooldown,
             settings,
@@ -108,7 +108,7 @@ impl Breaker {
     }
 
     /// New settings, from a reloaded configuration. A breaker that is turned off closes.
-    pub fn configure(&mut self, settings: config::Breaker) {
+    pub fn configure(&mut self, settings: config::BreakerConfig) {
         if !settings.enabled {
             self.close(Instant::now());
         }
@@ -238,8 +238,8 @@ impl Breaker {
 mod tests {
     use super::*;
 
-    fn settings() -> config::Breaker {
-        config::Breaker::default()
+    fn settings() -> config::BreakerConfig {
+        config::BreakerConfig::default()
     }
 
     fn secs(n: u64) -> Duration {
@@ -393,7 +393,7 @@ mod tests {
     #[test]
     fn a_disabled_breaker_never_trips() {
         let t = Instant::now();
-        let mut breaker = Breaker::new(config::Breaker {
+        let mut breaker = Breaker::new(config::BreakerConfig {
             enabled: false,
             ..settings()
         });

@@ -22,7 +22,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
 use super::breaker::{self, Breaker, Probe, Trip};
 use super::worker::{panic_message, Worker};
-use super::{Command, Declined, Event, Exit, Reply, Report, Request};
+use super::{Declined, Event, Exit, Order, Reply, Report, Request};
 use crate::abort::{Abort, AbortTrigger};
 use crate::amqp::AmqpError;
 use crate::config::Config;
@@ -88,7 +88,7 @@ struct Slot {
     /// Its worker has been consuming before: the next time is a reconnect.
     consumed: bool,
     /// The command channel of its current thread.
-    commands: Option<Sender<Command>>,
+    orders: Option<Sender<Order>>,
     /// It was told to retire: when its thread ends, it is not started again unless the pool has
     /// grown back over it meanwhile.
     retiring: bool,
@@ -333,7 +333,7 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, id: usize) {
-        let (commands, orders) = unbounded();
+        let (orders, received) = unbounded();
         let mut worker = Worker {
             id,
             node: self.slots[id - 1].node,
@@ -341,13 +341,13 @@ impl Supervisor {
             factory: Arc::clone(&self.factory),
             events: self.events.clone(),
             stop: self.stop_signal.clone(),
-            commands: orders,
+            orders: received,
             paused: !self.taking(),
             abort: self.abort_signal.clone(),
             metrics: Arc::clone(&self.metrics),
         };
         let slot = &mut self.slots[id - 1];
-        slot.commands = Some(commands);
+        slot.orders = Some(orders);
         slot.retiring = false;
         if slot.started {
             self.metrics.worker_restarted();
@@ -413,7 +413,7 @@ impl Supervisor {
             // The thread sent its last event; joining only reaps it.
             let _ = thread.join();
         }
-        slot.commands = None;
+        slot.orders = None;
         slot.ended(Instant::now());
         if self.breaker.state() == (breaker::State::HalfOpen { worker }) {
             self.on_probed(worker, Probe::Lost);
@@ -482,11 +482,11 @@ impl Supervisor {
     }
 
     /// Tells every worker that is not retiring, in order, what it must do next.
-    fn tell_all(&self, command: Command) {
+    fn tell_all(&self, command: Order) {
         for slot in self.slots.iter().filter(|slot| !slot.retiring) {
-            if let Some(commands) = &slot.commands {
+            if let Some(orders) = &slot.orders {
                 // A worker that has just ended has no receiver left; its restart reads the gate.
-                let _ = commands.send(command.clone());
+                let _ = orders.send(command.clone());
             }
         }
     }
@@ -496,11 +496,7 @@ impl Supervisor {
     fn gate(&mut self, was_taking: bool) {
         let taking = self.taking();
         if taking != was_taking && matches!(self.phase, Phase::Running) {
-            self.tell_all(if taking {
-                Command::Resume
-            } else {
-                Command::Pause
-            });
+            self.tell_all(if taking { Order::Resume } else { Order::Pause });
         }
         self.show_state();
     }
@@ -584,8 +580,8 @@ impl Supervisor {
             .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
         log::warn!("breaker half-open after {open:.1?} open: worker-{worker} tries one message");
         self.breaker.probing(worker);
-        if let Some(commands) = &self.slots[worker - 1].commands {
-            let _ = commands.send(Command::Probe);
+        if let Some(orders) = &self.slots[worker - 1].orders {
+            let _ = orders.send(Order::Probe);
         }
         self.show_state();
     }
@@ -680,7 +676,7 @@ impl Supervisor {
             self.trip = None;
         }
         if reloaded.handler_changed {
-            self.tell_all(Command::Reload(Arc::clone(&config), factory));
+            self.tell_all(Order::Reload(Arc::clone(&config), factory));
         }
         self.resize(config.workers.count);
         let mut text = format!("reloaded {}", config.path.display());
@@ -742,7 +738,7 @@ impl Supervisor {
         let config = Arc::new(config);
         self.config = Arc::clone(&config);
         self.factory = Arc::clone(&factory);
-        self.tell_all(Command::Reload(config, factory));
+        self.tell_all(Order::Reload(config, factory));
     }
 
     /// Grows the pool to `count` workers, or retires the last ones: they finish their task and
@@ -770,8 +766,8 @@ impl Supervisor {
             slot.parked = false;
             if slot.thread.is_some() && !slot.retiring {
                 slot.retiring = true;
-                if let Some(commands) = &slot.commands {
-                    let _ = commands.send(Command::Retire);
+                if let Some(orders) = &slot.orders {
+                    let _ = orders.send(Order::Retire);
                 }
             }
         }

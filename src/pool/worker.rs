@@ -1,5 +1,5 @@
 //! One worker's life: connect and declare, take and settle one delivery at a time, wind down;
-//! between deliveries, the supervisor's commands (pause, resume, probe, reload, retire).
+//! between deliveries, the supervisor's orders (pause, resume, probe, reload, retire).
 //!
 //! A worker owns its two connections (one consumes and acks, one publishes the copies of retried
 //! and dead-lettered messages) and its handler. It acks a message on the channel that delivered
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select_biased, Receiver, Sender};
 
 use super::breaker::Probe;
-use super::{Command, Event, Exit};
+use super::{Event, Exit, Order};
 use crate::abort::Abort;
 use crate::amqp::{AmqpError, Confirmed, Delivery, Header, Next, Publisher, Session, Subscription};
 use crate::config::{Config, QueueType};
@@ -42,8 +42,8 @@ pub(super) struct Worker {
     pub factory: HandlerFactory,
     pub events: Sender<Event>,
     pub stop: Receiver<Infallible>,
-    /// The supervisor's commands to this worker alone.
-    pub commands: Receiver<Command>,
+    /// The supervisor's orders to this worker alone.
+    pub orders: Receiver<Order>,
     /// Start without consuming: the pool is paused.
     pub paused: bool,
     pub abort: Abort,
@@ -81,7 +81,7 @@ impl Worker {
     }
 
     /// Connects, consumes and handles messages until stopped or until something fails. Between
-    /// tasks it obeys the supervisor's commands: pause, resume, probe, reload, retire.
+    /// tasks it obeys the supervisor's orders: pause, resume, probe, reload, retire.
     pub fn run(&mut self) -> Exit {
         let link = match self.connect() {
             Ok(link) => link,
@@ -108,7 +108,7 @@ impl Worker {
         loop {
             let next = match (pending.take(), &subscription) {
                 (Some(command), _) => Next::Command(command),
-                (None, Some(subscription)) => subscription.next(&self.stop, &self.commands),
+                (None, Some(subscription)) => subscription.next(&self.stop, &self.orders),
                 (None, None) => self.idle(),
             };
             let taken = match next {
@@ -119,8 +119,8 @@ impl Worker {
                     // to it that the cancel would bounce back (which a quorum queue counts as
                     // a delivery of that message).
                     let mut before_settle = || {
-                        if let Ok(command) = self.commands.try_recv() {
-                            if matches!(command, Command::Pause) {
+                        if let Ok(command) = self.orders.try_recv() {
+                            if matches!(command, Order::Pause) {
                                 if let Some(paused) = subscription.take() {
                                     returned = paused.cancel()?;
                                     log::debug!("{} paused", self.name());
@@ -144,19 +144,19 @@ impl Worker {
                         other => other,
                     }
                 }
-                Next::Stop | Next::Command(Command::Retire) => break,
+                Next::Stop | Next::Command(Order::Retire) => break,
                 Next::Ended(e) => {
                     drop(subscription);
                     return Exit::Lost(link.session.close_after(e));
                 }
-                Next::Command(Command::Pause) => match subscription.take() {
+                Next::Command(Order::Pause) => match subscription.take() {
                     Some(paused) => paused.cancel().and_then(|returned| {
                         log::debug!("{} paused", self.name());
                         self.put_back(returned, &link.session, &mut publisher)
                     }),
                     None => Ok(Taken::Settled),
                 },
-                Next::Command(Command::Resume) => {
+                Next::Command(Order::Resume) => {
                     if subscription.is_none() {
                         match self.subscribe(&link.session) {
                             Ok(subscribed) => subscription = Some(subscribed),
@@ -165,10 +165,10 @@ impl Worker {
                     }
                     Ok(Taken::Settled)
                 }
-                Next::Command(Command::Probe) => {
+                Next::Command(Order::Probe) => {
                     self.probe(handler.as_mut(), &link.session, &mut publisher)
                 }
-                Next::Command(Command::Reload(config, factory)) => {
+                Next::Command(Order::Reload(config, factory)) => {
                     self.config = config;
                     self.factory = factory;
                     // The old handler goes first: a pipe program stops before the new one starts.
@@ -248,10 +248,10 @@ impl Worker {
     }
 
     /// Waits, without consuming, for a command or the stop.
-    fn idle(&self) -> Next<Command> {
+    fn idle(&self) -> Next<Order> {
         select_biased! {
             recv(self.stop) -> _ => Next::Stop,
-            recv(self.commands) -> command => match command {
+            recv(self.orders) -> command => match command {
                 Ok(command) => Next::Command(command),
                 Err(_) => Next::Stop,
             },
