@@ -815,7 +815,7 @@ pub enum PublishEvent {
     Unblocked,
 }
 
-/// What became of one message published with [`Publisher::publish_and_wait`].
+/// What became of one message published with [`Publisher::republish_and_wait`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Confirmed {
     Stored,

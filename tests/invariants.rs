@@ -75,7 +75,12 @@ fn import_graph() -> BTreeMap<String, BTreeSet<String>> {
     for (name, text) in &sources {
         let from = module(name);
         let edges: &mut BTreeSet<String> = graph.entry(from.clone()).or_default();
-        for path in crate_paths(text) {
+        // The crate root names its modules without `crate::`.
+        let root_paths = (from == "lib").then(|| bare_paths(text, &modules));
+        for path in crate_paths(text)
+            .into_iter()
+            .chain(root_paths.into_iter().flatten())
+        {
             let to = if modules.contains(&path) {
                 path
             } else {
@@ -106,6 +111,22 @@ fn crate_paths(text: &str) -> Vec<String> {
             paths.extend(group.split(',').map(ident).filter(|s| !s.is_empty()));
         } else {
             paths.push(ident(rest));
+        }
+    }
+    paths
+}
+
+/// The modules of `modules` that `text` names as `module::` without `crate::`, as the crate
+/// root does.
+fn bare_paths(text: &str, modules: &BTreeSet<String>) -> Vec<String> {
+    let mut paths = Vec::new();
+    for module in modules {
+        let named = text.match_indices(&format!("{module}::")).any(|(at, _)| {
+            let before = text[..at].chars().next_back();
+            !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+        });
+        if named {
+            paths.push(module.clone());
         }
     }
     paths
@@ -177,4 +198,9 @@ fn the_circle_check_finds_a_circle() {
     assert_eq!(find_cycle(&graph).unwrap(), ["a", "b", "c", "a"]);
     let text = "use crate::{x, y::Z};\nlet a = crate::w::f();";
     assert_eq!(crate_paths(text), ["x", "y", "w"]);
+    let modules = BTreeSet::from(["pool".to_string(), "ops".to_string(), "w".to_string()]);
+    assert_eq!(
+        bare_paths("pool::Pool::new(); crate::w::f(); my_ops::g()", &modules),
+        ["pool"]
+    );
 }

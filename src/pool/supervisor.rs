@@ -242,6 +242,11 @@ impl Supervisor {
             };
             match event {
                 Some(Event::Signal) if self.signalled => {
+                    // Exit 130 says the operator cut the stop short; the error that began it
+                    // would otherwise never reach the log.
+                    if let Some(fatal) = &self.fatal {
+                        log::error!("{fatal}");
+                    }
                     log::warn!("second stop signal: killing tasks in flight and exiting now; the broker requeues unacked messages");
                     self.kill_tasks();
                     return Report::Interrupted;
