@@ -56,6 +56,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use util::nodes::{Cluster, Node};
+use util::ConfigFile;
 use warren::amqp::{Header, PublishEvent};
 
 /// The broker's consumer_timeout on the soak's node, in milliseconds.
@@ -306,24 +307,28 @@ fn spawn_warren(config: &Path, log: &Path, env: Option<(&str, &str)>) -> Child {
         .expect("start warren run")
 }
 
-fn write_config(dir: &Path, name: &str, queue: &str, handler: &str, url: &str) -> PathBuf {
-    let kind = if queue == QUEUES[PIPE] {
-        "type = \"quorum\"\n"
-    } else {
-        ""
-    };
-    let text = format!(
-        "[broker]\nurl = \"{url}\"\nheartbeat = \"5s\"\nconnect_timeout = \"3s\"\n\n\
-         [queue]\nname = \"{queue}\"\n{kind}\n\
-         [workers]\ncount = 2\n\n\
-         [handler]\n{handler}\ntimeout = \"60s\"\n\n\
-         [retry]\nmax_attempts = 20\ndelay = \"200ms\"\nmax_delay = \"2s\"\n\n\
-         [control]\nsocket = \"{}\"\n",
-        dir.join(format!("{name}.sock")).display()
-    );
-    let path = dir.join(format!("{name}.toml"));
-    fs::write(&path, text).expect("write a config");
-    path
+/// Writes the config of the process `name`, which consumes `QUEUES[queue]` on the node at `url`
+/// with `handler`.
+fn write_config(
+    dir: &Path,
+    name: &str,
+    queue: usize,
+    handler: impl FnOnce(ConfigFile) -> ConfigFile,
+    url: &str,
+) -> PathBuf {
+    let mut config = ConfigFile::new(QUEUES[queue])
+        .url(url)
+        .set("broker.connect_timeout", "3s");
+    if queue == PIPE {
+        config = config.quorum();
+    }
+    handler(config.workers(2))
+        .set("handler.timeout", "60s")
+        .set("retry.max_attempts", 20)
+        .set("retry.delay", "200ms")
+        .set("retry.max_delay", "2s")
+        .control(&dir.join(format!("{name}.sock")))
+        .write_to(&dir.join(format!("{name}.toml")))
 }
 
 fn soak(flags: Flags) -> Result<bool, String> {
@@ -353,17 +358,16 @@ fn soak(flags: Flags) -> Result<bool, String> {
     fs::write(&pipe_script, PIPE_HANDLER).map_err(|e| e.to_string())?;
     let dir_arg = dir.display().to_string();
 
-    let handlers = [
-        "kind = \"dots\"".to_string(),
-        format!(
-            "kind = \"command\"\ncommand = [\"{}\", \"{dir_arg}\"]",
-            command_script.display()
-        ),
-        format!(
-            "kind = \"pipe\"\ncommand = [\"python3\", \"{}\", \"{dir_arg}\"]",
-            pipe_script.display()
-        ),
-    ];
+    let (command_arg, pipe_arg) = (
+        command_script.display().to_string(),
+        pipe_script.display().to_string(),
+    );
+    // The handler of each queue.
+    let handler = |queue: usize, config: ConfigFile| match queue {
+        DOTS => config.dots(),
+        COMMAND => config.command_argv(&[&command_arg, &dir_arg]),
+        _ => config.pipe(&["python3", &pipe_arg, &dir_arg]),
+    };
     // The process that `kill-warren` kills is the one at KILLED.
     let layout: [(&'static str, usize, Option<Env>); 5] = [
         ("dots", DOTS, None),
@@ -375,7 +379,7 @@ fn soak(flags: Flags) -> Result<bool, String> {
     let mut processes: Vec<Process> = layout
         .iter()
         .map(|&(name, queue, env)| {
-            let config = write_config(dir, name, QUEUES[queue], &handlers[queue], &url);
+            let config = write_config(dir, name, queue, |c| handler(queue, c), &url);
             Process::start(name, env, config, dir)
         })
         .collect();

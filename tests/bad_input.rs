@@ -10,15 +10,20 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use util::{Broker, Queues, Warren, RETRY};
+use util::{BrokerLock, ConfigFile, Queues, Warren};
 use warren::amqp::Header;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 /// Starts a one-worker warren running `script` for the work queue of `queues`, and waits until
 /// it consumes (by then it has declared every queue around it).
-fn start(broker: &Broker, queues: &Queues, script: &Path) -> Warren {
-    let warren = Warren::run(&broker.command_config(&queues.work, 1, script, RETRY), &[]);
+fn start(broker: &BrokerLock, queues: &Queues, script: &Path) -> Warren {
+    let config = ConfigFile::new(&queues.work)
+        .workers(1)
+        .command(script)
+        .fast_retries()
+        .write_in(broker.dir.path());
+    let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queues.work, 1);
     warren
 }
@@ -30,7 +35,7 @@ fn publish(queue: &str, id: &str, body: &[u8]) {
 }
 
 /// The handler's records in the file `name` of the test's directory.
-fn records(broker: &Broker, name: &str) -> Vec<String> {
+fn records(broker: &BrokerLock, name: &str) -> Vec<String> {
     util::recorded(&broker.dir.path().join(name))
 }
 
@@ -46,7 +51,7 @@ fn assert_log_is_clean_text(warren: &Warren) {
 
 #[test]
 fn an_empty_body_reaches_the_program_as_zero_bytes_and_is_done() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "empty");
     let script = broker.script_in_dir(
         "count",
@@ -68,7 +73,7 @@ fn an_empty_body_reaches_the_program_as_zero_bytes_and_is_done() {
 
 #[test]
 fn a_64_mib_body_arrives_whole_and_its_log_preview_is_64_bytes() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "huge");
     let script = broker.script_in_dir(
         "keep",
@@ -109,7 +114,7 @@ fn a_64_mib_body_arrives_whole_and_its_log_preview_is_64_bytes() {
 
 #[test]
 fn a_body_that_is_not_utf8_arrives_byte_for_byte_and_its_preview_is_escaped() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "binary");
     let script = broker.script_in_dir("keep", "cat > \"$DIR/$WARREN_MESSAGE_ID.body\"");
     let warren = start(&broker, &queues, &script);
@@ -134,7 +139,7 @@ fn a_body_that_is_not_utf8_arrives_byte_for_byte_and_its_preview_is_escaped() {
 
 #[test]
 fn headers_of_unexpected_types_are_warned_about_and_counted_as_attempt_1() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "headers");
     let script = broker.script_in_dir(
         "attempt",
@@ -196,7 +201,7 @@ fn headers_of_unexpected_types_are_warned_about_and_counted_as_attempt_1() {
 
 #[test]
 fn a_program_killed_by_a_signal_is_retried_and_then_done() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "signal");
     let script = broker.script_in_dir(
         "signal",
@@ -221,7 +226,7 @@ fn a_program_killed_by_a_signal_is_retried_and_then_done() {
 
 #[test]
 fn a_program_that_closes_stdin_without_reading_a_large_body_is_done() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "unread");
     // The program lives on after closing stdin, so that warren's write meets a closed pipe.
     let script = broker.script_in_dir(
@@ -245,7 +250,7 @@ fn a_program_that_closes_stdin_without_reading_a_large_body_is_done() {
 
 #[test]
 fn a_program_that_writes_megabytes_to_stdout_is_done_and_only_64_kib_are_logged() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "chatty");
     // 50,000 lines of 100 bytes each.
     let line = "x".repeat(99);
@@ -308,7 +313,7 @@ fn a_program_that_writes_megabytes_to_stdout_is_done_and_only_64_kib_are_logged(
 
 #[test]
 fn a_program_deleted_while_warren_runs_cannot_start_and_its_message_is_dead_lettered() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "deleted");
     let script = broker.script_in_dir("vanishing", "cat > /dev/null\nexit 0");
     let warren = start(&broker, &queues, &script);

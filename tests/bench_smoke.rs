@@ -20,7 +20,7 @@ const THIS_TEST: &str = "the_driver_measures_warren_and_the_baseline_and_deletes
 fn the_driver_measures_warren_and_the_baseline_and_deletes_their_queues() {
     // In the re-executed copy, this runs the baseline consumer and exits.
     driver::baseline_worker_if_asked();
-    let _broker = util::Broker::shared();
+    let _broker = util::BrokerLock::shared();
     let consumers = [
         Consumer::Warren {
             handler: "kind = \"dots\"".into(),

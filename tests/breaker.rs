@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use util::{
     epoch_ms, http_get, metric_sample, publish_ok, queue_counts, spawn_publish_stdin, wait_until,
-    Broker, Dependency, Proxy, Warren,
+    BrokerLock, ConfigFile, Dependency, Proxy, Warren,
 };
 
 /// What one run of the outage scenario saw.
@@ -39,19 +39,21 @@ const WARM_UP: usize = 300;
 const DOWN_AT: usize = 50;
 const UP_AT: usize = 650;
 
-/// Four workers with the default settings (the breaker's as `breaker` sets them) and a command
+/// Four workers with the default settings (but the breaker off unless `breaker`) and a command
 /// handler whose dependency fails for 60 s while tasks arrive steadily.
-fn outage(what: &str, breaker: &str) -> Outage {
-    let broker = Broker::shared();
+fn outage(what: &str, breaker: bool) -> Outage {
+    let broker = BrokerLock::shared();
     let queue = broker.queue(what);
     let dependency = Dependency::new(&broker, what);
     let port = Proxy::free_port();
-    let config = broker.command_config(
-        &queue,
-        4,
-        &dependency.script,
-        &format!("{breaker}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
+    let mut config = ConfigFile::new(&queue)
+        .workers(4)
+        .command(&dependency.script)
+        .metrics(port);
+    if !breaker {
+        config = config.set("breaker.enabled", false);
+    }
+    let config = config.write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 4);
 
@@ -74,7 +76,7 @@ fn outage(what: &str, breaker: &str) -> Outage {
             dependency.recover();
             recovered_ms = epoch_ms();
         }
-        if i == 400 && breaker.is_empty() {
+        if i == 400 && breaker {
             // Half way through the outage: open or probing, and healthy.
             let (status, body) = http_get(port, "/healthz");
             assert_eq!(status, 200, "{body}");
@@ -163,7 +165,7 @@ fn outage(what: &str, breaker: &str) -> Outage {
     }
     let trips = warren.lines_with("breaker open: ").len();
     warren.stop(Duration::from_secs(20));
-    if breaker.is_empty() {
+    if breaker {
         assert!(trips >= 1, "the breaker never opened");
     }
     outage
@@ -171,7 +173,7 @@ fn outage(what: &str, breaker: &str) -> Outage {
 
 #[test]
 fn an_outage_of_the_dependency_for_a_minute_dead_letters_nothing_and_costs_few_calls() {
-    let outage = outage("outage", "");
+    let outage = outage("outage", true);
     assert_eq!(outage.lost, 0, "{outage:?}");
     assert_eq!(outage.dead, 0, "nothing is dead-lettered: {outage:?}");
     assert!(
@@ -184,7 +186,7 @@ fn an_outage_of_the_dependency_for_a_minute_dead_letters_nothing_and_costs_few_c
 /// retries run out while the dependency is down.
 #[test]
 fn without_the_breaker_the_same_outage_dead_letters_tasks() {
-    let outage = outage("no-breaker", "[breaker]\nenabled = false\n");
+    let outage = outage("no-breaker", false);
     assert_eq!(outage.lost, 0, "{outage:?}");
     assert!(outage.dead > 0, "{outage:?}");
     assert!(outage.calls_during > outage.during, "{outage:?}");
@@ -192,17 +194,18 @@ fn without_the_breaker_the_same_outage_dead_letters_tasks() {
 
 #[test]
 fn a_poison_message_among_healthy_ones_never_trips_the_breaker_and_is_dead_lettered() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("poison");
     let dependency = Dependency::new(&broker, "poison");
     // Ten quick attempts: the poison message's failures become far more than 80% of the
     // outcomes, so only its being one message keeps the breaker closed.
-    let config = broker.command_config(
-        &queue,
-        2,
-        &dependency.script,
-        "[retry]\nmax_attempts = 10\ndelay = \"50ms\"\nmax_delay = \"100ms\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(2)
+        .command(&dependency.script)
+        .set("retry.max_attempts", 10)
+        .set("retry.delay", "50ms")
+        .set("retry.max_delay", "100ms")
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 2);
     publish_ok(&config, &["poison", "h-1", "h-2"]);
@@ -233,16 +236,13 @@ fn a_poison_message_among_healthy_ones_never_trips_the_breaker_and_is_dead_lette
 
 #[test]
 fn a_pipe_program_that_crashes_on_every_message_trips_the_breaker() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("pipe-crash");
     let program = broker.script("crash.sh", "exit 3");
-    let config = broker.config(
-        &queue,
-        &format!(
-            "[workers]\ncount = 2\n\n[handler]\nkind = \"pipe\"\ncommand = [\"{}\"]\n",
-            program.display()
-        ),
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(2)
+        .pipe(&[&program.display().to_string()])
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 2);
     util::publish_numbered(&config, "m", 20);
@@ -261,15 +261,15 @@ fn a_pipe_program_that_crashes_on_every_message_trips_the_breaker() {
 
 #[test]
 fn the_breaker_probes_with_one_message_backs_off_and_closes_when_one_succeeds() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("probe");
     let dependency = Dependency::new(&broker, "probe");
-    let config = broker.command_config(
-        &queue,
-        3,
-        &dependency.script,
-        "[breaker]\ncooldown = \"1s\"\nmax_cooldown = \"4s\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(3)
+        .command(&dependency.script)
+        .set("breaker.cooldown", "1s")
+        .set("breaker.max_cooldown", "4s")
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 3);
     dependency.fail();
@@ -313,55 +313,5 @@ fn the_breaker_probes_with_one_message_backs_off_and_closes_when_one_succeeds() 
         let expected: Vec<u32> = (1..=attempts.len() as u32).collect();
         assert_eq!(attempts, expected, "{body}");
     }
-    warren.stop(Duration::from_secs(10));
-}
-
-#[test]
-fn paused_quorum_queue_messages_go_back_without_spending_an_attempt() {
-    let broker = Broker::shared();
-    let queue = broker.queue("quorum-pause");
-    let dependency = Dependency::new(&broker, "quorum-pause");
-    let socket = broker.dir.path().join("control.sock");
-    // Prefetch 5: each busy worker holds four unstarted messages when the pause comes.
-    let config = broker.dir.path().join("quorum.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[broker]\nurl = \"{}\"\n[queue]\nname = \"{queue}\"\ntype = \"quorum\"\n\
-             [workers]\ncount = 2\nprefetch = 5\n[handler]\n{}\n[control]\nsocket = \"{}\"\n",
-            util::amqp_url(),
-            util::command_keys(&dependency.script),
-            socket.display()
-        ),
-    )
-    .unwrap();
-    let warren = Warren::run(&config, &[]);
-    warren.wait_consuming(&queue, 2);
-    util::publish_numbered(&config, "slow", 12);
-    wait_until(Duration::from_secs(10), "two tasks running", || {
-        (warren.lines_with("\"slow-").iter())
-            .filter(|line| line.contains(" received "))
-            .count()
-            >= 2
-    });
-    let paused = util::warren_command(&["pause", "--config", config.to_str().unwrap()])
-        .output()
-        .expect("run warren pause");
-    assert!(paused.status.success(), "{paused:?}");
-    // The stragglers are back in the queue, ready, and no consumer holds them.
-    wait_until(
-        Duration::from_secs(15),
-        "ten messages back in the queue",
-        || queue_counts(&queue) == (10, 0),
-    );
-    let resumed = util::warren_command(&["resume", "--config", config.to_str().unwrap()])
-        .output()
-        .expect("run warren resume");
-    assert!(resumed.status.success(), "{resumed:?}");
-    wait_until(Duration::from_secs(30), "every message", || {
-        dependency.done().len() == 12
-    });
-    let attempts: Vec<u32> = dependency.calls().iter().map(|c| c.attempt).collect();
-    assert_eq!(attempts, [1; 12], "a pause spends no attempt");
     warren.stop(Duration::from_secs(10));
 }

@@ -15,12 +15,9 @@
 
 mod util;
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -28,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use util::nodes::Cluster;
-use util::{wait_until, Warren};
+use util::tally::{Publisher, Tally, Tasks};
+use util::{wait_until, ConfigFile, Warren};
 
 const QUEUE: &str = "cluster-jobs";
 /// warren processes, each standing in for a host.
@@ -60,8 +58,7 @@ while True:
 struct Scenario {
     name: &'static str,
     started: Instant,
-    config: PathBuf,
-    done: PathBuf,
+    tasks: Tasks,
     _dir: tempfile::TempDir,
     // Last: the nodes stop (and the nodes lock is released) after everything else.
     cluster: Cluster,
@@ -77,38 +74,26 @@ impl Scenario {
         fs::write(&recorder, RECORDER).unwrap();
         fs::set_permissions(&recorder, fs::Permissions::from_mode(0o644)).unwrap();
         let done = dir.path().join("done");
-        let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
-        let config = dir.path().join("warren.toml");
-        fs::write(
-            &config,
-            format!(
-                "[broker]\nurls = [{}]\nheartbeat = \"5s\"\nconnect_timeout = \"3s\"\n\n\
-                 [queue]\nname = \"{QUEUE}\"\ntype = \"quorum\"\n\n\
-                 [workers]\ncount = {WORKERS}\nprefetch = 1\n\n\
-                 [handler]\nkind = \"pipe\"\ncommand = [\"python3\", \"{}\", \"{}\", \"{}\"]\n",
-                urls.join(", "),
-                recorder.display(),
-                done.display(),
-                delay.as_secs_f64()
-            ),
-        )
-        .unwrap();
+        let config = ConfigFile::new(QUEUE)
+            .urls(&cluster.urls())
+            .set("broker.connect_timeout", "3s")
+            .quorum()
+            .workers(WORKERS)
+            .prefetch(1)
+            .pipe(&[
+                "python3",
+                &recorder.display().to_string(),
+                &done.display().to_string(),
+                &delay.as_secs_f64().to_string(),
+            ])
+            .write_to(&dir.path().join("warren.toml"));
         Scenario {
             name,
             started: Instant::now(),
-            config,
-            done,
+            tasks: Tasks { config, done },
             _dir: dir,
             cluster,
         }
-    }
-
-    /// Publishes the tasks `ids` with one `warren publish --stdin` and returns its log.
-    fn publish(&self, ids: std::ops::RangeInclusive<u64>) -> String {
-        let mut publisher = Publisher::start(&self.config);
-        let lines: String = ids.map(|id| format!("{id}\n")).collect();
-        publisher.write(&lines);
-        publisher.finish()
     }
 
     /// Starts the `warren run` processes and waits until all their workers consume.
@@ -118,7 +103,7 @@ impl Scenario {
                 Warren::spawn(
                     Command::new(util::warren_bin())
                         .args(["run", "--config"])
-                        .arg(&self.config)
+                        .arg(&self.tasks.config)
                         .env("RUST_LOG", "info"),
                 )
             })
@@ -134,35 +119,10 @@ impl Scenario {
         warrens
     }
 
-    /// Every completion recorded so far: task id and time, duplicates included.
-    fn completions(&self) -> Vec<(u64, f64)> {
-        let text = fs::read_to_string(&self.done).unwrap_or_default();
-        text.lines()
-            .filter_map(|line| {
-                let (id, time) = line.split_once(' ')?;
-                Some((id.parse().ok()?, time.parse().ok()?))
-            })
-            .collect()
-    }
-
-    /// Distinct tasks completed so far.
-    fn distinct(&self) -> usize {
-        let ids: std::collections::BTreeSet<u64> =
-            self.completions().into_iter().map(|(id, _)| id).collect();
-        ids.len()
-    }
-
-    /// Waits until `count` distinct tasks are done.
-    fn wait_done(&self, count: usize, timeout: Duration) {
-        wait_until(timeout, &format!("{count} tasks to be done"), || {
-            self.distinct() >= count
-        });
-    }
-
     /// Waits until every task `1..=tasks` is done and the queues are empty with nothing
     /// unacked, stops the warrens (each must exit 0), and checks and reports the outcome.
     fn finish(&self, warrens: Vec<Warren>, tasks: u64, node_failures: usize) -> Tally {
-        self.wait_done(tasks as usize, SETTLE);
+        self.tasks.wait_done(tasks as usize, SETTLE);
         wait_until(
             Duration::from_secs(30),
             "the work and dead-letter queues to be empty with nothing unacked",
@@ -179,21 +139,16 @@ impl Scenario {
             let status = warren.wait_exit(Duration::from_secs(30));
             assert_eq!(status.code(), Some(0), "warren stopped cleanly: {status}");
         }
-        let tally = Tally::new(&self.completions(), tasks);
+        let tally = self.tasks.tally(tasks, Vec::new());
         eprintln!(
             "cluster: scenario={} tasks={tasks} node_failures={node_failures} lost={} duplicates={} longest_pause={:.2}s took={:.1?}",
             self.name,
             tally.lost.len(),
             tally.duplicates,
-            tally.longest_pause,
+            tally.longest_pause.expect("invariant: the recorder writes each task's time"),
             self.started.elapsed()
         );
-        assert!(
-            tally.lost.is_empty(),
-            "{} tasks were never done: {:?}",
-            tally.lost.len(),
-            tally.lost.iter().take(20).collect::<Vec<_>>()
-        );
+        tally.assert_none_lost();
         tally
     }
 
@@ -205,44 +160,6 @@ impl Scenario {
             let found = queues.into_iter().find(|q| q.name == queue)?;
             Some((found.ready, found.unacked, found.consumers))
         })
-    }
-}
-
-/// A `warren publish --stdin` fed by the test.
-struct Publisher {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl Publisher {
-    fn start(config: &Path) -> Publisher {
-        let mut child = util::spawn_publish_stdin(config, &[]);
-        let stdin = child.stdin.take();
-        Publisher { child, stdin }
-    }
-
-    fn write(&mut self, lines: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin is open");
-        stdin
-            .write_all(lines.as_bytes())
-            .expect("write tasks to warren publish");
-        stdin.flush().unwrap();
-    }
-
-    /// Closes its input and asserts that it confirmed everything (exit 0); returns its log.
-    fn finish(mut self) -> String {
-        drop(self.stdin.take());
-        let out = self
-            .child
-            .wait_with_output()
-            .expect("wait for warren publish");
-        let log = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            out.status.success(),
-            "warren publish failed: {}\n{log}",
-            out.status
-        );
-        log
     }
 }
 
@@ -304,37 +221,12 @@ fn republished(log: &str) -> usize {
         .map_or(0, |n| n.parse().expect("a count"))
 }
 
-/// What became of the tasks of one scenario.
-struct Tally {
-    lost: Vec<u64>,
-    duplicates: usize,
-    /// The longest gap between two completions, in seconds.
-    longest_pause: f64,
-}
-
-impl Tally {
-    fn new(completions: &[(u64, f64)], tasks: u64) -> Tally {
-        let mut done: BTreeMap<u64, usize> = BTreeMap::new();
-        for (id, _) in completions {
-            assert!((1..=tasks).contains(id), "task {id} was never published");
-            *done.entry(*id).or_default() += 1;
-        }
-        let mut times: Vec<f64> = completions.iter().map(|(_, time)| *time).collect();
-        times.sort_by(f64::total_cmp);
-        Tally {
-            lost: (1..=tasks).filter(|id| !done.contains_key(id)).collect(),
-            duplicates: done.values().map(|n| n - 1).sum(),
-            longest_pause: times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max),
-        }
-    }
-}
-
 #[test]
 fn three_warrens_drain_a_quorum_queue_through_every_node() {
     const TASKS: u64 = 3000;
     let scenario = Scenario::new("three-hosts", Duration::from_millis(2));
     let warrens = scenario.start_warrens();
-    scenario.publish(1..=TASKS);
+    scenario.tasks.publish(1..=TASKS);
     // Each warren spreads its 4 workers over the 3 nodes, two connections per worker.
     let counts: Vec<usize> = scenario
         .cluster
@@ -361,16 +253,16 @@ fn killing_the_quorum_leader_mid_run_loses_nothing() {
     let scenario = Scenario::new("kill-leader", Duration::from_millis(10));
     let warrens = scenario.start_warrens();
     let leader = scenario.cluster.quorum_leader(QUEUE);
-    scenario.publish(1..=TASKS);
-    scenario.wait_done(TASKS as usize * 3 / 10, SETTLE);
-    let done_at_kill = scenario.distinct();
+    scenario.tasks.publish(1..=TASKS);
+    scenario.tasks.wait_done(TASKS as usize * 3 / 10, SETTLE);
+    let done_at_kill = scenario.tasks.distinct();
     scenario.cluster.node(leader).kill9();
     assert!(
         done_at_kill < TASKS as usize,
         "the run ended before the fault"
     );
     // The queue stays available: a new leader is elected and the drain goes on without the node.
-    scenario.wait_done(TASKS as usize, SETTLE);
+    scenario.tasks.wait_done(TASKS as usize, SETTLE);
     let new_leader = scenario.cluster.quorum_leader(QUEUE);
     assert_ne!(new_leader, leader, "another node leads the queue");
     scenario.cluster.node(leader).restart();
@@ -402,8 +294,8 @@ fn a_hung_node_is_left_within_two_heartbeats_and_nothing_is_lost() {
     let scenario = Scenario::new("hung-node", Duration::from_millis(5));
     let warrens = scenario.start_warrens();
     let hung = (scenario.cluster.quorum_leader(QUEUE) + 1) % 3;
-    let feed = Feed::start(Publisher::start(&scenario.config), 150);
-    scenario.wait_done(300, SETTLE);
+    let feed = Feed::start(Publisher::start(&scenario.tasks.config), 150);
+    scenario.tasks.wait_done(300, SETTLE);
     let pid = scenario.cluster.node(hung).os_pid().expect("the node runs");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP)
         .expect("SIGSTOP the node");
@@ -427,8 +319,10 @@ fn a_hung_node_is_left_within_two_heartbeats_and_nothing_is_lost() {
     );
     // The workers that were on it consume from the others: tasks fed after the detection are done
     // while it still hangs.
-    let before = scenario.distinct();
-    scenario.wait_done(before + 200, Duration::from_secs(30));
+    let before = scenario.tasks.distinct();
+    scenario
+        .tasks
+        .wait_done(before + 200, Duration::from_secs(30));
     let hung_for = stopped.elapsed();
     drop(frozen);
     eprintln!(
@@ -452,18 +346,18 @@ fn a_hung_node_is_left_within_two_heartbeats_and_nothing_is_lost() {
 fn a_rolling_restart_with_a_publisher_running_loses_nothing() {
     let scenario = Scenario::new("rolling-restart", Duration::from_millis(5));
     let warrens = scenario.start_warrens();
-    let feed = Feed::start(Publisher::start(&scenario.config), 150);
-    scenario.wait_done(300, SETTLE);
+    let feed = Feed::start(Publisher::start(&scenario.tasks.config), 150);
+    scenario.tasks.wait_done(300, SETTLE);
     for i in 0..3 {
         let node = scenario.cluster.node(i);
         node.stop_app();
         // Work goes on while the node is down.
-        let before = scenario.distinct();
-        scenario.wait_done(before + 200, SETTLE);
+        let before = scenario.tasks.distinct();
+        scenario.tasks.wait_done(before + 200, SETTLE);
         node.start_app();
         scenario.cluster.wait_all_running(Duration::from_secs(60));
-        let before = scenario.distinct();
-        scenario.wait_done(before + 200, SETTLE);
+        let before = scenario.tasks.distinct();
+        scenario.tasks.wait_done(before + 200, SETTLE);
     }
     // Workers that lose their node go to the least used of the others, so the restart does not
     // end with them all on one node (moving each to the next node would put all on node 0).
@@ -503,7 +397,7 @@ fn one_node_down_for_the_whole_run_loses_nothing() {
     let down = scenario.cluster.node(2);
     down.stop_app();
     let warrens = scenario.start_warrens();
-    let feed = Feed::start(Publisher::start(&scenario.config), 1000);
+    let feed = Feed::start(Publisher::start(&scenario.tasks.config), 1000);
     wait_until(SETTLE, "the publisher to feed every task", || {
         feed.fed() >= TASKS
     });
@@ -534,20 +428,15 @@ fn a_classic_queue_whose_node_is_down_is_waited_for_not_fatal() {
     let recorder = dir.path().join("recorder.py");
     fs::write(&recorder, RECORDER).unwrap();
     let write_config = |name: &str, urls: &[String]| {
-        let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
-        let path = dir.path().join(name);
-        fs::write(
-            &path,
-            format!(
-                "[broker]\nurls = [{}]\n\n[queue]\nname = \"{QUEUE}\"\n\n[workers]\ncount = 1\n\n\
-                 [handler]\nkind = \"pipe\"\ncommand = [\"python3\", \"{}\", \"{}\", \"0\"]\n",
-                urls.join(", "),
-                recorder.display(),
-                done.display()
-            ),
-        )
-        .unwrap();
-        path
+        ConfigFile::at_nodes(urls, QUEUE)
+            .workers(1)
+            .pipe(&[
+                "python3",
+                &recorder.display().to_string(),
+                &done.display().to_string(),
+                "0",
+            ])
+            .write_to(&dir.path().join(name))
     };
     // The classic queue (and its retry and dead-letter queues) live on node 1, which declared them.
     let on_first = write_config("first.toml", &cluster.urls()[..1]);

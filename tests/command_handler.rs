@@ -9,7 +9,7 @@ mod util;
 use std::fs;
 use std::time::Duration;
 
-use util::{ready_and_unacked, wait_until, Broker, Warren};
+use util::{ready_and_unacked, wait_until, BrokerLock, ConfigFile, Warren};
 
 const WAIT: Duration = Duration::from_secs(20);
 /// How long warren may take to stop after SIGTERM.
@@ -33,7 +33,7 @@ fn wait_until_settled(queue: &str) {
 
 #[test]
 fn the_body_arrives_on_stdin_byte_for_byte_and_is_never_run_by_a_shell() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("stdin");
     let marker = broker.dir.path().join("pwned");
     let m = marker.display();
@@ -53,7 +53,10 @@ fn the_body_arrives_on_stdin_byte_for_byte_and_is_never_run_by_a_shell() {
     ];
 
     let script = broker.script_in_dir("record", "cat > \"$DIR/$WARREN_MESSAGE_ID.body\"");
-    let config = broker.command_config(&queue, 2, &script, "");
+    let config = ConfigFile::new(&queue)
+        .workers(2)
+        .command(&script)
+        .write_in(broker.dir.path());
     publish_bodies(&queue, &messages);
     let warren = Warren::run(&config, &[]);
     for (id, _) in &messages {
@@ -88,7 +91,7 @@ fn the_body_arrives_on_stdin_byte_for_byte_and_is_never_run_by_a_shell() {
 
 #[test]
 fn the_program_sees_the_message_id_queue_redelivered_flag_and_worker_in_its_environment() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("env");
     let workers = 3;
     let script = broker.script_in_dir(
@@ -97,7 +100,10 @@ fn the_program_sees_the_message_id_queue_redelivered_flag_and_worker_in_its_envi
          printf 'id=%s\\nqueue=%s\\nredelivered=%s\\nworker=%s\\n' \"$WARREN_MESSAGE_ID\" \
          \"$WARREN_QUEUE\" \"$WARREN_REDELIVERED\" \"$WARREN_WORKER\" > \"$DIR/$WARREN_MESSAGE_ID.env\"",
     );
-    let config = broker.command_config(&queue, workers, &script, "");
+    let config = ConfigFile::new(&queue)
+        .workers(workers)
+        .command(&script)
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, workers as u32);
 
@@ -143,13 +149,16 @@ fn the_program_sees_the_message_id_queue_redelivered_flag_and_worker_in_its_envi
 
 #[test]
 fn a_program_that_exits_zero_has_its_message_acked() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("exit0");
     let script = broker.script_in_dir(
         "ok",
         "cat > /dev/null\necho run >> \"$DIR/$WARREN_MESSAGE_ID.runs\"\nexit 0",
     );
-    let config = broker.command_config(&queue, 1, &script, "");
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .command(&script)
+        .write_in(broker.dir.path());
     publish_bodies(&queue, &[("ok-1", b"work")]);
     let warren = Warren::run(&config, &[]);
 
@@ -167,7 +176,7 @@ fn a_program_that_exits_zero_has_its_message_acked() {
 
 /// Runs a one-worker warren whose program fails its first attempt at the message with `fail`
 /// (shell code) and succeeds on the second; returns the log line of the failure.
-fn fails_once_then_succeeds(broker: &Broker, what: &str, fail: &str) -> String {
+fn fails_once_then_succeeds(broker: &BrokerLock, what: &str, fail: &str) -> String {
     let queue = broker.queue(what);
     let script = broker.script_in_dir(
         what,
@@ -178,7 +187,10 @@ fn fails_once_then_succeeds(broker: &Broker, what: &str, fail: &str) -> String {
              exit 0"
         ),
     );
-    let config = broker.command_config(&queue, 1, &script, "");
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .command(&script)
+        .write_in(broker.dir.path());
     let id = format!("{what}-1");
     publish_bodies(&queue, &[(&id, b"try me")]);
     let warren = Warren::run(&config, &[]);
@@ -209,7 +221,7 @@ fn fails_once_then_succeeds(broker: &Broker, what: &str, fail: &str) -> String {
 
 #[test]
 fn a_program_that_exits_non_zero_has_its_message_retried() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let failed = fails_once_then_succeeds(&broker, "exit3", "exit 3");
     assert!(
         failed.contains(": exit status 3; retrying"),
@@ -219,7 +231,7 @@ fn a_program_that_exits_non_zero_has_its_message_retried() {
 
 #[test]
 fn a_program_killed_by_a_signal_has_its_message_retried() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let failed = fails_once_then_succeeds(&broker, "kill9", "kill -9 $$");
     assert!(
         failed.contains(": killed by signal 9 (SIGKILL); retrying"),
@@ -229,7 +241,7 @@ fn a_program_killed_by_a_signal_has_its_message_retried() {
 
 #[test]
 fn the_programs_stdout_and_stderr_appear_in_the_log_prefixed_with_the_worker() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("output");
     let script = broker.script(
         "talk",
@@ -238,7 +250,10 @@ fn the_programs_stdout_and_stderr_appear_in_the_log_prefixed_with_the_worker() {
          echo \"second line\"\n\
          echo \"oops from $WARREN_MESSAGE_ID\" >&2",
     );
-    let config = broker.command_config(&queue, 1, &script, "");
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .command(&script)
+        .write_in(broker.dir.path());
     publish_bodies(&queue, &[("out-1", b"speak")]);
     let warren = Warren::run(&config, &[]);
     warren.wait_for_log(" done out-1 ", WAIT);
@@ -266,20 +281,18 @@ fn the_programs_stdout_and_stderr_appear_in_the_log_prefixed_with_the_worker() {
 
 #[test]
 fn the_broker_url_from_the_environment_is_used_but_never_shown_to_the_program() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("env-url");
     let script = broker.script_in_dir(
         "env-dump",
         "cat > /dev/null\nenv > \"$DIR/$WARREN_MESSAGE_ID.env\"",
     );
-    let config = broker.command_config(&queue, 1, &script, "");
     // The file's URL leads nowhere; WARREN_BROKER_URL, which overrides it, is the real broker.
-    let text = fs::read_to_string(&config).unwrap();
-    fs::write(
-        &config,
-        text.replace(&util::amqp_url(), "amqp://guest:guest@127.0.0.1:1/%2f"),
-    )
-    .unwrap();
+    let config = ConfigFile::new(&queue)
+        .url("amqp://guest:guest@127.0.0.1:1/%2f")
+        .workers(1)
+        .command(&script)
+        .write_in(broker.dir.path());
     publish_bodies(&queue, &[("env-url-1", b"x")]);
 
     let warren = Warren::spawn(

@@ -2,7 +2,9 @@
 //! exits 78 (EX_CONFIG) with exactly one error line on stderr that names the file, the line and
 //! the key, so an operator can fix it without reading the source; a bad command line exits 64
 //! (EX_USAGE); and `WARREN_CONFIG` names the file when `--config` does not. None of these needs
-//! the broker, so these tests neither take the broker lock nor connect to it.
+//! the broker, so these tests neither take the broker lock nor connect to it; but one, a handler
+//! timeout that could outlast the broker's `consumer_timeout`, holds the lock shared to ask the
+//! broker that warren did not connect.
 
 mod util;
 
@@ -13,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::thread;
 use std::time::Duration;
+
+use util::{line_of, BrokerLock, ConfigFile, Warren};
 
 /// The start of every config here. The broker URL points where nothing listens, so that a
 /// warren that wrongly accepted a config could not touch the test broker; it would retry until
@@ -31,14 +35,6 @@ fn command_handler(program: &Path) -> String {
         "{BROKER}\n[queue]\nname = \"jobs\"\n\n[handler]\nkind = \"command\"\ncommand = [\"{}\", \"--flag\"]\n",
         program.display()
     )
-}
-
-/// The number of the first line of `text` that contains `needle`, counting from 1.
-fn line_of(text: &str, needle: &str) -> usize {
-    text.lines()
-        .position(|l| l.contains(needle))
-        .unwrap_or_else(|| panic!("{needle:?} is not in {text:?}"))
-        + 1
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -331,5 +327,32 @@ fn warren_config_names_the_file_when_config_is_absent() {
     assert!(
         line.contains(&at),
         "--config overrides WARREN_CONFIG, so the error should contain {at:?}: {line}"
+    );
+}
+
+#[test]
+fn a_handler_timeout_that_could_outlast_the_consumer_timeout_is_a_config_error() {
+    let broker = BrokerLock::shared();
+    let queue = broker.queue("ctimeout");
+    let config = ConfigFile::new(&queue)
+        .set("broker.consumer_timeout", "1m")
+        .dots()
+        .set("handler.timeout", "2m")
+        .write_in(broker.dir.path());
+
+    let mut warren = Warren::run(&config, &[]);
+    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(78));
+    let log = warren.log();
+    assert_eq!(log.len(), 1, "one line: {log:#?}");
+    assert!(
+        log[0].contains(&format!("{}:", config.display()))
+            && log[0].contains("handler.timeout (2m)")
+            && log[0].contains("broker.consumer_timeout (1m)"),
+        "{}",
+        log[0]
+    );
+    assert!(
+        util::connections_named(&format!(" pid {}\"", warren.pid())).is_empty(),
+        "nothing connected"
     );
 }

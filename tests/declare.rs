@@ -6,24 +6,19 @@ mod util;
 
 use std::time::Duration;
 
-use util::{publish_ok, queue_counts, Broker, Warren};
+use util::{publish_ok, queue_counts, BrokerLock, ConfigFile, Warren};
 
 #[test]
 fn a_queue_declared_with_other_parameters_stops_warren_with_exit_78() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("mismatch");
-    let durable = broker.config(&queue, "[handler]\nkind = \"dots\"\n");
+    let durable = ConfigFile::new(&queue).dots().write_in(broker.dir.path());
     publish_ok(&durable, &["waits"]);
 
-    let transient = broker
-        .config(&queue, "[handler]\nkind = \"dots\"\n")
-        .with_extension("");
-    let text = std::fs::read_to_string(&durable).unwrap();
-    std::fs::write(
-        &transient,
-        text.replace("name = ", "durable = false\nname = "),
-    )
-    .unwrap();
+    let transient = ConfigFile::new(&queue)
+        .set("queue.durable", false)
+        .dots()
+        .write_in(broker.dir.path());
     let mut warren = Warren::run(&transient, &[]);
     assert_eq!(warren.wait_exit(Duration::from_secs(20)).code(), Some(78));
     let errors = warren.lines_with("ERROR");
@@ -43,20 +38,15 @@ fn a_queue_declared_with_other_parameters_stops_warren_with_exit_78() {
 
 #[test]
 fn a_classic_queue_cannot_become_a_quorum_queue_by_config() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("retype");
-    let classic = broker.config(&queue, "[handler]\nkind = \"dots\"\n");
+    let classic = ConfigFile::new(&queue).dots().write_in(broker.dir.path());
     publish_ok(&classic, &["waits"]);
 
-    let quorum = broker
-        .config(&queue, "[handler]\nkind = \"dots\"\n")
-        .with_extension("");
-    let text = std::fs::read_to_string(&classic).unwrap();
-    std::fs::write(
-        &quorum,
-        text.replace("name = ", "type = \"quorum\"\nname = "),
-    )
-    .unwrap();
+    let quorum = ConfigFile::new(&queue)
+        .quorum()
+        .dots()
+        .write_in(broker.dir.path());
     let mut warren = Warren::run(&quorum, &[]);
     assert_eq!(warren.wait_exit(Duration::from_secs(20)).code(), Some(78));
     let errors = warren.lines_with("ERROR");

@@ -12,18 +12,16 @@
 
 mod util;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::collections::BTreeMap;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use util::{queue_table, rabbitmqctl, wait_until, AppGuard, Broker, Proxy, Vhost, Warren};
-use warren::amqp::{Fetched, Header, Session};
-use warren::config::Config;
+use util::tally::{Tally, Tasks};
+use util::{
+    queue_table, rabbitmqctl, wait_until, AppGuard, BrokerLock, ConfigFile, Proxy, Vhost, Warren,
+};
+use warren::amqp::{Header, Session};
 use warren::retry::{self, Topology};
 
 /// Tasks per scenario, published as the bodies "1" to "2000".
@@ -65,44 +63,40 @@ struct Scenario {
     url: String,
     /// The vhost, for `rabbitmqctl list_queues -p`.
     vhost_name: String,
-    config: PathBuf,
+    /// The config that `tasks.config` holds, for variants of it.
+    file: ConfigFile,
+    tasks: Tasks,
     topology: Topology,
-    done: PathBuf,
     _cleanup: DeleteQueues,
     _vhost: Option<Vhost>,
-    broker: Broker,
+    broker: BrokerLock,
 }
 
 impl Scenario {
     /// A scenario on `broker`'s lock, in `vhost` (or `/`), whose handler script runs `handler`
-    /// (with `$DIR`, the test's directory) under `shell`, and whose config ends with `extra`.
+    /// (with `$DIR`, the test's directory) under `shell`, and whose config `configure` adds to.
     fn new(
         name: &'static str,
-        broker: Broker,
+        broker: BrokerLock,
         kind: QueueType,
         vhost: Option<Vhost>,
         shell: &str,
         handler: &str,
-        extra: &str,
+        configure: impl FnOnce(ConfigFile) -> ConfigFile,
     ) -> Scenario {
         let queue = broker.queue(&format!("faults-{name}"));
         let script = broker.script_in_dir_for(shell, "handler", handler);
-        let config = broker.config(
-            &queue,
-            &format!(
-                "[workers]\ncount = {WORKERS}\nprefetch = 1\n\n[handler]\n{}{extra}",
-                util::command_keys(&script)
-            ),
-        );
         let url = vhost.as_ref().map_or_else(util::amqp_url, Vhost::url);
-        let mut text = fs::read_to_string(&config).unwrap();
-        text = text.replace(&util::amqp_url(), &url);
+        let mut file = ConfigFile::new(&queue)
+            .url(&url)
+            .workers(WORKERS)
+            .prefetch(1)
+            .command(&script);
         if kind == QueueType::Quorum {
-            let line = format!("name = \"{queue}\"\n");
-            text = text.replace(&line, &format!("{line}type = \"quorum\"\n"));
+            file = file.quorum();
         }
-        fs::write(&config, text).unwrap();
-        let loaded = Config::load(&config, None).expect("the scenario's config loads");
+        let file = configure(file);
+        let loaded = file.parse();
         let topology = Topology::new(&loaded.queue, &loaded.retry);
         Scenario {
             name,
@@ -114,9 +108,12 @@ impl Scenario {
                 queues: topology.all().map(|q| q.name.clone()).collect(),
             },
             url,
-            config,
+            tasks: Tasks {
+                config: file.write_in(broker.dir.path()),
+                done: broker.dir.path().join("done"),
+            },
+            file,
             topology,
-            done: broker.dir.path().join("done"),
             _vhost: vhost,
             broker,
         }
@@ -125,34 +122,7 @@ impl Scenario {
     /// Publishes the tasks "1" to TASKS with `warren publish --stdin`, which declares the work
     /// queue as `warren run` does.
     fn publish(&self) {
-        let mut child = Command::new(util::warren_bin())
-            .args(["publish", "--stdin", "--config"])
-            .arg(&self.config)
-            .env_remove("WARREN_BROKER_URL")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start warren publish");
-        let ids: String = (1..=TASKS).map(|id| format!("{id}\n")).collect();
-        child
-            .stdin
-            .take()
-            .expect("stdin is piped")
-            .write_all(ids.as_bytes())
-            .expect("write the tasks to warren publish");
-        let out = child.wait_with_output().expect("wait for warren publish");
-        assert!(
-            out.status.success(),
-            "warren publish failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Every completion recorded so far, in order, duplicates included.
-    fn completions(&self) -> Vec<u64> {
-        parse_ids(&self.done)
+        self.tasks.publish(1..=TASKS as u64);
     }
 
     /// Waits until `percent` of the tasks are done, and checks that some are still left, so that
@@ -162,9 +132,9 @@ impl Scenario {
         wait_until(
             SETTLE,
             &format!("{percent}% of the tasks to be done"),
-            || self.completions().len() >= target,
+            || self.tasks.completions().len() >= target,
         );
-        let done = distinct(&self.completions()).len();
+        let done = self.tasks.distinct();
         assert!(
             done < TASKS,
             "the run ended before the fault could be injected"
@@ -187,7 +157,7 @@ impl Scenario {
             SETTLE,
             "every task to be done or dead-lettered, with nothing in flight",
             || {
-                let done = distinct(&self.completions()).len();
+                let done = self.tasks.distinct();
                 if session.is_none() {
                     session = util::session_at(&self.url).ok();
                 }
@@ -231,8 +201,7 @@ impl Scenario {
         }
         drop(session);
 
-        let done = self.completions();
-        let tally = Tally::new(done, dead);
+        let tally = self.tasks.tally(TASKS as u64, dead);
         eprintln!(
             "faults: scenario={} queue={} tasks={TASKS} lost={} duplicates={} dead_lettered={} recovery={} took={:.1?}",
             self.name,
@@ -243,12 +212,7 @@ impl Scenario {
             recovery.map_or("n/a".into(), |r| format!("{:.2}s", r.as_secs_f64())),
             self.started.elapsed(),
         );
-        assert!(
-            tally.lost.is_empty(),
-            "{} tasks were neither done nor dead-lettered: {:?}",
-            tally.lost.len(),
-            tally.lost.iter().take(20).collect::<Vec<_>>()
-        );
+        tally.assert_none_lost();
         wait_until(
             Duration::from_secs(10),
             "every queue of the scenario to be empty with nothing unacked",
@@ -263,67 +227,23 @@ impl Scenario {
     }
 }
 
-/// What became of the tasks of one scenario.
-struct Tally {
-    /// Completions per task id.
-    done: BTreeMap<u64, usize>,
-    /// Dead-lettered copies, by task id.
-    dead: BTreeMap<u64, Vec<Fetched>>,
-    /// Ids neither done nor dead-lettered.
-    lost: Vec<u64>,
-    /// Completions and dead-letterings beyond the first of each task.
-    duplicates: usize,
-}
-
-impl Tally {
-    fn new(completions: Vec<u64>, dead_lettered: Vec<(u64, Fetched)>) -> Tally {
-        let mut done = BTreeMap::new();
-        for id in completions {
-            *done.entry(id).or_insert(0) += 1;
-        }
-        let mut dead: BTreeMap<u64, Vec<Fetched>> = BTreeMap::new();
-        for (id, message) in dead_lettered {
-            dead.entry(id).or_default().push(message);
-        }
-        let valid = 1..=TASKS as u64;
-        for id in done.keys().chain(dead.keys()) {
-            assert!(valid.contains(id), "task {id} was never published");
-        }
-        let lost = valid
-            .filter(|id| !done.contains_key(id) && !dead.contains_key(id))
-            .collect();
-        let outcomes = done.values().sum::<usize>() + dead.values().map(Vec::len).sum::<usize>();
-        let tasks = done
-            .keys()
-            .chain(dead.keys())
-            .collect::<BTreeSet<_>>()
-            .len();
-        Tally {
-            duplicates: outcomes - tasks,
-            done,
-            dead,
-            lost,
-        }
-    }
-
-    /// Checks the outcome of a scenario whose handler always succeeds: nothing dead-lettered,
-    /// and no more tasks run twice than `faults` faults can explain.
-    fn assert_all_done(&self, faults: usize) {
-        assert!(
-            self.dead.is_empty(),
-            "tasks whose handler succeeds were dead-lettered: {:?}",
-            self.dead.keys().collect::<Vec<_>>()
-        );
-        assert!(
-            self.duplicates <= WORKERS * faults,
-            "{} duplicate completions, more than one per worker per fault ({WORKERS} x {faults})",
-            self.duplicates
-        );
-    }
+/// Checks the outcome of a scenario whose handler always succeeds: nothing dead-lettered, and
+/// no more tasks run twice than `faults` faults can explain.
+fn assert_all_done(tally: &Tally, faults: usize) {
+    assert!(
+        tally.dead.is_empty(),
+        "tasks whose handler succeeds were dead-lettered: {:?}",
+        tally.dead.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        tally.duplicates <= WORKERS * faults,
+        "{} duplicate completions, more than one per worker per fault ({WORKERS} x {faults})",
+        tally.duplicates
+    );
 }
 
 /// Deletes the scenario's queues when dropped, including retry queues with delays that
-/// `Broker`'s own cleanup does not know.
+/// `BrokerLock`'s own cleanup does not know.
 struct DeleteQueues {
     url: String,
     queues: Vec<String>,
@@ -337,22 +257,6 @@ impl Drop for DeleteQueues {
             }
         }
     }
-}
-
-/// The ids in a file of one id per line.
-fn parse_ids(path: &Path) -> Vec<u64> {
-    util::recorded(path)
-        .iter()
-        .map(|line| {
-            line.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("{} holds {line:?}, not a task id", path.display()))
-        })
-        .collect()
-}
-
-fn distinct(ids: &[u64]) -> BTreeSet<u64> {
-    ids.iter().copied().collect()
 }
 
 /// Waits until warren has completed a task that it received after its log line `from` (not one
@@ -384,7 +288,7 @@ fn fresh_completion(lines: &[String]) -> bool {
 }
 
 fn close_all_connections_twice(kind: QueueType) {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let vhost = Vhost::create("faults");
     let scenario = Scenario::new(
         "close_all",
@@ -393,10 +297,10 @@ fn close_all_connections_twice(kind: QueueType) {
         Some(vhost),
         "/bin/sh",
         RECORD_DONE,
-        "",
+        |config| config,
     );
     scenario.publish();
-    let mut warren = Warren::run(&scenario.config, &[]);
+    let mut warren = Warren::run(&scenario.tasks.config, &[]);
     let mut recovery = Duration::ZERO;
     for percent in [25, 50] {
         scenario.wait_for_percent_done(percent);
@@ -416,9 +320,7 @@ fn close_all_connections_twice(kind: QueueType) {
         closed >= WORKERS,
         "warren saw its worker connections closed ({closed} lines)"
     );
-    scenario
-        .finish(&mut warren, Some(recovery))
-        .assert_all_done(2);
+    assert_all_done(&scenario.finish(&mut warren, Some(recovery)), 2);
 }
 
 #[test]
@@ -435,15 +337,15 @@ fn no_task_is_lost_when_the_broker_closes_every_connection_twice_on_a_quorum_que
 fn no_task_is_lost_when_the_broker_app_stops_and_starts_again() {
     let scenario = Scenario::new(
         "stop_app",
-        Broker::exclusive(),
+        BrokerLock::exclusive(),
         QueueType::Classic,
         None,
         "/bin/sh",
         RECORD_DONE,
-        "",
+        |config| config,
     );
     scenario.publish();
-    let mut warren = Warren::run(&scenario.config, &[]);
+    let mut warren = Warren::run(&scenario.tasks.config, &[]);
     scenario.wait_for_percent_done(30);
     let app = AppGuard::stop_app();
     warren.wait_for_log("cannot reach the broker", Duration::from_secs(20));
@@ -453,23 +355,21 @@ fn no_task_is_lost_when_the_broker_app_stops_and_starts_again() {
     let (from, since) = (warren.log().len(), Instant::now());
     let recovery = time_to_recover(&warren, from, since);
     drop(app);
-    scenario
-        .finish(&mut warren, Some(recovery))
-        .assert_all_done(1);
+    assert_all_done(&scenario.finish(&mut warren, Some(recovery)), 1);
 }
 
 fn sigkill_and_restart(kind: QueueType) {
     let scenario = Scenario::new(
         "sigkill",
-        Broker::shared(),
+        BrokerLock::shared(),
         kind,
         None,
         "/bin/sh",
         RECORD_DONE,
-        "",
+        |config| config,
     );
     scenario.publish();
-    let mut first = Warren::run(&scenario.config, &[]);
+    let mut first = Warren::run(&scenario.tasks.config, &[]);
     scenario.wait_for_percent_done(30);
     first.signal(Signal::SIGKILL);
     let status = first.wait_exit(Duration::from_secs(10));
@@ -486,11 +386,9 @@ fn sigkill_and_restart(kind: QueueType) {
     );
 
     let since = Instant::now();
-    let mut second = Warren::run(&scenario.config, &[]);
+    let mut second = Warren::run(&scenario.tasks.config, &[]);
     let recovery = time_to_recover(&second, 0, since);
-    scenario
-        .finish(&mut second, Some(recovery))
-        .assert_all_done(1);
+    assert_all_done(&scenario.finish(&mut second, Some(recovery)), 1);
 }
 
 #[test]
@@ -507,22 +405,19 @@ fn no_task_is_lost_when_warren_is_killed_and_restarted_on_a_quorum_queue() {
 fn a_dead_network_is_noticed_by_heartbeats_and_no_task_is_lost() {
     let scenario = Scenario::new(
         "dead_network",
-        Broker::shared(),
+        BrokerLock::shared(),
         QueueType::Classic,
         None,
         "/bin/sh",
         RECORD_DONE,
-        "",
+        |config| config,
     );
     let heartbeat = Duration::from_secs(2);
     let proxy = Proxy::start(Proxy::free_port());
-    let proxied = scenario.broker.dir.path().join("proxied.toml");
-    let text = fs::read_to_string(&scenario.config)
-        .unwrap()
-        .replace(&util::amqp_url(), &proxy.url())
-        .replace("heartbeat = \"5s\"", "heartbeat = \"2s\"");
-    assert!(text.contains("heartbeat = \"2s\"") && text.contains(&proxy.url()));
-    fs::write(&proxied, text).unwrap();
+    let proxied = (scenario.file.clone())
+        .url(&proxy.url())
+        .set("broker.heartbeat", "2s")
+        .write_in(scenario.broker.dir.path());
 
     scenario.publish();
     let mut warren = Warren::run(&proxied, &[]);
@@ -559,9 +454,7 @@ fn a_dead_network_is_noticed_by_heartbeats_and_no_task_is_lost() {
         "faults: scenario=dead_network noticed={:.2}s",
         noticed.as_secs_f64()
     );
-    scenario
-        .finish(&mut warren, Some(recovery))
-        .assert_all_done(1);
+    assert_all_done(&scenario.finish(&mut warren, Some(recovery)), 1);
     // An operator reading the log must be able to tell a dead network from a closed connection.
     assert!(
         lost.iter()
@@ -590,14 +483,19 @@ const MAX_ATTEMPTS: u32 = 3;
 fn random_failures(kind: QueueType) {
     let scenario = Scenario::new(
         "random_failures",
-        Broker::shared(),
+        BrokerLock::shared(),
         kind,
         None,
         "/bin/bash",
         FLAKY,
-        &format!(
-            "timeout = \"1s\"\nkill_grace = \"1s\"\n\n[retry]\nmax_attempts = {MAX_ATTEMPTS}\ndelay = \"100ms\"\nmax_delay = \"400ms\"\n"
-        ),
+        |config| {
+            config
+                .set("handler.timeout", "1s")
+                .set("handler.kill_grace", "1s")
+                .set("retry.max_attempts", MAX_ATTEMPTS)
+                .set("retry.delay", "100ms")
+                .set("retry.max_delay", "400ms")
+        },
     );
     let retries: Vec<&str> = scenario
         .topology
@@ -612,7 +510,7 @@ fn random_failures(kind: QueueType) {
         "max_attempts 3 means two retry steps"
     );
     scenario.publish();
-    let mut warren = Warren::run(&scenario.config, &[]);
+    let mut warren = Warren::run(&scenario.tasks.config, &[]);
     let tally = scenario.finish(&mut warren, None);
     assert!(
         !warren.lines_with("handler.timeout").is_empty()

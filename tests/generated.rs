@@ -543,7 +543,7 @@ proptest! {
         attempt in proptest::option::of(amqp_value()),
         count in proptest::option::of(amqp_value()),
     ) {
-        let broker = util::Broker::shared();
+        let broker = util::BrokerLock::shared();
         let queue = broker.queue("generated-headers");
         util::declare_durable(&queue);
         let connection = Connection::insecure_open(&util::amqp_url());

@@ -1,8 +1,16 @@
-//! A hostile broker, for real: RabbitMQ nodes of the test's own (`util::nodes`) that enforce a
-//! consumer_timeout shorter than a task, or stop answering while keeping their sockets open
-//! (SIGSTOP), or count deliveries against a quorum queue's limit. Each test asserts on what the
-//! broker and the handler saw: the runs a handler recorded, queue counts, dead letters and log
-//! lines.
+//! A hostile broker, for real: one that enforces a consumer_timeout shorter than a task (it
+//! closes the channel; the message comes back once, and warren fits its own timeout inside the
+//! broker's), stops answering while keeping its sockets open (a SIGSTOPped node, or a network
+//! gone dead: heartbeats catch it, and the task in flight is redelivered), counts deliveries
+//! against a quorum queue's limit, or blocks publishers under a memory alarm (`warren publish`
+//! and a worker's retry wait for it to lift instead of timing out or losing the message). Each
+//! test asserts on what the broker and the handler saw: the runs a handler recorded, queue
+//! counts, dead letters and log lines.
+//!
+//! Some tests start RabbitMQ nodes of their own (`util::nodes`); the others use the system
+//! broker, through a loopback proxy (`util::Proxy`) when the network must die for one client. The
+//! alarm and consumer timeout tests on the system broker change broker-wide settings, so they
+//! hold the broker exclusively and restore the settings in a `Drop` guard even when they fail.
 
 mod util;
 
@@ -17,7 +25,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use util::nodes::Cluster;
-use util::{wait_until, Warren};
+use util::{
+    broker_address, connections_named, declare_durable, publish_ok, queue_counts, rabbitmqctl,
+    ready_and_unacked, recorded, wait_until, BrokerLock, ConfigFile, Proxy, Queues, Warren,
+};
 use warren::amqp::Session;
 
 const QUEUE: &str = "hostile-jobs";
@@ -53,19 +64,19 @@ impl Scratch {
         util::recorded(&self.runs_file())
     }
 
-    fn config(&self, url: &str, sleep: &str, extra: &str) -> PathBuf {
-        let path = self.dir.path().join("warren.toml");
-        let text = format!(
-            "[broker]\nurl = \"{url}\"\nheartbeat = \"2s\"\n\n[queue]\nname = \"{QUEUE}\"\n\n\
-             [workers]\ncount = 1\n\n[handler]\nkind = \"command\"\ncommand = [\"{}\", \"{}\", \"{sleep}\"]\n\
-             timeout = \"1m\"\n\n{}\n\n[control]\nsocket = \"{}\"\n{extra}",
-            self.script().display(),
-            self.runs_file().display(),
-            util::RETRY,
-            self.dir.path().join("warren.sock").display(),
-        );
-        fs::write(&path, text).expect("write the config");
-        path
+    fn config(&self, url: &str, sleep: &str) -> PathBuf {
+        ConfigFile::at(url, QUEUE)
+            .set("broker.heartbeat", "2s")
+            .workers(1)
+            .command_argv(&[
+                &self.script().display().to_string(),
+                &self.runs_file().display().to_string(),
+                sleep,
+            ])
+            .set("handler.timeout", "1m")
+            .fast_retries()
+            .control(&self.dir.path().join("warren.sock"))
+            .write_to(&self.dir.path().join("warren.toml"))
     }
 }
 
@@ -82,6 +93,120 @@ fn counts(url: &str, queue: &str) -> (u32, u32) {
 
 fn publish(config: &Path, body: &str) {
     util::publish_ok(config, &[body]);
+}
+
+/// The worker (`worker-N`) and the message id of a `worker-N received ID ...` log line.
+fn received(line: &str) -> (String, String) {
+    let (head, rest) = line
+        .split_once(" received ")
+        .unwrap_or_else(|| panic!("not a received line: {line}"));
+    let worker = head.rsplit(' ').next().unwrap_or_default().to_string();
+    let id = rest
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    (worker, id)
+}
+
+/// Waits until `warren` has logged a line with `then` after a line with `first`.
+fn wait_for_log_after(warren: &Warren, first: &str, then: &str, timeout: Duration) {
+    wait_until(
+        timeout,
+        &format!("warren to log {then:?} after {first:?}"),
+        || {
+            let log = warren.log();
+            log.iter()
+                .position(|l| l.contains(first))
+                .is_some_and(|at| log[at..].iter().any(|l| l.contains(then)))
+        },
+    );
+}
+
+/// A running `warren publish` whose log is collected as it comes, for publishes that must wait.
+fn spawn_publish(config: &Path, args: &[&str]) -> Warren {
+    Warren::spawn(
+        Command::new(util::warren_bin())
+            .arg("publish")
+            .arg("--config")
+            .arg(config)
+            .args(args),
+    )
+}
+
+/// A memory alarm on the broker: a high watermark of 0 makes every node blow it, and the broker
+/// blocks every connection that publishes. Dropping the guard restores the watermark, so that a
+/// failing test cannot leave the broker blocking every other test's publishes.
+struct MemoryAlarm {
+    watermark: String,
+}
+
+impl MemoryAlarm {
+    fn raise() -> MemoryAlarm {
+        let current = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
+        // A relative watermark (a fraction of the RAM) is restored as it was; anything else as
+        // the broker's default.
+        let watermark = match current.trim().parse::<f64>() {
+            Ok(fraction) if fraction > 0.0 => current.trim().to_string(),
+            _ => "0.4".to_string(),
+        };
+        let alarm = MemoryAlarm { watermark };
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
+        alarm
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        let restored = Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", &self.watermark])
+            .output();
+        if !restored.is_ok_and(|out| out.status.success()) && !thread::panicking() {
+            panic!(
+                "could not restore the broker's memory high watermark to {}: run rabbitmqctl set_vm_memory_high_watermark {}",
+                self.watermark, self.watermark
+            );
+        }
+    }
+}
+
+/// A setting of the broker's `rabbit` application, changed for one test and restored when the
+/// guard drops. Channels read these when they open, so set them before warren connects.
+struct RabbitEnv {
+    key: &'static str,
+    original: String,
+}
+
+impl RabbitEnv {
+    fn set(key: &'static str, value: &str) -> RabbitEnv {
+        let current = rabbitmqctl(&["eval", &format!("application:get_env(rabbit, {key}).")]);
+        let original = current
+            .trim()
+            .strip_prefix("{ok,")
+            .and_then(|rest| rest.strip_suffix('}'))
+            .unwrap_or_else(|| panic!("rabbit {key} is not set: {current}"))
+            .to_string();
+        let guard = RabbitEnv { key, original };
+        rabbitmqctl(&[
+            "eval",
+            &format!("application:set_env(rabbit, {key}, {value})."),
+        ]);
+        guard
+    }
+}
+
+impl Drop for RabbitEnv {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args([
+                "eval",
+                &format!(
+                    "application:set_env(rabbit, {}, {}).",
+                    self.key, self.original
+                ),
+            ])
+            .output();
+    }
 }
 
 /// The broker enforces a consumer_timeout of 2 s, checked every half second, while warren's
@@ -101,7 +226,7 @@ fn a_broker_consumer_timeout_shorter_than_a_task_ends_in_one_redelivery_and_no_r
     ]);
     let url = node.amqp_url();
     let scratch = Scratch::new();
-    let config = scratch.config(&url, "6", "");
+    let config = scratch.config(&url, "6");
     let warren = Warren::spawn(
         Command::new(util::warren_bin())
             .args(["run", "--config"])
@@ -166,20 +291,16 @@ if [ \"$body\" = fails-last ] && [ \"$WARREN_ATTEMPT\" = 3 ]; then exit 3; fi\ne
 /// is lost too is dead-lettered by the broker into the same queue. Neither is dropped.
 #[test]
 fn a_quorum_queue_delivery_limit_never_drops_a_message_that_belongs_in_the_dead_letter_queue() {
-    let broker = util::Broker::shared();
-    let queues = util::Queues::new(&broker, "delivery-limit");
+    let broker = BrokerLock::shared();
+    let queues = Queues::new(&broker, "delivery-limit");
     let runs = broker.dir.path().join("runs");
     let script = broker.script("stubborn.sh", STUBBORN);
-    let config = broker.config(
-        &queues.work,
-        &format!(
-            "type = \"quorum\"\n\n[workers]\ncount = 1\n\n[handler]\nkind = \"command\"\n\
-             command = [\"{}\", \"{}\"]\n\n{}",
-            script.display(),
-            runs.display(),
-            util::RETRY
-        ),
-    );
+    let config = ConfigFile::new(&queues.work)
+        .quorum()
+        .workers(1)
+        .command_argv(&[&script.display().to_string(), &runs.display().to_string()])
+        .fast_retries()
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queues.work, 1);
     let recorded = || util::recorded(&runs);
@@ -281,23 +402,16 @@ fn signal_pid(pid: i32, signal: Signal) {
 /// is continued. Nothing is lost.
 #[test]
 fn a_hung_broker_is_detected_within_two_heartbeats_and_workers_resume_when_it_returns() {
-    let broker = util::Broker::exclusive();
+    let broker = BrokerLock::exclusive();
     let queue = broker.queue("hung");
     let runs = broker.dir.path().join("runs");
     let script = broker.script("record.sh", "#!/bin/sh\ncat >> \"$1\"\necho >> \"$1\"\n");
-    let config = broker.dir.path().join("hung.toml");
-    fs::write(
-        &config,
-        format!(
-            "[broker]\nurl = \"{}\"\nheartbeat = \"2s\"\nconnect_timeout = \"2s\"\n\n\
-             [queue]\nname = \"{queue}\"\n\n[workers]\ncount = 2\n\n\
-             [handler]\nkind = \"command\"\ncommand = [\"{}\", \"{}\"]\n",
-            util::amqp_url(),
-            script.display(),
-            runs.display()
-        ),
-    )
-    .expect("write the config");
+    let config = ConfigFile::new(&queue)
+        .set("broker.heartbeat", "2s")
+        .set("broker.connect_timeout", "2s")
+        .workers(2)
+        .command_argv(&[&script.display().to_string(), &runs.display().to_string()])
+        .write_to(&broker.dir.path().join("hung.toml"));
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 2);
     util::publish_ok(&config, &["before-1", "before-2"]);
@@ -342,4 +456,248 @@ fn a_hung_broker_is_detected_within_two_heartbeats_and_workers_resume_when_it_re
     assert_eq!(done, ["after-1", "after-2", "before-1", "before-2"]);
     assert_eq!(util::ready_and_unacked(&queue), (0, 0));
     warren.stop(Duration::from_secs(15));
+}
+
+#[test]
+fn a_dead_network_is_caught_by_heartbeats_and_the_task_in_flight_is_redelivered() {
+    let broker = BrokerLock::shared();
+    let queue = broker.queue("heartbeat");
+    let direct = ConfigFile::new(&queue).dots().write_in(broker.dir.path());
+    let proxy = Proxy::start(Proxy::free_port());
+    let config = ConfigFile::new(&queue)
+        .url(&proxy.url())
+        .set("broker.heartbeat", "2s")
+        .workers(2)
+        .dots()
+        .write_in(broker.dir.path());
+
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 2);
+    // Six seconds of work: longer than the two heartbeat intervals it takes to notice the
+    // network is dead, so the task is still running when its connection goes.
+    publish_ok(&direct, &["in flight......"]);
+    let (holder, id) = received(&warren.wait_for_log("received", Duration::from_secs(10)));
+
+    let marker = format!(" pid {}\"", warren.pid());
+    let before: Vec<String> = connections_named(&marker)
+        .into_iter()
+        .map(|(conn, _)| conn)
+        .collect();
+    assert_eq!(
+        before.len(),
+        4,
+        "a consuming and a publishing connection per worker: {before:?}"
+    );
+
+    let frozen = Instant::now();
+    proxy.freeze();
+    let lost = format!("lost the connection to 127.0.0.1:{}", proxy.port);
+    let detected = warren.wait_for_log(&lost, Duration::from_secs(10));
+    let took = frozen.elapsed();
+    eprintln!("the dead network was noticed after {took:.2?}: {detected}");
+    assert!(
+        took >= Duration::from_secs(1),
+        "the connection was given up after {took:?}, before any heartbeat was missed: {detected}"
+    );
+
+    // Thaw only once the broker, too, has given up on every connection that went silent, and
+    // so requeued the message: a network that came back sooner would let the first run's ack
+    // through on its old connection, which is right but not what this test is about.
+    wait_until(
+        Duration::from_secs(20),
+        "the broker to close warren's silent connections",
+        || {
+            let now = connections_named(&marker);
+            !now.iter().any(|(conn, _)| before.contains(conn))
+        },
+    );
+    eprintln!(
+        "the broker closed the silent connections after {:.2?}",
+        frozen.elapsed()
+    );
+    proxy.thaw();
+    // The message may run again while its first run is still going: at least once, not exactly
+    // once.
+    let (rerun_by, _) = received(&warren.wait_for_log(
+        &format!("received {id} (attempt 1, redelivered)"),
+        Duration::from_secs(30),
+    ));
+    let line = warren.wait_for_log(
+        &format!("{holder} could not settle {id}"),
+        Duration::from_secs(20),
+    );
+    assert!(
+        line.contains(&lost),
+        "the first run's ack had no connection to go to: {line}"
+    );
+    wait_for_log_after(
+        &warren,
+        &format!("received {id} (attempt 1, redelivered)"),
+        &format!("{rerun_by} done {id}"),
+        Duration::from_secs(20),
+    );
+
+    warren.wait_consuming(&queue, 2);
+    publish_ok(&direct, &["after the network came back"]);
+    let (_, after) =
+        received(&warren.wait_for_log("\"after the network came back\"", Duration::from_secs(20)));
+    warren.wait_for_log(&format!("done {after}"), Duration::from_secs(20));
+
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert_eq!(ready_and_unacked(&queue), (0, 0));
+    // Checked last, so that the recovery above is checked even if the reason is missing.
+    let reasons = warren.lines_with(&lost);
+    assert!(
+        reasons
+            .iter()
+            .any(|l| l.contains("missed heartbeats from the broker")),
+        "the log says why the connection was given up: {reasons:#?}"
+    );
+}
+
+#[test]
+fn publish_waits_out_a_memory_alarm_longer_than_its_confirm_timeout() {
+    let broker = BrokerLock::exclusive();
+    let queue = broker.queue("alarm");
+    let config = ConfigFile::new(&queue).write_in(broker.dir.path());
+    // The queue exists before the alarm, so that only the publish itself is held.
+    declare_durable(&queue);
+
+    let alarm = MemoryAlarm::raise();
+    let mut publish = spawn_publish(&config, &["--confirm-timeout", "2s", "held back"]);
+    let line = publish.wait_for_log("blocked publishing", Duration::from_secs(20));
+    assert!(line.contains("waiting until it lifts the alarm"), "{line}");
+    // The fault must outlast the confirm timeout: time blocked by an alarm does not count.
+    thread::sleep(Duration::from_secs(4));
+    assert!(
+        publish.lines_with("ERROR").is_empty(),
+        "publish gave up during the alarm: {:#?}",
+        publish.log()
+    );
+    assert_eq!(
+        queue_counts(&queue).0,
+        0,
+        "the broker holds the publish back while the alarm lasts"
+    );
+
+    drop(alarm);
+    let status = publish.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{:#?}", publish.log());
+    assert_eq!(queue_counts(&queue).0, 1, "the message was stored");
+}
+
+#[test]
+fn a_retry_published_during_a_memory_alarm_waits_for_it_to_lift_and_is_not_lost() {
+    let broker = BrokerLock::exclusive();
+    let queue = broker.queue("alarmretry");
+    let go = broker.dir.path().join("go");
+    let attempts = broker.dir.path().join("attempts");
+    // The first attempt fails, once the test says so; the second succeeds.
+    let script = broker.script(
+        "fails-once.sh",
+        &format!(
+            "echo \"$WARREN_ATTEMPT\" >> {attempts}\n\
+             if [ \"$WARREN_ATTEMPT\" = 1 ]; then\n\
+               while [ ! -e {go} ]; do sleep 0.05; done\n\
+               exit 1\n\
+             fi\n\
+             exit 0",
+            attempts = attempts.display(),
+            go = go.display()
+        ),
+    );
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .command(&script)
+        .set("retry.max_attempts", 2)
+        .set("retry.delay", "1s")
+        .write_in(broker.dir.path());
+    let retry_queue = format!("{queue}.retry.1s");
+
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 1);
+    publish_ok(&config, &["retried"]);
+    warren.wait_for_log("received", Duration::from_secs(10));
+
+    let alarm = MemoryAlarm::raise();
+    fs::write(&go, "").expect("tell the task to fail");
+    warren.wait_for_log("(attempt 1 of 2)", Duration::from_secs(10));
+    let line = warren.wait_for_log("blocked publishing", Duration::from_secs(20));
+    assert!(line.contains("waiting until it lifts the alarm"), "{line}");
+    assert_eq!(
+        ready_and_unacked(&queue),
+        (0, 1),
+        "the worker holds the original until its copy is confirmed"
+    );
+    assert_eq!(ready_and_unacked(&retry_queue), (0, 0));
+
+    drop(alarm);
+    warren.wait_for_log("unblocked publishing", Duration::from_secs(20));
+    warren.wait_for_log("(attempt 2)", Duration::from_secs(20));
+    warren.wait_for_count(" done ", 1, Duration::from_secs(20));
+    assert_eq!(recorded(&attempts), ["1", "2"]);
+    assert!(
+        warren.lines_with("could not move").is_empty(),
+        "the copy was not given up on: {:#?}",
+        warren.log()
+    );
+
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert_eq!(ready_and_unacked(&queue), (0, 0));
+    assert_eq!(ready_and_unacked(&retry_queue), (0, 0));
+    assert_eq!(ready_and_unacked(&format!("{queue}.dead")), (0, 0));
+}
+
+#[test]
+fn a_channel_closed_by_the_broker_consumer_timeout_is_reopened_and_the_message_redelivered() {
+    let broker = BrokerLock::exclusive();
+    let queue = broker.queue("brokertimeout");
+    // The broker checks its consumer timeout on each channel tick, once a minute by default.
+    let _timeout = RabbitEnv::set("consumer_timeout", "2000");
+    let _tick = RabbitEnv::set("channel_tick_interval", "500");
+    // The first delivery outlasts the broker's timeout; the redelivery is quick.
+    let script = broker.script(
+        "slow-first.sh",
+        "if [ \"$WARREN_REDELIVERED\" = 1 ]; then exit 0; fi\nsleep 6",
+    );
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .command(&script)
+        .write_in(broker.dir.path());
+
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 1);
+    publish_ok(&config, &["slow"]);
+    let (_, id) = received(&warren.wait_for_log("received", Duration::from_secs(10)));
+    let line = warren.wait_for_log("could not settle", Duration::from_secs(20));
+    assert!(
+        line.contains("closed the channel: a task outlived its consumer_timeout (2s)"),
+        "the broker's reason and limit are logged: {line}"
+    );
+    warren.wait_for_log(
+        &format!(
+            "worker-1: the broker at {} closed the channel",
+            broker_address()
+        ),
+        Duration::from_secs(5),
+    );
+    // The 6 s handler does not fit the broker's 2 s: warren fits it, once.
+    assert_eq!(
+        warren
+            .lines_with("outlived its consumer_timeout of 2s, not the 30m")
+            .len(),
+        1
+    );
+    wait_for_log_after(
+        &warren,
+        &format!("received {id} (attempt 1, redelivered)"),
+        &format!("done {id}"),
+        Duration::from_secs(20),
+    );
+
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert_eq!(ready_and_unacked(&queue), (0, 0));
 }

@@ -10,7 +10,6 @@
 mod util;
 
 use std::collections::BTreeSet;
-use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -21,8 +20,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use util::{
-    command_keys, publish_confirmed, ready_and_unacked, wait_for_ready, wait_until, Broker, Queues,
-    Warren, RETRY,
+    publish_confirmed, ready_and_unacked, wait_for_ready, wait_until, BrokerLock, ConfigFile,
+    Queues, Warren,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -106,20 +105,19 @@ fn assert_exit(ran: &Ran, code: i32) {
     );
 }
 
-/// A config for `queues` with one worker running `handler` (the `[handler]` keys) and the
-/// retries of [`RETRY`], so that the commands see the same queues as the test.
-fn config(broker: &Broker, queues: &Queues, handler: &str) -> PathBuf {
-    broker.config(
-        &queues.work,
-        &format!("[workers]\ncount = 1\n\n[handler]\n{handler}\n\n{RETRY}"),
-    )
+/// A config for `queues` with one worker and the retries of [`ConfigFile::fast_retries`], so
+/// that the commands see the same queues as the test; the caller adds the handler.
+fn config_for(queues: &Queues) -> ConfigFile {
+    ConfigFile::new(&queues.work).workers(1).fast_retries()
 }
 
 /// Puts one message per id in the dead-letter queue through `warren run` with a handler that
 /// exits 65 (dead-letter at once), with the body `body of ID`, and stops warren.
-fn dead_letter(broker: &Broker, queues: &Queues, ids: &[&str]) -> PathBuf {
+fn dead_letter(broker: &BrokerLock, queues: &Queues, ids: &[&str]) -> PathBuf {
     let script = broker.script("reject", "cat > /dev/null\nexit 65");
-    let config = config(broker, queues, &command_keys(&script));
+    let config = config_for(queues)
+        .command(&script)
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queues.work, 1);
     let bodies: Vec<String> = ids.iter().map(|id| format!("body of {id}")).collect();
@@ -137,7 +135,7 @@ fn dead_letter(broker: &Broker, queues: &Queues, ids: &[&str]) -> PathBuf {
 /// Dead-letters `count` messages with the ids `PREFIX-1` to `PREFIX-COUNT` as [`dead_letter`]
 /// does, and returns the ids and the config.
 fn dead_letter_numbered(
-    broker: &Broker,
+    broker: &BrokerLock,
     queues: &Queues,
     prefix: &str,
     count: usize,
@@ -202,13 +200,9 @@ fn row<'a>(table: &'a [(String, Vec<String>)], queue: &str) -> &'a [String] {
 #[test]
 fn check_config_prints_every_key_with_defaults_and_no_password() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("warren.toml");
-    fs::write(
-        &path,
-        "[broker]\nurl = \"amqp://app:s3cret-pw@127.0.0.1:1/%2f\"\n\n[queue]\nname = \"jobs\"\n\n\
-         [handler]\nkind = \"command\"\ncommand = [\"sh\", \"--db=postgres://u:db-pw@h/x\"]\n",
-    )
-    .unwrap();
+    let path = ConfigFile::at("amqp://app:s3cret-pw@127.0.0.1:1/%2f", "jobs")
+        .command_argv(&["sh", "--db=postgres://u:db-pw@h/x"])
+        .write_to(&dir.path().join("warren.toml"));
     let ran = warren(&["check-config"], &path, &[]);
     assert_exit(&ran, 0);
     for secret in ["s3cret-pw", "db-pw"] {
@@ -261,21 +255,17 @@ fn check_config_prints_every_key_with_defaults_and_no_password() {
 #[test]
 fn check_config_refuses_a_bad_file_with_the_same_line_as_warren_run() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = format!("[broker]\nurl = \"{NOWHERE}\"\nconnect_timeout = \"1s\"\n");
+    let nowhere = ConfigFile::at(NOWHERE, "jobs").set("broker.connect_timeout", "1s");
     let cases = [
-        (
-            "bad-value.toml",
-            format!("{broker}[queue]\nname = \"jobs\"\n[workers]\ncount = 0\n[handler]\nkind = \"dots\"\n"),
-        ),
-        ("no-handler.toml", format!("{broker}[queue]\nname = \"jobs\"\n")),
+        ("bad-value.toml", nowhere.clone().workers(0).dots()),
+        ("no-handler.toml", nowhere.clone()),
         (
             "no-program.toml",
-            format!("{broker}[queue]\nname = \"jobs\"\n[handler]\nkind = \"command\"\ncommand = [\"/nonexistent/job\"]\n"),
+            nowhere.command_argv(&["/nonexistent/job"]),
         ),
     ];
-    for (name, text) in cases {
-        let path = dir.path().join(name);
-        fs::write(&path, text).unwrap();
+    for (name, config) in cases {
+        let path = config.write_to(&dir.path().join(name));
         let run_said = warren(&["run"], &path, &[]);
         assert_exit(&run_said, 78);
         for args in [&["check-config"][..], &["check-config", "--connect"][..]] {
@@ -290,9 +280,9 @@ fn check_config_refuses_a_bad_file_with_the_same_line_as_warren_run() {
 
 #[test]
 fn check_config_connect_reports_missing_queues_without_creating_them_then_finds_them() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "check");
-    let config = config(&broker, &queues, "kind = \"dots\"");
+    let config = config_for(&queues).dots().write_in(broker.dir.path());
 
     let ran = warren(&["check-config", "--connect"], &config, &[]);
     assert_exit(&ran, 1);
@@ -339,12 +329,14 @@ fn check_config_connect_reports_missing_queues_without_creating_them_then_finds_
 #[test]
 fn operator_commands_exit_69_when_no_node_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("warren.toml");
-    fs::write(
-        &path,
-        format!("[broker]\nurls = [\"{NOWHERE}\", \"amqp://guest:guest@127.0.0.1:2/%2f\"]\nconnect_timeout = \"1s\"\n[queue]\nname = \"jobs\"\n[handler]\nkind = \"dots\"\n"),
-    )
-    .unwrap();
+    let nodes = [
+        NOWHERE.to_string(),
+        "amqp://guest:guest@127.0.0.1:2/%2f".to_string(),
+    ];
+    let path = ConfigFile::at_nodes(&nodes, "jobs")
+        .set("broker.connect_timeout", "1s")
+        .dots()
+        .write_to(&dir.path().join("warren.toml"));
     let commands: [(&[&str], &[&str]); 6] = [
         (&["check-config"], &["--connect"]),
         (&["stats"], &[]),
@@ -368,9 +360,9 @@ fn operator_commands_exit_69_when_no_node_answers() {
 
 #[test]
 fn stats_shows_ready_messages_and_consumers_of_the_work_retry_and_dead_letter_queues() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "stats");
-    let config = config(&broker, &queues, "kind = \"dots\"");
+    let config = config_for(&queues).dots().write_in(broker.dir.path());
 
     // Nothing declared yet: every queue is missing, and none is created.
     let ran = warren(&["stats"], &config, &[]);
@@ -460,9 +452,9 @@ impl Drop for Watch {
 
 #[test]
 fn stats_watch_refreshes_every_second_with_the_rate_of_each_queue() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "watch");
-    let config = config(&broker, &queues, "kind = \"dots\"");
+    let config = config_for(&queues).dots().write_in(broker.dir.path());
     util::declare_durable(&queues.work);
     let mut watch = Watch::start(&config);
     wait_until(WAIT, "the first refresh", || !watch.refreshes().is_empty());
@@ -512,7 +504,7 @@ fn stats_watch_refreshes_every_second_with_the_rate_of_each_queue() {
 
 #[test]
 fn dead_letters_list_shows_why_each_message_was_dead_lettered_and_leaves_it_in_place() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "list");
     let ids = ["list-1", "list-2", "list-3"];
     let config = dead_letter(&broker, &queues, &ids);
@@ -559,13 +551,15 @@ fn dead_letters_list_shows_why_each_message_was_dead_lettered_and_leaves_it_in_p
 
 #[test]
 fn dead_letters_requeue_moves_messages_back_as_attempt_1() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "requeue");
     // Every attempt fails: each message is dead-lettered after its third. (With the breaker on,
     // three messages that all fail look like an outage, and would wait in the queue instead.)
     let failing = broker.script("fail", "cat > /dev/null\nexit 3");
-    let handler = format!("{}\n[breaker]\nenabled = false\n", command_keys(&failing));
-    let config = config(&broker, &queues, &handler);
+    let config = config_for(&queues)
+        .command(&failing)
+        .set("breaker.enabled", false)
+        .write_in(broker.dir.path());
     let warren_run = Warren::run(&config, &[]);
     warren_run.wait_consuming(&queues.work, 1);
     let ids = ["again-1", "again-2", "again-3"];
@@ -609,13 +603,9 @@ fn dead_letters_requeue_moves_messages_back_as_attempt_1() {
         "record",
         "cat > /dev/null\necho \"$WARREN_MESSAGE_ID $WARREN_ATTEMPT\" >> \"$DIR/done\"",
     );
-    let config = broker.config(
-        &queues.work,
-        &format!(
-            "[workers]\ncount = 1\n\n[handler]\n{}\n\n{RETRY}",
-            command_keys(&record)
-        ),
-    );
+    let config = config_for(&queues)
+        .command(&record)
+        .write_in(broker.dir.path());
     let warren_run = Warren::run(&config, &[]);
     queues.wait_settled(0);
     warren_run.stop(WAIT);
@@ -626,7 +616,7 @@ fn dead_letters_requeue_moves_messages_back_as_attempt_1() {
 
 #[test]
 fn dead_letters_requeue_with_an_id_moves_only_that_message() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "pick");
     let config = dead_letter(&broker, &queues, &["pick-1", "pick-2", "pick-3"]);
 
@@ -667,7 +657,7 @@ fn dead_letters_requeue_with_an_id_moves_only_that_message() {
 
 #[test]
 fn a_requeue_killed_half_way_loses_no_message() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "killed");
     let (ids, config) = dead_letter_numbered(&broker, &queues, "killed", 20);
 
@@ -711,7 +701,7 @@ fn a_requeue_killed_half_way_loses_no_message() {
 
 #[test]
 fn a_requeue_stopped_by_sigterm_moves_each_message_once_and_exits_130() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "stopped");
     let (ids, config) = dead_letter_numbered(&broker, &queues, "stopped", 10);
 
@@ -752,7 +742,7 @@ fn a_requeue_stopped_by_sigterm_moves_each_message_once_and_exits_130() {
 
 #[test]
 fn dead_letters_purge_refuses_without_yes_and_deletes_with_it() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "purge");
     let config = dead_letter(&broker, &queues, &["purge-1", "purge-2"]);
 
@@ -781,9 +771,9 @@ fn dead_letters_purge_refuses_without_yes_and_deletes_with_it() {
 
 #[test]
 fn dead_letters_commands_name_a_dead_letter_queue_that_does_not_exist() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "nodlq");
-    let config = config(&broker, &queues, "kind = \"dots\"");
+    let config = config_for(&queues).dots().write_in(broker.dir.path());
     let commands: [(&str, &[&str]); 3] = [("list", &[]), ("requeue", &[]), ("purge", &["--yes"])];
     for (subcommand, extra) in commands {
         let ran = warren(&["dead-letters", subcommand], &config, extra);

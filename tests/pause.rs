@@ -1,6 +1,7 @@
 //! Pause and resume by the operator (`warren pause`, `warren resume`) through the control
 //! socket: no new message is taken while paused, running tasks finish, connections stay up,
-//! /healthz and /metrics say so, and SIGTERM still stops warren cleanly.
+//! /healthz and /metrics say so, and SIGTERM still stops warren cleanly; the messages a paused
+//! worker gives back spend no attempt, even on a quorum queue, which counts deliveries.
 
 mod util;
 
@@ -10,8 +11,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use util::{
-    http_get, metric_sample, publish_ok, queue_counts, wait_until, warren_command, Broker,
-    Dependency, Proxy, Warren,
+    http_get, metric_sample, publish_ok, queue_counts, wait_until, warren_command, BrokerLock,
+    ConfigFile, Dependency, Proxy, Warren,
 };
 
 /// Runs `warren <command> --config <config>` to completion.
@@ -27,21 +28,20 @@ fn stdout(output: &Output) -> String {
 
 #[test]
 fn a_paused_pool_takes_nothing_new_finishes_its_running_task_and_resumes() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("pause");
     let dependency = Dependency::new(&broker, "pause");
     let port = Proxy::free_port();
     // Prefetch 3: the workers hold unstarted messages when the pause comes, and must give
     // them back.
-    let config = broker.config(
-        &queue,
-        &format!(
-            "[workers]\ncount = 2\nprefetch = 3\n\n[handler]\n{}\n[control]\nsocket = \"{}\"\n\
-             [metrics]\nlisten = \"127.0.0.1:{port}\"\nqueue_depth_interval = \"1s\"\n",
-            util::command_keys(&dependency.script),
-            broker.dir.path().join("control.sock").display()
-        ),
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(2)
+        .prefetch(3)
+        .command(&dependency.script)
+        .control(&broker.dir.path().join("control.sock"))
+        .metrics(port)
+        .set("metrics.queue_depth_interval", "1s")
+        .write_in(broker.dir.path());
     let notify = broker.dir.path().join("notify.sock");
     let status = UnixDatagram::bind(&notify).unwrap();
     status
@@ -118,16 +118,13 @@ fn a_paused_pool_takes_nothing_new_finishes_its_running_task_and_resumes() {
 
 #[test]
 fn pause_without_a_running_warren_exits_69_and_names_the_socket() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("pause-none");
     let socket = broker.dir.path().join("nobody.sock");
-    let config = broker.config(
-        &queue,
-        &format!(
-            "[handler]\nkind = \"dots\"\n[control]\nsocket = \"{}\"\n",
-            socket.display()
-        ),
-    );
+    let config = ConfigFile::new(&queue)
+        .dots()
+        .control(&socket)
+        .write_in(broker.dir.path());
     let ran = control("pause", &config);
     assert_eq!(ran.status.code(), Some(69), "{ran:?}");
     let log = String::from_utf8_lossy(&ran.stderr);
@@ -140,15 +137,12 @@ fn pause_without_a_running_warren_exits_69_and_names_the_socket() {
 
 #[test]
 fn a_control_socket_another_warren_listens_on_is_a_config_error() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("pause-twice");
     let socket = broker.dir.path().join("shared.sock");
-    let extra = format!(
-        "[workers]\ncount = 1\n[handler]\nkind = \"dots\"\n[control]\nsocket = \"{}\"\n",
-        socket.display()
-    );
-    let first = broker.config(&queue, &extra);
-    let second = broker.config(&queue, &extra);
+    let config = ConfigFile::new(&queue).workers(1).dots().control(&socket);
+    let first = config.write_in(broker.dir.path());
+    let second = config.write_in(broker.dir.path());
     let warren = Warren::run(&first, &[]);
     warren.wait_consuming(&queue, 1);
     let mut other = Warren::run(&second, &[]);
@@ -163,5 +157,46 @@ fn a_control_socket_another_warren_listens_on_is_a_config_error() {
     let refused = control("pause", &second);
     assert_eq!(refused.status.code(), Some(78), "{refused:?}");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("belongs to the warren run of"));
+    warren.stop(Duration::from_secs(10));
+}
+
+#[test]
+fn paused_quorum_queue_messages_go_back_without_spending_an_attempt() {
+    let broker = BrokerLock::shared();
+    let queue = broker.queue("quorum-pause");
+    let dependency = Dependency::new(&broker, "quorum-pause");
+    let socket = broker.dir.path().join("control.sock");
+    // Prefetch 5: each busy worker holds four unstarted messages when the pause comes.
+    let config = ConfigFile::at(&util::amqp_url(), &queue)
+        .quorum()
+        .workers(2)
+        .prefetch(5)
+        .command(&dependency.script)
+        .control(&socket)
+        .write_to(&broker.dir.path().join("quorum.toml"));
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 2);
+    util::publish_numbered(&config, "slow", 12);
+    wait_until(Duration::from_secs(10), "two tasks running", || {
+        (warren.lines_with("\"slow-").iter())
+            .filter(|line| line.contains(" received "))
+            .count()
+            >= 2
+    });
+    let paused = control("pause", &config);
+    assert!(paused.status.success(), "{paused:?}");
+    // The stragglers are back in the queue, ready, and no consumer holds them.
+    wait_until(
+        Duration::from_secs(15),
+        "ten messages back in the queue",
+        || queue_counts(&queue) == (10, 0),
+    );
+    let resumed = control("resume", &config);
+    assert!(resumed.status.success(), "{resumed:?}");
+    wait_until(Duration::from_secs(30), "every message", || {
+        dependency.done().len() == 12
+    });
+    let attempts: Vec<u32> = dependency.calls().iter().map(|c| c.attempt).collect();
+    assert_eq!(attempts, [1; 12], "a pause spends no attempt");
     warren.stop(Duration::from_secs(10));
 }

@@ -10,12 +10,12 @@
 mod util;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use util::{
     assert_dead_letter_headers, assert_dead_lettered, publish_confirmed, take_only, wait_gone,
-    Broker, Queues, Warren, RETRY,
+    BrokerLock, ConfigFile, Queues, Warren,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -91,7 +91,7 @@ struct Seen {
     pid: String,
 }
 
-fn seen(broker: &Broker) -> Vec<Seen> {
+fn seen(broker: &BrokerLock) -> Vec<Seen> {
     util::recorded(&broker.dir.path().join("seen"))
         .iter()
         .map(|line| match line.split(' ').collect::<Vec<_>>()[..] {
@@ -108,38 +108,30 @@ fn seen(broker: &Broker) -> Vec<Seen> {
 }
 
 /// The records of message `id`, in order.
-fn seen_of(broker: &Broker, id: &str) -> Vec<Seen> {
+fn seen_of(broker: &BrokerLock, id: &str) -> Vec<Seen> {
     seen(broker).into_iter().filter(|s| s.id == id).collect()
 }
 
-/// A config running `argv` as a pipe handler with `workers` workers, the retries of
-/// [`RETRY`] unless `extra` sets its own, and `extra` appended.
-fn pipe_config(
-    broker: &Broker,
-    queue: &str,
-    workers: usize,
-    argv: &[&str],
-    extra: &str,
-) -> PathBuf {
-    let retry = if extra.contains("[retry]") { "" } else { RETRY };
-    broker.config(
-        queue,
-        &format!(
-            "[workers]\ncount = {workers}\n\n[handler]\nkind = \"pipe\"\ncommand = {argv:?}\n{extra}\n{retry}"
-        ),
-    )
+/// A config running `argv` as a pipe handler with `workers` workers.
+fn pipe_config(queue: &str, workers: usize, argv: &[&str]) -> ConfigFile {
+    ConfigFile::new(queue).workers(workers).pipe(argv)
 }
 
-/// Starts warren with the [`BEHAVE`] program and `extra` config, and waits until it consumes.
-fn start_behave(broker: &Broker, queue: &str, workers: usize, extra: &str) -> Warren {
+/// Starts warren with the [`BEHAVE`] program and a config that `configure` completes (with
+/// [`ConfigFile::fast_retries`], for most tests), and waits until it consumes.
+fn start_behave(
+    broker: &BrokerLock,
+    queue: &str,
+    workers: usize,
+    configure: impl FnOnce(ConfigFile) -> ConfigFile,
+) -> Warren {
     let program = broker.script_in_dir_for("/usr/bin/env python3", "behave.py", BEHAVE);
-    let config = pipe_config(
-        broker,
+    let config = configure(pipe_config(
         queue,
         workers,
         &[&program.display().to_string()],
-        extra,
-    );
+    ))
+    .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(queue, workers as u32);
     warren
@@ -160,9 +152,9 @@ fn example(name: &str) -> String {
 
 #[test]
 fn one_program_gets_every_message_framed_by_its_size_whatever_the_bytes() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "pipe-framing");
-    let warren = start_behave(&broker, &queues.work, 1, "");
+    let warren = start_behave(&broker, &queues.work, 1, ConfigFile::fast_retries);
 
     let binary: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
     let fake_header = b"{\"id\":\"x\",\"size\":3}\nack\n\r\n\0".to_vec();
@@ -216,9 +208,9 @@ fn one_program_gets_every_message_framed_by_its_size_whatever_the_bytes() {
 
 #[test]
 fn retry_answers_retry_the_message_and_dead_answers_dead_letter_it_with_the_reason() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "pipe-answers");
-    let warren = start_behave(&broker, &queues.work, 1, "");
+    let warren = start_behave(&broker, &queues.work, 1, ConfigFile::fast_retries);
     publish(
         &queues.work,
         &[("ok", b"fine"), ("dead", b"dead invoice 42 does not exist")],
@@ -259,9 +251,9 @@ fn retry_answers_retry_the_message_and_dead_answers_dead_letter_it_with_the_reas
 
 #[test]
 fn a_program_that_dies_mid_message_fails_the_attempt_and_is_started_again() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "pipe-crash");
-    let warren = start_behave(&broker, &queues.work, 1, "");
+    let warren = start_behave(&broker, &queues.work, 1, ConfigFile::fast_retries);
     publish(&queues.work, &[("crash", b"crash now"), ("after", b"fine")]);
     queues.wait_settled(1);
 
@@ -292,9 +284,9 @@ fn a_program_that_dies_mid_message_fails_the_attempt_and_is_started_again() {
 
 #[test]
 fn an_answer_that_is_not_ack_retry_or_dead_fails_the_attempt_and_restarts_the_program() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "pipe-garbage");
-    let warren = start_behave(&broker, &queues.work, 1, "");
+    let warren = start_behave(&broker, &queues.work, 1, ConfigFile::fast_retries);
     publish(&queues.work, &[("garbage", b"garbage please")]);
     queues.wait_settled(1);
     let dead = take_only(&queues.dead);
@@ -333,9 +325,9 @@ fn an_answer_that_is_not_ack_retry_or_dead_fails_the_attempt_and_restarts_the_pr
 /// unhandled; named by its tag, it is a failed attempt for B, and B is handled on its next one.
 #[test]
 fn a_late_second_answer_to_one_message_never_settles_the_next() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "pipe-misattribute");
-    let warren = start_behave(&broker, &queues.work, 1, "");
+    let warren = start_behave(&broker, &queues.work, 1, ConfigFile::fast_retries);
     publish(&queues.work, &[("a", b"twice"), ("b", b"fine")]);
     util::wait_until(WAIT, "b to be handled on a second attempt", || {
         seen_of(&broker, "b").iter().any(|s| s.attempt == 2)
@@ -363,9 +355,9 @@ fn a_late_second_answer_to_one_message_never_settles_the_next() {
 /// to answer instead, and the message ends in the dead-letter queue with that reason.
 #[test]
 fn an_answer_without_a_tag_fails_the_attempt_and_says_what_protocol_2_wants() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "pipe-untagged");
-    let warren = start_behave(&broker, &queues.work, 1, "");
+    let warren = start_behave(&broker, &queues.work, 1, ConfigFile::fast_retries);
     publish(&queues.work, &[("old", b"untagged")]);
     queues.wait_settled(1);
     assert_dead_letter_headers(
@@ -382,14 +374,14 @@ fn an_answer_without_a_tag_fails_the_attempt_and_says_what_protocol_2_wants() {
 
 #[test]
 fn a_program_past_the_timeout_gets_sigterm_then_sigkill_and_the_attempt_fails() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "pipe-timeout");
-    let warren = start_behave(
-        &broker,
-        &queues.work,
-        1,
-        "timeout = \"1s\"\nkill_grace = \"1s\"\n\n[retry]\nmax_attempts = 1\n",
-    );
+    let warren = start_behave(&broker, &queues.work, 1, |config| {
+        config
+            .set("handler.timeout", "1s")
+            .set("handler.kill_grace", "1s")
+            .set("retry.max_attempts", 1)
+    });
     publish(
         &queues.work,
         &[("sleep", b"sleep"), ("stubborn", b"stubborn")],
@@ -428,9 +420,9 @@ fn a_program_past_the_timeout_gets_sigterm_then_sigkill_and_the_attempt_fails() 
 
 #[test]
 fn a_program_that_exits_between_messages_is_started_again_and_stopping_warren_ends_it() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "pipe-restart");
-    let mut warren = start_behave(&broker, &queues.work, 2, "");
+    let mut warren = start_behave(&broker, &queues.work, 2, ConfigFile::fast_retries);
     publish(&queues.work, &[("once", b"once"), ("again", b"again")]);
     queues.wait_settled(0);
     assert_eq!(seen_of(&broker, "once").len(), 1, "acked, not retried");
@@ -457,15 +449,11 @@ fn a_program_that_exits_between_messages_is_started_again_and_stopping_warren_en
 
 #[test]
 fn the_python_example_acks_text_and_dead_letters_what_is_not_utf8() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "pipe-python");
-    let config = pipe_config(
-        &broker,
-        &queues.work,
-        2,
-        &["python3", &example("pipe_handler.py")],
-        "",
-    );
+    let config = pipe_config(&queues.work, 2, &["python3", &example("pipe_handler.py")])
+        .fast_retries()
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     publish(&queues.work, &[("text", b"hello"), ("bytes", b"caf\xe9")]);
     queues.wait_settled(1);
@@ -483,9 +471,11 @@ fn the_python_example_acks_text_and_dead_letters_what_is_not_utf8() {
 
 #[test]
 fn the_shell_example_reads_each_body_exactly() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "pipe-shell");
-    let config = pipe_config(&broker, &queues.work, 1, &[&example("pipe_handler.sh")], "");
+    let config = pipe_config(&queues.work, 1, &[&example("pipe_handler.sh")])
+        .fast_retries()
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     publish(
         &queues.work,

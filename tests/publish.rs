@@ -11,7 +11,6 @@
 mod util;
 
 use std::collections::HashSet;
-use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -19,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery};
-use util::{publish, queue_counts, Broker};
+use util::{publish, queue_counts, BrokerLock, ConfigFile};
 
 /// A connection and channel of the test's own, straight through amiquip.
 fn open_channel() -> (Connection, Channel) {
@@ -102,9 +101,9 @@ fn body(delivery: &Delivery) -> String {
 
 #[test]
 fn a_message_is_persistent_plain_text_with_an_id_and_its_body_is_the_arguments_or_hello() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("one");
-    let config = broker.config(&queue, "[handler]\nkind = \"dots\"\n");
+    let config = ConfigFile::new(&queue).dots().write_in(broker.dir.path());
     let (status, log) = publish(&config, &["Hello", "big  world", "..."]);
     assert!(status.success(), "warren publish failed: {status}\n{log}");
     let (status, log) = publish(&config, &[]);
@@ -155,9 +154,9 @@ fn a_message_is_persistent_plain_text_with_an_id_and_its_body_is_the_arguments_o
 
 #[test]
 fn stdin_publishes_each_line_byte_for_byte_and_skips_empty_lines() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("stdin");
-    let config = broker.config(&queue, "[handler]\nkind = \"dots\"\n");
+    let config = ConfigFile::new(&queue).dots().write_in(broker.dir.path());
     let binary: &[u8] = b"caf\xe9 \xff\xfe\x00 not UTF-8 \x80";
     let mut lines: Vec<Vec<u8>> = (0..10_000)
         .map(|i| format!("task {i} of 10000.{}", ".".repeat(i % 4)).into_bytes())
@@ -224,10 +223,12 @@ fn stdin_publishes_each_line_byte_for_byte_and_skips_empty_lines() {
 
 #[test]
 fn an_unroutable_message_exits_75_and_says_so() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let configured = broker.queue("configured");
     let absent = broker.queue("absent");
-    let config = broker.config(&configured, "[handler]\nkind = \"dots\"\n");
+    let config = ConfigFile::new(&configured)
+        .dots()
+        .write_in(broker.dir.path());
     let (status, log) = publish(
         &config,
         &["--no-declare", "--queue", &absent, "lost", "message"],
@@ -259,10 +260,12 @@ fn an_unroutable_message_exits_75_and_says_so() {
 #[test]
 fn every_unroutable_message_of_a_batch_is_reported_as_not_stored() {
     const LINES: usize = 3_000;
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let configured = broker.queue("configured");
     let absent = broker.queue("absent");
-    let config = broker.config(&configured, "[handler]\nkind = \"dots\"\n");
+    let config = ConfigFile::new(&configured)
+        .dots()
+        .write_in(broker.dir.path());
     // Thousands of returns, each followed by its ack, arrive while warren is still publishing:
     // each return must be seen before its ack, or that message would be counted as stored.
     let input: String = (0..LINES).map(|i| format!("unroutable {i}\n")).collect();
@@ -283,17 +286,12 @@ fn every_unroutable_message_of_a_batch_is_reported_as_not_stored() {
 
 #[test]
 fn an_unreachable_broker_exits_69_without_showing_the_password() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("unreachable");
-    let config: PathBuf = broker.dir.path().join("unreachable.toml");
-    fs::write(
-        &config,
-        format!(
-            "[broker]\nurl = \"amqp://warren:s3cr3t-pw@127.0.0.1:1/%2f\"\nconnect_timeout = \
-             \"2s\"\n\n[queue]\nname = \"{queue}\"\n\n[handler]\nkind = \"dots\"\n"
-        ),
-    )
-    .expect("write the config file");
+    let config = ConfigFile::at("amqp://warren:s3cr3t-pw@127.0.0.1:1/%2f", &queue)
+        .set("broker.connect_timeout", "2s")
+        .dots()
+        .write_to(&broker.dir.path().join("unreachable.toml"));
     let started = Instant::now();
     let (status, log) = publish(&config, &["nobody", "hears", "this"]);
     assert_eq!(
@@ -322,9 +320,9 @@ fn an_unreachable_broker_exits_69_without_showing_the_password() {
 
 #[test]
 fn no_declare_publishes_to_an_existing_queue() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("existing");
-    let config = broker.config(&queue, "[handler]\nkind = \"dots\"\n");
+    let config = ConfigFile::new(&queue).dots().write_in(broker.dir.path());
     util::declare_durable(&queue);
 
     let (status, log) = publish(&config, &["--no-declare", "declared", "elsewhere"]);
@@ -339,9 +337,9 @@ fn no_declare_publishes_to_an_existing_queue() {
 
 #[test]
 fn the_published_count_can_be_written_for_the_textfile_collector() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("textfile");
-    let config = broker.config(&queue, "");
+    let config = ConfigFile::new(&queue).write_in(broker.dir.path());
     let file = broker.dir.path().join("warren_publish.prom");
     let file_arg = file.to_str().unwrap();
     let (status, log) = util::publish(&config, &["--metrics-file", file_arg, "one"]);
@@ -361,24 +359,9 @@ fn the_published_count_can_be_written_for_the_textfile_collector() {
 }
 
 /// A config whose `broker.urls` are `proxies`, standing in for the nodes of a cluster.
-fn config_through(broker: &Broker, queue: &str, proxies: &[util::Proxy]) -> PathBuf {
+fn config_through(broker: &BrokerLock, queue: &str, proxies: &[util::Proxy]) -> PathBuf {
     let urls: Vec<String> = proxies.iter().map(util::Proxy::url).collect();
-    config_at(broker, queue, &urls)
-}
-
-/// A config whose `broker.urls` lists `urls`, for `queue`.
-fn config_at(broker: &Broker, queue: &str, urls: &[String]) -> PathBuf {
-    let urls: Vec<String> = urls.iter().map(|url| format!("\"{url}\"")).collect();
-    let config = broker.dir.path().join("nodes.toml");
-    fs::write(
-        &config,
-        format!(
-            "[broker]\nurls = [{}]\n\n[queue]\nname = \"{queue}\"\n",
-            urls.join(", ")
-        ),
-    )
-    .expect("write the config file");
-    config
+    ConfigFile::at_nodes(&urls, queue).write_to(&broker.dir.path().join("nodes.toml"))
 }
 
 /// Waits until `queue` exists and holds `count` ready messages.
@@ -420,7 +403,7 @@ fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again(
     // More than warren keeps unconfirmed at once (4096): it is waiting for confirms, a message
     // in hand, when the connection dies.
     const AFTER_FREEZE: usize = 6_000;
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("failover");
     // Two "nodes", each a proxy to the test broker.
     let proxies = [
@@ -522,7 +505,7 @@ fn a_connection_lost_mid_publish_fails_over_and_publishes_the_unconfirmed_again(
 /// takes 30 s, when missed heartbeats (30 s apart by default) would give up on the connection
 /// only after a minute.
 fn publish_into_silence(
-    broker: &Broker,
+    broker: &BrokerLock,
     queue: &str,
     proxies: &[util::Proxy],
 ) -> (ExitStatus, String) {
@@ -560,7 +543,7 @@ const SILENCE_AT: usize = 500;
 
 #[test]
 fn a_node_that_goes_silent_mid_publish_is_left_for_another_after_the_confirm_timeout() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("silent");
     let proxies = [
         util::Proxy::start(util::Proxy::free_port()),
@@ -586,7 +569,7 @@ fn a_node_that_goes_silent_mid_publish_is_left_for_another_after_the_confirm_tim
 
 #[test]
 fn a_single_node_that_goes_silent_fails_the_publish_at_the_confirm_timeout() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("silentone");
     let proxy = util::Proxy::start(util::Proxy::free_port());
     let (status, log) = publish_into_silence(&broker, &queue, std::slice::from_ref(&proxy));
@@ -602,7 +585,7 @@ fn a_single_node_that_goes_silent_fails_the_publish_at_the_confirm_timeout() {
 #[test]
 fn a_login_refused_on_failover_stops_the_publish_as_a_config_error_naming_the_unconfirmed() {
     const FIRST: usize = 200;
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("refusedfailover");
     let user = util::User::create("refused");
     let proxies = [
@@ -610,7 +593,8 @@ fn a_login_refused_on_failover_stops_the_publish_as_a_config_error_naming_the_un
         util::Proxy::start(util::Proxy::free_port()),
     ];
     let urls: Vec<String> = proxies.iter().map(|p| user.url_at(p.port)).collect();
-    let config = config_at(&broker, &queue, &urls);
+    let config =
+        ConfigFile::at_nodes(&urls, &queue).write_to(&broker.dir.path().join("nodes.toml"));
     let mut child = util::spawn_publish_stdin(&config, &[]);
     let mut stdin = child.stdin.take().expect("stdin is piped");
     stdin.write_all(lines(0..FIRST).as_bytes()).unwrap();

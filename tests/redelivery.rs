@@ -6,16 +6,16 @@ mod util;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use util::{publish_ok, ready_and_unacked, wait_for_ready, Broker, Warren};
+use util::{publish_ok, ready_and_unacked, wait_for_ready, BrokerLock, ConfigFile, Warren};
 
 #[test]
 fn an_unacked_message_is_redelivered_after_sigkill() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("sigkill");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .dots()
+        .write_in(broker.dir.path());
     publish_ok(&config, &["interrupted..."]);
 
     let mut first = Warren::run(&config, &[]);

@@ -6,12 +6,15 @@
 mod util;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use util::{publish_ok, queue_counts, recorded, wait_until, warren_command, Broker, Warren};
+use util::{
+    line_of, publish_ok, queue_counts, recorded, wait_until, warren_command, BrokerLock,
+    ConfigFile, Warren,
+};
 
 fn reload(config: &Path) -> Output {
     warren_command(&["reload", "--config", config.to_str().expect("a UTF-8 path")])
@@ -21,37 +24,34 @@ fn reload(config: &Path) -> Output {
 
 /// A handler that records `<name> start <body>` and `<name> end <body>` in `log`, sleeping 2s
 /// for a body that starts with `slow`.
-fn handler(broker: &Broker, name: &str, log: &Path) -> String {
-    let script = broker.script(
+fn handler(broker: &BrokerLock, name: &str, log: &Path) -> PathBuf {
+    broker.script(
         &format!("{name}.sh"),
         &format!(
             "body=$(cat)\necho \"{name} start $body\" >> '{log}'\n\
              case \"$body\" in slow*) sleep 2 ;; esac\necho \"{name} end $body\" >> '{log}'",
             log = log.display()
         ),
-    );
-    util::command_keys(&script)
+    )
 }
 
 #[test]
 fn a_reload_applies_workers_and_handler_without_dropping_a_task_and_refuses_a_bad_file() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("reload");
     let log = broker.dir.path().join("calls");
     let socket = broker.dir.path().join("control.sock");
-    let file = |workers: usize, handler: &str, extra: &str| {
-        format!(
-            "[broker]\nurl = \"{}\"\nheartbeat = \"5s\"\n[queue]\nname = \"{queue}\"\n\
-             [workers]\ncount = {workers}\n[handler]\n{handler}\n[control]\nsocket = \"{}\"\n{extra}",
-            util::amqp_url(),
-            socket.display()
-        )
+    let file = |workers: usize, handler: &Path| {
+        ConfigFile::new(&queue)
+            .workers(workers)
+            .command(handler)
+            .control(&socket)
     };
     let (a, b) = (handler(&broker, "A", &log), handler(&broker, "B", &log));
     let config = broker.dir.path().join("reload.toml");
     // The producer has a file of its own: the daemon's is broken on purpose below.
-    let producer = broker.config(&queue, "");
-    fs::write(&config, file(1, &a, "")).unwrap();
+    let producer = ConfigFile::new(&queue).write_in(broker.dir.path());
+    file(1, &a).write_to(&config);
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 1);
 
@@ -59,7 +59,7 @@ fn a_reload_applies_workers_and_handler_without_dropping_a_task_and_refuses_a_ba
     wait_until(Duration::from_secs(10), "slow-1 to start", || {
         recorded(&log).contains(&"A start slow-1".to_string())
     });
-    fs::write(&config, file(3, &b, "[breaker]\ncooldown = \"2s\"\n")).unwrap();
+    file(3, &b).set("breaker.cooldown", "2s").write_to(&config);
     let reloaded = reload(&config);
     assert!(reloaded.status.success(), "{reloaded:?}");
     let answer = String::from_utf8_lossy(&reloaded.stdout);
@@ -90,13 +90,17 @@ fn a_reload_applies_workers_and_handler_without_dropping_a_task_and_refuses_a_ba
     );
 
     // A bad file: exit 78 with one line naming the file, the line and the key; nothing changes.
-    fs::write(&config, file(0, &b, "")).unwrap();
+    let bad = file(0, &b);
+    bad.write_to(&config);
     let refused = reload(&config);
     assert_eq!(refused.status.code(), Some(78), "{refused:?}");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
-        stderr.contains("reload.toml:7: workers.count: must be at least 1, not 0"),
+        stderr.contains(&format!(
+            "reload.toml:{}: workers.count: must be at least 1, not 0",
+            line_of(&bad.text(), "count = 0")
+        )),
         "{stderr}"
     );
     // The daemon refuses it too when it reads the file itself, on SIGHUP.
@@ -117,7 +121,7 @@ fn a_reload_applies_workers_and_handler_without_dropping_a_task_and_refuses_a_ba
 
     // SIGHUP reloads a good file (warren's standard input is not a terminal here), and names
     // what needs a restart.
-    fs::write(&config, file(2, &b, "[retry]\nmax_attempts = 7\n")).unwrap();
+    file(2, &b).set("retry.max_attempts", 7).write_to(&config);
     warren.signal(Signal::SIGHUP);
     let line = warren.wait_for_log("workers.count 3 → 2", Duration::from_secs(10));
     assert!(

@@ -10,14 +10,14 @@
 mod util;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use util::{
-    assert_dead_letter_headers, assert_dead_lettered, command_keys, publish_confirmed,
-    queue_counts, take_only, wait_gone, wait_until, Broker, Queues, Warren, RETRY,
+    assert_dead_letter_headers, assert_dead_lettered, publish_confirmed, queue_counts, take_only,
+    wait_gone, wait_until, BrokerLock, ConfigFile, Queues, Warren,
 };
 use warren::amqp::Header;
 
@@ -34,13 +34,10 @@ fn queue_type(queue: &str) -> String {
         .unwrap_or_else(|| panic!("queue {queue} is not in rabbitmqctl list_queues"))
 }
 
-/// A config for `queue` with `queue_keys` in its `[queue]` section, one worker, `handler` as the
-/// `[handler]` section and the retries of [`RETRY`].
-fn config(broker: &Broker, queue: &str, queue_keys: &str, handler: &str) -> PathBuf {
-    broker.config(
-        queue,
-        &format!("{queue_keys}\n[workers]\ncount = 1\n\n[handler]\n{handler}\n\n{RETRY}"),
-    )
+/// A config for `queue` with one worker and the retries of [`ConfigFile::fast_retries`]; the
+/// caller adds the handler.
+fn config(queue: &str) -> ConfigFile {
+    ConfigFile::new(queue).workers(1).fast_retries()
 }
 
 /// Starts a one-worker warren with `config` and waits until it consumes `queue` (by then it has
@@ -52,7 +49,7 @@ fn start(config: &Path, queue: &str) -> Warren {
 }
 
 /// The first word of each line the test's scripts recorded in `name`.
-fn first_words(broker: &Broker, name: &str) -> Vec<String> {
+fn first_words(broker: &BrokerLock, name: &str) -> Vec<String> {
     util::recorded(&broker.dir.path().join(name))
         .iter()
         .map(|line| line.split_whitespace().next().unwrap_or("").to_string())
@@ -83,7 +80,7 @@ fn took(line: &str) -> Duration {
 
 #[test]
 fn a_program_that_exits_75_is_retried_with_growing_delays_until_it_succeeds() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "tempfail");
     let script = broker.script_in_dir(
         "tempfail",
@@ -92,7 +89,9 @@ fn a_program_that_exits_75_is_retried_with_growing_delays_until_it_succeeds() {
          [ \"$WARREN_ATTEMPT\" -ge 3 ] && exit 0\n\
          exit 75",
     );
-    let config = config(&broker, &queues.work, "", &command_keys(&script));
+    let config = config(&queues.work)
+        .command(&script)
+        .write_in(broker.dir.path());
     let warren = start(&config, &queues.work);
     publish_confirmed(&queues.work, &[("tempfail-1", b"try again")], WAIT);
     warren.wait_for_log(" done tempfail-1 ", WAIT);
@@ -148,13 +147,15 @@ fn a_program_that_exits_75_is_retried_with_growing_delays_until_it_succeeds() {
 
 #[test]
 fn a_program_that_always_fails_is_dead_lettered_after_max_attempts_with_headers_that_say_why() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "doomed");
     let script = broker.script_in_dir(
         "doomed",
         "cat > /dev/null\necho \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\nexit 3",
     );
-    let config = config(&broker, &queues.work, "", &command_keys(&script));
+    let config = config(&queues.work)
+        .command(&script)
+        .write_in(broker.dir.path());
     let warren = start(&config, &queues.work);
     publish_confirmed(&queues.work, &[("doomed-1", b"the original body")], WAIT);
 
@@ -186,13 +187,15 @@ fn a_program_that_always_fails_is_dead_lettered_after_max_attempts_with_headers_
 
 #[test]
 fn a_program_that_exits_65_is_dead_lettered_at_once() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "reject");
     let script = broker.script_in_dir(
         "reject",
         "cat > /dev/null\necho \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\nexit 65",
     );
-    let config = config(&broker, &queues.work, "", &command_keys(&script));
+    let config = config(&queues.work)
+        .command(&script)
+        .write_in(broker.dir.path());
     let warren = start(&config, &queues.work);
     publish_confirmed(&queues.work, &[("reject-1", b"malformed")], WAIT);
 
@@ -221,7 +224,7 @@ fn a_program_that_exits_65_is_dead_lettered_at_once() {
 
 #[test]
 fn a_task_past_its_timeout_gets_sigterm_with_its_whole_process_group_and_is_retried() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "timeout");
     // The grandchild shares the task's process group; only a signal to the group reaches it.
     let script = broker.script_in_dir(
@@ -233,11 +236,11 @@ fn a_task_past_its_timeout_gets_sigterm_with_its_whole_process_group_and_is_retr
          wait",
     );
     // A kill_grace longer than the wait below: the tasks must end by SIGTERM, not SIGKILL.
-    let handler = format!(
-        "{}timeout = \"1s\"\nkill_grace = \"30s\"\n",
-        command_keys(&script)
-    );
-    let config = config(&broker, &queues.work, "", &handler);
+    let config = config(&queues.work)
+        .command(&script)
+        .set("handler.timeout", "1s")
+        .set("handler.kill_grace", "30s")
+        .write_in(broker.dir.path());
     let warren = start(&config, &queues.work);
     publish_confirmed(&queues.work, &[("slow-1", b"takes a minute")], WAIT);
 
@@ -284,7 +287,7 @@ fn a_task_past_its_timeout_gets_sigterm_with_its_whole_process_group_and_is_retr
 
 #[test]
 fn a_task_that_ignores_sigterm_is_killed_with_its_group_after_the_kill_grace() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "stubborn");
     // The first attempt ignores SIGTERM, and so does its grandchild, which inherits that.
     let script = broker.script_in_dir(
@@ -298,11 +301,11 @@ fn a_task_that_ignores_sigterm_is_killed_with_its_group_after_the_kill_grace() {
          wait\n\
          sleep 60",
     );
-    let handler = format!(
-        "{}timeout = \"1s\"\nkill_grace = \"1s\"\n",
-        command_keys(&script)
-    );
-    let config = config(&broker, &queues.work, "", &handler);
+    let config = config(&queues.work)
+        .command(&script)
+        .set("handler.timeout", "1s")
+        .set("handler.kill_grace", "1s")
+        .write_in(broker.dir.path());
     let warren = start(&config, &queues.work);
     publish_confirmed(&queues.work, &[("stubborn-1", b"ignores TERM")], WAIT);
 
@@ -331,14 +334,12 @@ fn a_task_that_ignores_sigterm_is_killed_with_its_group_after_the_kill_grace() {
 
 #[test]
 fn a_dots_task_longer_than_the_timeout_fails_after_the_timeout_not_after_its_work() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "dots-timeout");
-    let config = config(
-        &broker,
-        &queues.work,
-        "",
-        "kind = \"dots\"\ntimeout = \"1s\"\n",
-    );
+    let config = config(&queues.work)
+        .dots()
+        .set("handler.timeout", "1s")
+        .write_in(broker.dir.path());
     let warren = start(&config, &queues.work);
     publish_confirmed(
         &queues.work,
@@ -375,18 +376,16 @@ fn a_dots_task_longer_than_the_timeout_fails_after_the_timeout_not_after_its_wor
 
 #[test]
 fn on_a_quorum_queue_a_failing_message_is_dead_lettered_by_warren_after_max_attempts() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "quorum-fail");
     let script = broker.script_in_dir(
         "fail",
         "cat > /dev/null\necho \"$WARREN_ATTEMPT\" >> \"$DIR/runs\"\nexit 3",
     );
-    let config = config(
-        &broker,
-        &queues.work,
-        "type = \"quorum\"",
-        &command_keys(&script),
-    );
+    let config = config(&queues.work)
+        .quorum()
+        .command(&script)
+        .write_in(broker.dir.path());
     let warren = start(&config, &queues.work);
     for queue in [
         &queues.work,
@@ -418,7 +417,7 @@ fn on_a_quorum_queue_a_failing_message_is_dead_lettered_by_warren_after_max_atte
 
 #[test]
 fn on_a_quorum_queue_a_message_that_kills_warren_every_time_is_dead_lettered_by_the_broker() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "quorum-crash");
     // The program is spawned directly by warren, so its parent is warren itself.
     let script = broker.script_in_dir(
@@ -427,12 +426,10 @@ fn on_a_quorum_queue_a_message_that_kills_warren_every_time_is_dead_lettered_by_
          echo \"$WARREN_ATTEMPT $WARREN_REDELIVERED $PPID\" >> \"$DIR/runs\"\n\
          kill -9 $PPID",
     );
-    let config = config(
-        &broker,
-        &queues.work,
-        "type = \"quorum\"",
-        &command_keys(&script),
-    );
+    let config = config(&queues.work)
+        .quorum()
+        .command(&script)
+        .write_in(broker.dir.path());
     let runs_file = broker.dir.path().join("runs");
 
     let mut started = 0;
@@ -504,7 +501,12 @@ fn on_a_quorum_queue_a_message_that_kills_warren_every_time_is_dead_lettered_by_
 /// Runs the quorum-queue message `id` once under a warren that is SIGKILLed while the task runs,
 /// then under a second warren until it is done; the program exits with `second` on attempt 2
 /// and 0 after that. Returns the attempts the program saw.
-fn attempts_after_a_crash(broker: &Broker, queues: &Queues, id: &str, second: u8) -> Vec<String> {
+fn attempts_after_a_crash(
+    broker: &BrokerLock,
+    queues: &Queues,
+    id: &str,
+    second: u8,
+) -> Vec<String> {
     let script = broker.script_in_dir(
         "crash-once",
         &format!(
@@ -517,12 +519,10 @@ fn attempts_after_a_crash(broker: &Broker, queues: &Queues, id: &str, second: u8
              exit 0"
         ),
     );
-    let config = config(
-        broker,
-        &queues.work,
-        "type = \"quorum\"",
-        &command_keys(&script),
-    );
+    let config = config(&queues.work)
+        .quorum()
+        .command(&script)
+        .write_in(broker.dir.path());
     let mut first = start(&config, &queues.work);
     publish_confirmed(&queues.work, &[(id, b"interrupted")], WAIT);
     let task = broker.dir.path().join("task");
@@ -544,7 +544,7 @@ fn attempts_after_a_crash(broker: &Broker, queues: &Queues, id: &str, second: u8
 
 #[test]
 fn on_a_quorum_queue_a_delivery_lost_with_warren_counts_as_an_attempt() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "quorum-count");
     assert_eq!(
         attempts_after_a_crash(&broker, &queues, "count-1", 0),
@@ -555,7 +555,7 @@ fn on_a_quorum_queue_a_delivery_lost_with_warren_counts_as_an_attempt() {
 
 #[test]
 fn on_a_quorum_queue_a_retry_after_a_lost_delivery_is_the_next_attempt_not_counted_twice() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queues = Queues::new(&broker, "quorum-recount");
     assert_eq!(
         attempts_after_a_crash(&broker, &queues, "recount-1", 75),

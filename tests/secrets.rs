@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use util::{Broker, Warren};
+use util::{BrokerLock, ConfigFile, Warren};
 
 /// A broker URL where nothing listens, with a password that must never be logged. A warren that
 /// used it instead of the credential would never consume.
@@ -23,22 +23,18 @@ const NOWHERE: &str = "amqp://warren:s3cret-in-file@127.0.0.1:1/%2f";
 const WARNING: &str = "holds a broker password, and the file is readable by every user";
 
 /// Writes a config for `queue` whose `broker.url` is `url`, with mode `mode`.
-fn config(broker: &Broker, queue: &str, url: &str, mode: u32) -> PathBuf {
-    let path = broker.dir.path().join(format!("{queue}.toml"));
-    fs::write(
-        &path,
-        format!(
-            "[broker]\nurl = \"{url}\"\nconnect_timeout = \"1s\"\n\n[queue]\nname = \"{queue}\"\n\n\
-             [workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n"
-        ),
-    )
-    .expect("write the config file");
+fn config(broker: &BrokerLock, queue: &str, url: &str, mode: u32) -> PathBuf {
+    let path = ConfigFile::at(url, queue)
+        .set("broker.connect_timeout", "1s")
+        .workers(1)
+        .dots()
+        .write_to(&broker.dir.path().join(format!("{queue}.toml")));
     fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod the config file");
     path
 }
 
 /// A credentials directory, as systemd's `LoadCredential=` makes one, holding `broker-url`.
-fn credentials(broker: &Broker, url: &str) -> PathBuf {
+fn credentials(broker: &BrokerLock, url: &str) -> PathBuf {
     let dir = broker.dir.path().join("credentials");
     fs::create_dir_all(&dir).expect("create the credentials directory");
     fs::write(dir.join("broker-url"), format!("{url}\n")).expect("write the credential");
@@ -58,7 +54,7 @@ fn run_with_credentials(config: &Path, credentials: &Path) -> Warren {
 
 #[test]
 fn warren_run_reaches_the_broker_through_the_broker_url_credential() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("credential");
     let config = config(&broker, &queue, NOWHERE, 0o600);
     let credentials = credentials(&broker, &util::amqp_url());
@@ -75,7 +71,7 @@ fn warren_run_reaches_the_broker_through_the_broker_url_credential() {
 
 #[test]
 fn warren_broker_url_overrides_the_credential() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("env-over-credential");
     let config = config(&broker, &queue, NOWHERE, 0o600);
     let credentials = credentials(&broker, NOWHERE);
@@ -102,14 +98,9 @@ fn warren_broker_url_overrides_the_credential() {
 #[test]
 fn a_bad_credential_is_a_config_error_that_names_its_file() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("warren.toml");
-    fs::write(
-        &config,
-        format!(
-            "[broker]\nurl = \"{NOWHERE}\"\n[queue]\nname = \"q\"\n[handler]\nkind = \"dots\"\n"
-        ),
-    )
-    .unwrap();
+    let config = ConfigFile::at(NOWHERE, "q")
+        .dots()
+        .write_to(&dir.path().join("warren.toml"));
     let credential = dir.path().join("broker-url");
     for (contents, reason) in [
         ("http://rabbit.example\n", "unsupported scheme"),
@@ -136,7 +127,7 @@ fn a_bad_credential_is_a_config_error_that_names_its_file() {
 
 #[test]
 fn a_world_readable_config_with_a_password_is_warned_about_at_start() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("readable");
     let config = config(&broker, &queue, NOWHERE, 0o644);
     let credentials = credentials(&broker, &util::amqp_url());
@@ -167,7 +158,7 @@ fn a_world_readable_config_with_a_password_is_warned_about_at_start() {
 /// Runs warren with the broker URL credential on a config of mode `mode` that names `url`, for
 /// a queue named after `name`, and checks that it starts and consumes without warning about it.
 fn assert_not_warned_about(name: &str, url: &str, mode: u32) {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue(name);
     let config = config(&broker, &queue, url, mode);
     let credentials = credentials(&broker, &util::amqp_url());

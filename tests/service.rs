@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use util::{
-    http_get as get, metric_sample as sample, publish_ok, wait_until, Broker, Proxy, Warren,
+    http_get as get, metric_sample as sample, publish_ok, wait_until, BrokerLock, ConfigFile,
+    Proxy, Warren,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -38,12 +39,12 @@ fn notifications_until(
 
 #[test]
 fn systemd_hears_ready_then_status_and_watchdog_then_stopping() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("notify");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 2\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(2)
+        .dots()
+        .write_in(broker.dir.path());
     let path = broker.dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&path).unwrap();
     socket
@@ -103,19 +104,18 @@ fn systemd_hears_ready_then_status_and_watchdog_then_stopping() {
 
 #[test]
 fn metrics_count_real_tasks_and_healthz_says_when_every_worker_consumes() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("metrics");
     let port = Proxy::free_port();
     let script = broker.script_in_dir(
         "outcome",
         "body=$(cat)\n[ \"$body\" = bad ] && exit 65\nexit 0",
     );
-    let config = broker.command_config(
-        &queue,
-        2,
-        &script,
-        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(2)
+        .command(&script)
+        .metrics(port)
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 2);
     wait_until(WAIT, "/healthz to say ok", || {
@@ -180,20 +180,15 @@ fn metrics_count_real_tasks_and_healthz_says_when_every_worker_consumes() {
 
 #[test]
 fn healthz_is_503_with_the_reason_while_the_broker_is_unreachable() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("unhealthy");
     let port = Proxy::free_port();
     let dead = Proxy::free_port();
-    let config = broker.config(
-        &queue,
-        &format!("[handler]\nkind = \"dots\"\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace(&util::amqp_url(), &util::proxied_url(dead)),
-    )
-    .unwrap();
+    let config = ConfigFile::new(&queue)
+        .url(&util::proxied_url(dead))
+        .dots()
+        .metrics(port)
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_for_log("cannot reach the broker", WAIT);
     let mut health = (0, String::new());
@@ -213,14 +208,14 @@ fn healthz_is_503_with_the_reason_while_the_broker_is_unreachable() {
 
 #[test]
 fn a_metrics_address_in_use_is_a_config_error() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("busy-port");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let config = broker.config(
-        &queue,
-        &format!("[handler]\nkind = \"dots\"\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
+    let config = ConfigFile::new(&queue)
+        .dots()
+        .metrics(port)
+        .write_in(broker.dir.path());
     let mut warren = Warren::run(&config, &[]);
     assert_eq!(warren.wait_exit(WAIT).code(), Some(78));
     assert_eq!(
@@ -233,12 +228,13 @@ fn a_metrics_address_in_use_is_a_config_error() {
 
 #[test]
 fn log_format_json_writes_one_object_per_line() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("json-log");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n\n[log]\nformat = \"json\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .dots()
+        .set("log.format", "json")
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 1);
     publish_ok(&config, &["as json"]);
@@ -270,12 +266,12 @@ fn log_format_json_writes_one_object_per_line() {
 
 #[test]
 fn under_the_journal_lines_carry_a_priority_and_no_timestamp() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("journal");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .dots()
+        .write_in(broker.dir.path());
     let warren = Warren::spawn(
         Command::new(util::warren_bin())
             .args(["run", "--config"])
@@ -302,16 +298,16 @@ fn under_the_journal_lines_carry_a_priority_and_no_timestamp() {
 
 #[test]
 fn metrics_show_the_dead_letter_queue_depth_within_the_poll_interval() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("depth");
     let port = Proxy::free_port();
     let script = broker.script("reject", "cat > /dev/null\nexit 65");
-    let config = broker.command_config(
-        &queue,
-        1,
-        &script,
-        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\nqueue_depth_interval = \"1s\"\n"),
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .command(&script)
+        .metrics(port)
+        .set("metrics.queue_depth_interval", "1s")
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 1);
     publish_ok(&config, &["a", "b", "c"]);

@@ -9,17 +9,14 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use util::{publish_ok, ready_and_unacked, wait_for_ready, wait_until, Broker, Warren};
+use util::{
+    publish_ok, ready_and_unacked, wait_for_ready, wait_until, BrokerLock, ConfigFile, Warren,
+};
 
-/// A one-worker config for `queue`, with `extra` appended, whose command (the script `name`)
-/// starts a `sleep 60` grandchild, records its pid and then its own in the returned pids file,
-/// and waits.
-fn pid_recording_config(
-    broker: &Broker,
-    queue: &str,
-    name: &str,
-    extra: &str,
-) -> (PathBuf, PathBuf) {
+/// A one-worker config for `queue`, for the caller to complete and write, whose command (the
+/// script `name`) starts a `sleep 60` grandchild, records its pid and then its own in the
+/// returned pids file, and waits.
+fn pid_recording_config(broker: &BrokerLock, queue: &str, name: &str) -> (PathBuf, ConfigFile) {
     let pids = broker.dir.path().join("pids");
     let script = broker.script(
         name,
@@ -28,7 +25,7 @@ fn pid_recording_config(
             pids.display()
         ),
     );
-    let config = broker.command_config(queue, 1, &script, extra);
+    let config = ConfigFile::new(queue).workers(1).command(&script);
     (pids, config)
 }
 
@@ -55,12 +52,12 @@ fn wait_all_killed(pids: &Path) {
 
 #[test]
 fn sigterm_during_a_task_lets_it_finish_and_be_acked_then_exits_zero() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("term-busy");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 2\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(2)
+        .dots()
+        .write_in(broker.dir.path());
     let mut warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 2);
     publish_ok(&config, &["two seconds.."]);
@@ -79,12 +76,12 @@ fn sigterm_during_a_task_lets_it_finish_and_be_acked_then_exits_zero() {
 
 #[test]
 fn sigterm_with_idle_workers_exits_in_well_under_a_second() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("term-idle");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 4\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(4)
+        .dots()
+        .write_in(broker.dir.path());
     let mut warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 4);
 
@@ -101,13 +98,14 @@ fn sigterm_with_idle_workers_exits_in_well_under_a_second() {
 
 #[test]
 fn deliveries_not_yet_started_at_sigterm_are_returned_to_the_queue_unprocessed() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("stragglers");
     // Prefetch 5 hands the worker messages it has not started; they must go back, not be acked.
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 1\nprefetch = 5\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .prefetch(5)
+        .dots()
+        .write_in(broker.dir.path());
     publish_ok(&config, &["first.", "second", "third", "fourth", "fifth"]);
     let mut warren = Warren::run(&config, &[]);
     warren.wait_for_log("\"first.\"", Duration::from_secs(10));
@@ -129,11 +127,13 @@ fn deliveries_not_yet_started_at_sigterm_are_returned_to_the_queue_unprocessed()
 
 #[test]
 fn a_task_still_running_after_the_grace_is_killed_and_its_message_requeued() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("grace");
     // The task starts a grandchild too: the whole process group must die.
-    let (pids, config) =
-        pid_recording_config(&broker, &queue, "slow-job", "[shutdown]\ngrace = \"1s\"\n");
+    let (pids, config) = pid_recording_config(&broker, &queue, "slow-job");
+    let config = config
+        .set("shutdown.grace", "1s")
+        .write_in(broker.dir.path());
     publish_ok(&config, &["never finishes"]);
     let mut warren = Warren::run(&config, &[]);
     let received = warren.wait_for_log("received", Duration::from_secs(10));
@@ -168,12 +168,13 @@ fn a_task_still_running_after_the_grace_is_killed_and_its_message_requeued() {
 
 #[test]
 fn a_dots_task_is_abandoned_at_the_end_of_the_grace_not_slept_out() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("grace-dots");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n\n[shutdown]\ngrace = \"500ms\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .dots()
+        .set("shutdown.grace", "500ms")
+        .write_in(broker.dir.path());
     publish_ok(
         &config,
         &["a minute of work............................................................"],
@@ -188,12 +189,12 @@ fn a_dots_task_is_abandoned_at_the_end_of_the_grace_not_slept_out() {
 
 #[test]
 fn a_second_ctrl_c_exits_at_once_with_130_and_the_broker_requeues() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("twice");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .dots()
+        .write_in(broker.dir.path());
     publish_ok(&config, &["long.........."]);
     let mut warren = Warren::run(&config, &[]);
     warren.wait_for_log("received", Duration::from_secs(10));
@@ -207,9 +208,10 @@ fn a_second_ctrl_c_exits_at_once_with_130_and_the_broker_requeues() {
 
 #[test]
 fn a_second_ctrl_c_kills_a_running_command_with_its_process_group() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("twice-command");
-    let (pids, config) = pid_recording_config(&broker, &queue, "stubborn-job", "");
+    let (pids, config) = pid_recording_config(&broker, &queue, "stubborn-job");
+    let config = config.write_in(broker.dir.path());
     publish_ok(&config, &["takes a minute"]);
     let mut warren = Warren::run(&config, &[]);
     wait_for_pids(&pids);

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use util::{
-    publish_ok, queue_counts, rabbitmqctl, ready_and_unacked, recorded, wait_until, Broker, Warren,
+    publish_ok, queue_counts, rabbitmqctl, ready_and_unacked, recorded, wait_until, BrokerLock,
+    ConfigFile, Warren,
 };
 use warren::abort::Abort;
 use warren::config::Config;
@@ -45,12 +46,12 @@ fn load(path: &Path) -> Config {
 
 #[test]
 fn a_worker_whose_handler_panics_is_restarted_and_its_message_is_not_lost() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("panic");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .dots()
+        .write_in(broker.dir.path());
     publish_ok(&config, &["explodes"]);
 
     let record = broker.dir.path().join("done");
@@ -90,12 +91,12 @@ fn a_worker_whose_handler_panics_is_restarted_and_its_message_is_not_lost() {
 
 #[test]
 fn a_worker_whose_connection_is_force_closed_is_restarted_and_goes_on_consuming() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("forced");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 2\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(2)
+        .dots()
+        .write_in(broker.dir.path());
     let mut warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 2);
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use util::certs::Certs;
 use util::nodes::{Cluster, Node};
-use util::{wait_until, Warren};
+use util::{wait_until, ConfigFile, Warren};
 
 /// The `[broker.tls]` keys of a test config.
 struct TlsKeys<'a> {
@@ -33,19 +33,19 @@ impl<'a> TlsKeys<'a> {
         }
     }
 
-    fn toml(&self) -> String {
-        let mut text = format!("[broker.tls]\nca_file = \"{}\"\n", self.ca.display());
+    /// `config` with these keys.
+    fn set_in(&self, config: ConfigFile) -> ConfigFile {
+        let path = |path: &Path| path.display().to_string();
+        let mut config = config.set("broker.tls.ca_file", path(self.ca));
         if let Some((cert, key)) = self.client {
-            text += &format!(
-                "cert_file = \"{}\"\nkey_file = \"{}\"\n",
-                cert.display(),
-                key.display()
-            );
+            config = config
+                .set("broker.tls.cert_file", path(cert))
+                .set("broker.tls.key_file", path(key));
         }
         if let Some(name) = self.server_name {
-            text += &format!("server_name = \"{name}\"\n");
+            config = config.set("broker.tls.server_name", name);
         }
-        text
+        config
     }
 }
 
@@ -63,19 +63,11 @@ fn config(dir: &Path, name: &str, url: &str, tls: &TlsKeys) -> PathBuf {
     )
     .unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    let path = dir.join(name);
-    fs::write(
-        &path,
-        format!(
-            "[broker]\nurl = \"{url}\"\nconnect_timeout = \"5s\"\n{}\n\
-             [queue]\nname = \"tls-jobs\"\n\n[workers]\ncount = 2\n\n\
-             [handler]\nkind = \"command\"\ncommand = [\"{}\"]\n",
-            tls.toml(),
-            script.display()
-        ),
-    )
-    .unwrap();
-    path
+    let config = ConfigFile::at(url, "tls-jobs")
+        .set("broker.connect_timeout", "5s")
+        .workers(2)
+        .command(&script);
+    tls.set_in(config).write_to(&dir.join(name))
 }
 
 /// Runs `warren publish MESSAGE` and returns its exit code and its log.

@@ -1,12 +1,13 @@
 //! The Work Queues tutorial end to end: `warren publish` the tutorial's five messages, `warren
-//! run` two workers with the `dots` handler, and check what the broker and the log saw.
+//! run` two workers with the `dots` handler, and check what the broker and the log saw; and
+//! `warren run -v`, which prints each task's lines as the tutorial's worker does.
 
 mod util;
 
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use util::{publish_ok, queue_counts, ready_and_unacked, Broker, Warren};
+use util::{publish_ok, queue_counts, ready_and_unacked, BrokerLock, ConfigFile, Warren};
 
 const TUTORIAL: [&str; 5] = [
     "First message.",
@@ -18,12 +19,12 @@ const TUTORIAL: [&str; 5] = [
 
 #[test]
 fn the_tutorial_messages_are_all_processed_and_spread_over_both_workers() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("tutorial");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 2\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(2)
+        .dots()
+        .write_in(broker.dir.path());
     publish_ok(&config, &TUTORIAL);
     assert_eq!(
         queue_counts(&queue).0,
@@ -60,12 +61,13 @@ fn the_tutorial_messages_are_all_processed_and_spread_over_both_workers() {
 
 #[test]
 fn a_busy_worker_is_not_handed_a_second_message_while_another_is_free() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("fair");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 2\nprefetch = 1\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(2)
+        .prefetch(1)
+        .dots()
+        .write_in(broker.dir.path());
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 2);
 
@@ -94,12 +96,12 @@ fn a_busy_worker_is_not_handed_a_second_message_while_another_is_free() {
 
 #[test]
 fn on_a_terminal_warren_says_it_is_waiting_for_messages() {
-    let broker = Broker::shared();
+    let broker = BrokerLock::shared();
     let queue = broker.queue("terminal");
-    let config = broker.config(
-        &queue,
-        "[workers]\ncount = 1\n\n[handler]\nkind = \"dots\"\n",
-    );
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .dots()
+        .write_in(broker.dir.path());
     // script(1) runs warren on a pseudo-terminal and copies what it prints to our stderr pipe.
     let command = format!("{} run --config {}", util::warren_bin(), config.display());
     let warren = Warren::spawn(std::process::Command::new("sh").args([
@@ -119,5 +121,57 @@ fn on_a_terminal_warren_says_it_is_waiting_for_messages() {
         Duration::from_secs(10),
         "warren to stop at the hangup",
         || util::queue_counts(&queue).1 == 0,
+    );
+}
+
+#[test]
+fn run_verbose_logs_each_task_received_and_done_as_the_tutorial_worker_prints_them() {
+    let broker = BrokerLock::shared();
+    let queue = broker.queue("verbose");
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .dots()
+        .write_in(broker.dir.path());
+    // With RUST_LOG empty, the default filter, as for an operator who sets nothing. Each run
+    // does one task and stops, so that its log is complete when it is read.
+    let run = |args: &[&str], body: &str| {
+        let mut command = std::process::Command::new(util::warren_bin());
+        command.args(["run", "--config", config.to_str().unwrap()]);
+        let mut warren = Warren::spawn(command.args(args).env("RUST_LOG", ""));
+        warren.wait_consuming(&queue, 1);
+        publish_ok(&config, &[body]);
+        util::wait_until(Duration::from_secs(10), "the task to be done", || {
+            ready_and_unacked(&queue) == (0, 0)
+        });
+        warren.signal(Signal::SIGTERM);
+        assert!(warren.wait_exit(Duration::from_secs(10)).success());
+        warren.log()
+    };
+
+    let quiet = run(&[], "quiet.");
+    assert!(
+        !quiet
+            .iter()
+            .any(|l| l.contains("received") || l.contains(" done ")),
+        "without -v no line per task: {quiet:#?}"
+    );
+
+    let verbose = run(&["-v"], "loud.");
+    let received = verbose
+        .iter()
+        .find(|l| l.contains("worker-1 received "))
+        .unwrap_or_else(|| panic!("no received line: {verbose:#?}"));
+    assert!(
+        received.contains("(attempt 1)") && received.ends_with("\"loud.\""),
+        "{received}"
+    );
+    assert!(
+        verbose.iter().any(|l| l.contains("worker-1 done ")),
+        "no done line: {verbose:#?}"
+    );
+    // Only the task lines: the rest of warren's debug lines stay hidden.
+    assert!(
+        !verbose.iter().any(|l| l.contains("consuming queue")),
+        "-v shows other debug lines: {verbose:#?}"
     );
 }
