@@ -65,8 +65,9 @@ impl ConfigError {
     }
 }
 
-/// The validated configuration of one warren process. It serializes as the TOML file that would
-/// give it, every default filled in and every password masked (`warren check-config`).
+/// The validated configuration of one warren process. It serializes as TOML with the file's keys
+/// and every default filled in, for `warren check-config`. The broker URLs serialize masked
+/// ([`BrokerUrl`]); a password in the handler's command does not: `ops::effective` masks it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     /// The file this configuration was read from, for messages.
@@ -166,7 +167,7 @@ impl Serialize for Control {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(None)?;
         if self.explicit {
-            map.serialize_entry("socket", &self.socket)?;
+            map.serialize_entry("socket", &self.socket.display().to_string())?;
         }
         map.end()
     }

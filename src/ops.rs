@@ -140,67 +140,64 @@ fn effective(config: &Config, handler: &HandlerConfig) -> String {
     }
     shown.handler = Some(handler);
     let toml = toml::to_string(&shown).expect("invariant: a configuration serializes as TOML");
+    let mut document: toml_edit::DocumentMut =
+        toml.parse().expect("invariant: serialized TOML parses");
 
     // What the keys cannot say, as a comment under the table's header.
-    let mut notes: Vec<(&str, String)> = Vec::new();
+    let mut notes: Vec<(&[&str], String)> = Vec::new();
     if config.broker.url_source != UrlSource::File {
         let source = &config.broker.url_source;
-        notes.push((
-            "[broker]",
-            format!("From {source} (it overrides the file)."),
-        ));
+        let note = format!("From {source} (it overrides the file).");
+        notes.push((&["broker"], note));
     }
     if let Some(tls) = &config.broker.tls {
         if tls.settings.ca_file.is_none() {
-            notes.push((
-                "[broker.tls]",
-                "No ca_file: the system's CAs are trusted.".into(),
-            ));
+            let note = "No ca_file: the system's CAs are trusted.".to_string();
+            notes.push((&["broker", "tls"], note));
         }
     }
-    if let Some(program) = shown
-        .handler
-        .as_ref()
-        .and_then(|h| h.kind.argv())
-        .map(|a| &a[0])
-    {
+    let argv = shown.handler.as_ref().and_then(|h| h.kind.argv());
+    if let Some(program) = argv.map(|argv| &argv[0]) {
         if let (false, Ok(path)) = (program.contains('/'), config::resolve_program(program)) {
-            let found = format!("The program found in PATH: {}", path.display());
-            notes.push(("[handler]", found));
+            let note = format!("The program found in PATH: {}", path.display());
+            notes.push((&["handler"], note));
         }
     }
     let topology = Topology::new(&config.queue, &config.retry);
     let retries: Vec<&str> = topology.retries.iter().map(|q| q.name.as_str()).collect();
     if !retries.is_empty() {
-        notes.push(("[retry]", format!("Retry queues: {}.", retries.join(", "))));
+        notes.push((&["retry"], format!("Retry queues: {}.", retries.join(", "))));
     }
     if !config.control.explicit {
         let socket = config.control.socket.display();
         let note = format!("socket is not set: named after the file, {socket:?}.");
-        notes.push(("[control]", note));
+        notes.push((&["control"], note));
     }
     if config.metrics.listen.is_none() {
-        notes.push(("[metrics]", "listen is not set: no HTTP endpoint.".into()));
+        let note = "listen is not set: no HTTP endpoint.".to_string();
+        notes.push((&["metrics"], note));
+    }
+    for (path, note) in notes {
+        let table = path.iter().try_fold(document.as_table_mut(), |table, key| {
+            table.get_mut(key).and_then(|item| item.as_table_mut())
+        });
+        // The header's suffix is written as it is, after the `]`.
+        let table = table.expect("invariant: every note's table is serialized");
+        table
+            .decor_mut()
+            .set_suffix(format!("\n# {}", one_line(&note)));
     }
 
-    let mut text = format!(
+    format!(
         "# The configuration warren run would use, read from {}: every default filled in,\n\
-         # every password shown as ***.\n",
+         # every password shown as ***.\n\n{document}",
         config.path.display()
-    );
-    for line in toml.lines() {
-        if line.starts_with('[') && !text.ends_with("\n\n") {
-            text.push('\n');
-        }
-        if !line.is_empty() {
-            text.push_str(line);
-            text.push('\n');
-        }
-        for (_, note) in notes.iter().filter(|(header, _)| *header == line) {
-            text.push_str(&format!("# {note}\n"));
-        }
-    }
-    text
+    )
+}
+
+/// `text` on one line, so that it stays inside a comment.
+fn one_line(text: &str) -> String {
+    text.replace(['\n', '\r'], " ")
 }
 
 /// `text` with the password of every `scheme://user:password@` URL in it, and the broker's
@@ -750,7 +747,7 @@ mod tests {
     fn the_printed_configuration_reads_back_as_the_same_configuration() {
         let text = "[broker]\nurls = [\"amqp://u:pw@n1\", \"amqp://u:pw@n2:5673/v\"]\nheartbeat = \"0\"\n\
                     [queue]\nname = \"jobs\"\ntype = \"quorum\"\n\
-                    [handler]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"true\"]\ntimeout = \"20m 30s\"\n\
+                    [handler]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"set -e\\n\\n[handler]\\ntrue\"]\ntimeout = \"20m 30s\"\n\
                     [retry]\ndelay = \"250ms\"\n[metrics]\nlisten = \"127.0.0.1:9187\"\n";
         let config = parse(text);
         let printed = effective(&config, config.handler.as_ref().unwrap());

@@ -19,13 +19,13 @@ use serde::{Deserialize, Serialize, Serializer};
 pub struct TlsSection {
     /// The CA certificate(s), PEM, that signed the broker's certificate. When set, only these
     /// are trusted; otherwise the system's roots are.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy")]
     pub ca_file: Option<PathBuf>,
     /// The client certificate (PEM, optionally followed by its chain), for mutual TLS.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy")]
     pub cert_file: Option<PathBuf>,
     /// The client certificate's private key, PEM in PKCS#8 (`BEGIN PRIVATE KEY`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy")]
     pub key_file: Option<PathBuf>,
     /// The name the broker's certificate must carry, when it is not the URL's host (a node
     /// reached by IP address or through a load balancer).
@@ -40,6 +40,14 @@ pub struct Tls {
     /// The settings it was built from, with the file paths joined to the config file's
     /// directory.
     pub settings: TlsSection,
+}
+
+/// A path as `Path::display` shows it, so that a path that is not UTF-8 still serializes.
+fn lossy<S: Serializer>(path: &Option<PathBuf>, serializer: S) -> Result<S::Ok, S::Error> {
+    match path {
+        Some(path) => serializer.collect_str(&path.display()),
+        None => serializer.serialize_none(),
+    }
 }
 
 /// Serialized as its settings.

@@ -107,8 +107,23 @@ fn crate_paths(text: &str) -> Vec<String> {
     for (at, _) in text.match_indices("crate::") {
         let rest = &text[at + "crate::".len()..];
         if let Some(group) = rest.strip_prefix('{') {
-            let group = &group[..group.find('}').unwrap_or(group.len())];
-            paths.extend(group.split(',').map(ident).filter(|s| !s.is_empty()));
+            // The first segment of each member at the group's own depth: `a::{b, c}` is `a`.
+            let mut depth = 0;
+            let mut member_start = true;
+            for (i, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => member_start = true,
+                    c if c.is_whitespace() => {}
+                    _ if member_start => {
+                        member_start = false;
+                        paths.push(ident(&group[i..]));
+                    }
+                    _ => {}
+                }
+            }
         } else {
             paths.push(ident(rest));
         }
@@ -164,6 +179,20 @@ fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
         .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
 }
 
+/// The layers of ARCHITECTURE.md's code map, lowest first. A module may name only modules of
+/// lower layers.
+const LAYERS: &[&[&str]] = &[
+    &["abort", "metrics", "tls"],
+    &["config", "http", "notify"],
+    &["amqp", "child", "control", "logging", "secrets"],
+    &["handler", "retry"],
+    &["depth", "pipe", "publish"],
+    &["factory"],
+    &["pool"],
+    &["lib"],
+    &["ops"],
+];
+
 #[test]
 fn the_modules_are_layered_with_no_import_circle() {
     let graph = import_graph();
@@ -177,6 +206,23 @@ fn the_modules_are_layered_with_no_import_circle() {
         assert!(
             graph[from].contains(to),
             "the import graph lacks {from} -> {to}: {graph:?}"
+        );
+    }
+    let layer = |module: &str| LAYERS.iter().position(|layer| layer.contains(&module));
+    for (from, to) in graph
+        .iter()
+        .flat_map(|(from, tos)| tos.iter().map(move |to| (from, to)))
+    {
+        // `main` and `cli` are the binary, above the library; they name it as `warren::`.
+        if from == "main" || from == "cli" {
+            continue;
+        }
+        let (Some(high), Some(low)) = (layer(from), layer(to)) else {
+            panic!("{from} or {to} has no layer in LAYERS; add it where ARCHITECTURE.md's code map puts it");
+        };
+        assert!(
+            low < high,
+            "{from} names {to}, which is not in a lower layer (ARCHITECTURE.md, code map)"
         );
     }
     if let Some(cycle) = find_cycle(&graph) {
@@ -198,6 +244,8 @@ fn the_circle_check_finds_a_circle() {
     assert_eq!(find_cycle(&graph).unwrap(), ["a", "b", "c", "a"]);
     let text = "use crate::{x, y::Z};\nlet a = crate::w::f();";
     assert_eq!(crate_paths(text), ["x", "y", "w"]);
+    let nested = "use crate::{a::{b, c}, d};";
+    assert_eq!(crate_paths(nested), ["a", "d"]);
     let modules = BTreeSet::from(["pool".to_string(), "ops".to_string(), "w".to_string()]);
     assert_eq!(
         bare_paths("pool::Pool::new(); crate::w::f(); my_ops::g()", &modules),

@@ -103,11 +103,11 @@ impl Worker {
         handler.start();
 
         let mut abandoned = None;
-        // A command read early, while a task ran, to be obeyed next.
+        // An order read early, while a task ran, to be obeyed next.
         let mut pending = None;
         loop {
             let next = match (pending.take(), &subscription) {
-                (Some(command), _) => Next::Command(command),
+                (Some(order), _) => Next::Command(order),
                 (None, Some(subscription)) => subscription.next(&self.stop, &self.orders),
                 (None, None) => self.idle(),
             };
@@ -119,14 +119,14 @@ impl Worker {
                     // to it that the cancel would bounce back (which a quorum queue counts as
                     // a delivery of that message).
                     let mut before_settle = || {
-                        if let Ok(command) = self.orders.try_recv() {
-                            if matches!(command, Order::Pause) {
+                        if let Ok(order) = self.orders.try_recv() {
+                            if matches!(order, Order::Pause) {
                                 if let Some(paused) = subscription.take() {
                                     returned = paused.cancel()?;
                                     log::debug!("{} paused", self.name());
                                 }
                             }
-                            pending = Some(command);
+                            pending = Some(order);
                         }
                         Ok(())
                     };
@@ -247,12 +247,12 @@ impl Worker {
         Ok(subscription)
     }
 
-    /// Waits, without consuming, for a command or the stop.
+    /// Waits, without consuming, for an order or the stop.
     fn idle(&self) -> Next<Order> {
         select_biased! {
             recv(self.stop) -> _ => Next::Stop,
-            recv(self.orders) -> command => match command {
-                Ok(command) => Next::Command(command),
+            recv(self.orders) -> order => match order {
+                Ok(order) => Next::Command(order),
                 Err(_) => Next::Stop,
             },
         }
