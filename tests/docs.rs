@@ -380,6 +380,46 @@ fn every_subcommand_and_long_flag_of_the_command_line_is_in_the_operations_guide
 }
 
 #[test]
+fn every_flag_the_operations_guide_names_is_one_the_command_line_has() {
+    let mut command = cli::Cli::command();
+    command.build();
+    let mut flags = BTreeSet::from(["--help".to_string(), "--version".to_string()]);
+    let mut commands = vec![command];
+    while let Some(command) = commands.pop() {
+        // Hidden flags too: the guide may say what one is for.
+        flags.extend(
+            command
+                .get_arguments()
+                .filter_map(|a| a.get_long())
+                .map(|l| format!("--{l}")),
+        );
+        commands.extend(command.get_subcommands().cloned());
+    }
+    assert!(flags.contains("--test-pause-after-confirm"), "{flags:?}");
+    // Other programs' flags that the guide quotes.
+    let others = ["--kill-whom"];
+    let guide = fs::read_to_string(root().join("docs/operations.md")).unwrap();
+    let unknown: BTreeSet<String> = guide
+        .match_indices("--")
+        .filter(|(at, _)| !guide[..*at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '-'))
+        .map(|(at, _)| {
+            let name: String = guide[at + 2..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            format!("--{name}")
+        })
+        // A flag starts with a letter: not a table's `---` or an em dash written `--`.
+        .filter(|flag| flag[2..].starts_with(|c: char| c.is_ascii_alphabetic()))
+        .filter(|flag| !flags.contains(flag) && !others.contains(&flag.as_str()))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "docs/operations.md names {unknown:?}, which warren's command line does not have"
+    );
+}
+
+#[test]
 fn the_readme_is_a_front_door_of_at_most_12500_bytes() {
     let size = fs::metadata(root().join("README.md")).unwrap().len();
     assert!(
