@@ -223,3 +223,47 @@ fn a_second_ctrl_c_kills_a_running_command_with_its_process_group() {
     wait_all_killed(&pids);
     wait_for_ready(&queue, 1, Duration::from_secs(10));
 }
+
+#[test]
+fn a_second_signal_during_a_stop_for_a_refused_login_exits_130_and_still_says_why() {
+    let broker = BrokerLock::shared();
+    let queue = broker.queue("fatalstop");
+    let user = util::User::create("fatalstop");
+    let proxy = util::Proxy::start(util::Proxy::free_port());
+    let config = ConfigFile::at(&user.url_at(proxy.port), &queue)
+        .workers(2)
+        .dots()
+        .set("shutdown.grace", "2m")
+        .write_in(broker.dir.path());
+    let mut warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 2);
+    publish_ok(
+        &config,
+        &["a long task ............................................"],
+    );
+    let received = warren.wait_for_log(" received ", Duration::from_secs(10));
+    let idle = if received.contains("worker-1 ") { 2 } else { 1 };
+
+    // The password is rotated and the idle worker's connection dropped: its reconnect is
+    // refused, which stops warren, and the stop waits for the busy worker's task.
+    user.change_password();
+    let marker = format!("warren worker-{idle} pid {}\"", warren.pid());
+    let connections = util::connections_named(&marker);
+    assert_eq!(connections.len(), 1, "{marker}: {connections:?}");
+    util::rabbitmqctl(&["close_connection", &connections[0].0, "warren test"]);
+    warren.wait_for_log("retrying cannot fix", Duration::from_secs(30));
+    warren.signal(Signal::SIGTERM);
+    warren.wait_for_log("stopping: no new messages", Duration::from_secs(10));
+    warren.signal(Signal::SIGTERM);
+    assert_eq!(warren.wait_exit(Duration::from_secs(10)).code(), Some(130));
+    let log = warren.log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("ERROR") && l.contains("refused the connection")),
+        "the refused login that began the stop is logged: {log:#?}"
+    );
+    assert!(
+        !log.join("\n").contains(user.password()),
+        "no password in the log"
+    );
+}
