@@ -48,7 +48,7 @@ fn config(queue: &str, workers: usize, prefetch: u16) -> Config {
 /// Publishes `n` messages and returns messages per second.
 fn fill(config: &Config, n: usize) -> f64 {
     let options = Options {
-        queue: config.queue.name.clone(),
+        target: warren::publish::Target::Queue(config.queue.name.clone()),
         declare: true,
         confirm_timeout: Duration::from_secs(60),
         metrics_file: None,

@@ -673,7 +673,7 @@ fn produce(
                 None
             };
             if let Some(message) = message {
-                match publisher.publish(QUEUES[message.queue], &message.body, &message.id) {
+                match publisher.publish("", QUEUES[message.queue], &message.body, &message.id) {
                     Ok(tag) => {
                         pending.insert(tag, message);
                     }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use amiquip::{
     AmqpProperties, AmqpValue, Auth, Channel, Confirm, Connection, ConnectionBlockedNotification,
-    ConnectionOptions, ConnectionTuning, ConsumerMessage, ConsumerOptions, FieldTable, Publish,
-    QueueDeclareOptions, QueueDeleteOptions,
+    ConnectionOptions, ConnectionTuning, ConsumerMessage, ConsumerOptions, ExchangeDeclareOptions,
+    ExchangeType, FieldTable, Publish, QueueDeclareOptions, QueueDeleteOptions,
 };
 use crossbeam_channel::{select_biased, Receiver, TryRecvError};
 
@@ -169,6 +169,31 @@ pub struct Session {
 pub enum Arg {
     Str(String),
     Int(i64),
+    Bool(bool),
+}
+
+impl Arg {
+    fn value(&self) -> AmqpValue {
+        match self {
+            Arg::Str(s) => AmqpValue::LongString(s.clone()),
+            Arg::Int(i) => AmqpValue::LongLongInt(*i),
+            Arg::Bool(b) => AmqpValue::Boolean(*b),
+        }
+    }
+}
+
+/// A binding of a queue to an exchange, and the exchange to declare for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingSpec {
+    pub exchange: String,
+    /// `direct`, `topic`, `fanout` or `headers`.
+    pub kind: String,
+    pub durable: bool,
+    /// Look the exchange up instead of declaring it (RabbitMQ's own `amq.*` exchanges).
+    pub passive: bool,
+    pub queue: String,
+    pub routing_key: String,
+    pub arguments: Vec<(String, Arg)>,
 }
 
 /// A queue to declare: its name, durability and `x-` arguments.
@@ -316,14 +341,7 @@ impl Session {
     /// [`AmqpError::Rejected`] whose text names the queue, the argument, what exists and what
     /// was asked for.
     pub fn declare(&self, spec: &QueueSpec) -> Result<(), AmqpError> {
-        let mut arguments = FieldTable::new();
-        for (key, value) in &spec.arguments {
-            let value = match value {
-                Arg::Str(s) => AmqpValue::LongString(s.clone()),
-                Arg::Int(i) => AmqpValue::LongLongInt(*i),
-            };
-            arguments.insert(key.clone(), value);
-        }
+        let arguments = field_table(&spec.arguments);
         let options = QueueDeclareOptions {
             durable: spec.durable,
             arguments,
@@ -343,6 +361,65 @@ impl Session {
                 },
                 other => self.channel_error(other, format!("the declare of queue {:?}", spec.name)),
             })
+    }
+
+    /// Declares the exchange of `spec` (or looks it up, if it is passive) and binds the queue to
+    /// it. An exchange that exists with another type or durability is a fatal
+    /// [`AmqpError::Rejected`], as a queue with other arguments is.
+    pub fn bind(&self, spec: &BindingSpec) -> Result<(), AmqpError> {
+        let what = format!("the declare of exchange {:?}", spec.exchange);
+        let declared = if spec.passive {
+            self.channel
+                .exchange_declare_passive(spec.exchange.as_str())
+        } else {
+            let kind = match spec.kind.as_str() {
+                "direct" => ExchangeType::Direct,
+                "topic" => ExchangeType::Topic,
+                "fanout" => ExchangeType::Fanout,
+                "headers" => ExchangeType::Headers,
+                other => ExchangeType::Custom(other.to_string()),
+            };
+            let options = ExchangeDeclareOptions {
+                durable: spec.durable,
+                ..ExchangeDeclareOptions::default()
+            };
+            self.channel
+                .exchange_declare(kind, spec.exchange.as_str(), options)
+        };
+        declared.map_err(|e| self.channel_error(e, what))?;
+        self.channel
+            .queue_bind(
+                spec.queue.as_str(),
+                spec.exchange.as_str(),
+                spec.routing_key.as_str(),
+                field_table(&spec.arguments),
+            )
+            .map_err(|e| {
+                let what = format!(
+                    "the binding of queue {:?} to exchange {:?} with routing key {:?}",
+                    spec.queue, spec.exchange, spec.routing_key
+                );
+                self.channel_error(e, what)
+            })
+    }
+
+    /// Whether `exchange` exists, by a passive declare. A missing exchange closes the channel:
+    /// this session can do nothing more.
+    pub fn exchange_exists(&self, exchange: &str) -> Result<bool, AmqpError> {
+        match self.channel.exchange_declare_passive(exchange) {
+            Ok(_) => Ok(true),
+            Err(amiquip::Error::ServerClosedChannel {
+                code: NOT_FOUND, ..
+            }) => Ok(false),
+            Err(e) => Err(self.channel_error(e, format!("looking up exchange {exchange:?}"))),
+        }
+    }
+
+    /// Deletes an exchange; for tests.
+    pub fn delete_exchange(&self, exchange: &str) -> Result<(), AmqpError> {
+        self.channel
+            .exchange_delete(exchange, false)
+            .map_err(|e| self.channel_error(e, format!("deleting exchange {exchange:?}")))
     }
 
     /// Sets the prefetch limit and starts consuming `queue` with manual acks.
@@ -545,6 +622,14 @@ impl Session {
             other => lost(&self.url, other),
         }
     }
+}
+
+fn field_table(arguments: &[(String, Arg)]) -> FieldTable {
+    let mut table = FieldTable::new();
+    for (key, value) in arguments {
+        table.insert(key.clone(), value.value());
+    }
+    table
 }
 
 /// A message taken with [`Session::get`].
@@ -835,11 +920,12 @@ pub struct Publisher<'a> {
 }
 
 impl Publisher<'_> {
-    /// Publishes one persistent, `mandatory` message to `queue` through the default exchange and
-    /// returns its confirm tag.
+    /// Publishes one persistent, `mandatory` message to `exchange` ("" for the default exchange,
+    /// where the routing key is a queue's name) and returns its confirm tag.
     pub fn publish(
         &mut self,
-        queue: &str,
+        exchange: &str,
+        routing_key: &str,
         body: &[u8],
         message_id: &str,
     ) -> Result<u64, AmqpError> {
@@ -847,7 +933,7 @@ impl Publisher<'_> {
             .with_delivery_mode(2)
             .with_content_type("text/plain".to_string())
             .with_message_id(message_id.to_string());
-        self.send(queue, body, properties)
+        self.send(exchange, routing_key, body, properties)
     }
 
     /// Publishes a copy of `delivery` to `queue`: the same body and properties (persistent even
@@ -875,7 +961,7 @@ impl Publisher<'_> {
             table.remove(*name);
         }
         let properties = copy_properties(original).with_headers(add_headers(table, headers));
-        let tag = self.send(queue, &delivery.0.body, properties)?;
+        let tag = self.send("", queue, &delivery.0.body, properties)?;
         self.wait_for(tag, timeout, give_up)
     }
 
@@ -929,15 +1015,16 @@ impl Publisher<'_> {
 
     fn send(
         &mut self,
-        queue: &str,
+        exchange: &str,
+        routing_key: &str,
         body: &[u8],
         properties: AmqpProperties,
     ) -> Result<u64, AmqpError> {
-        let mut publish = Publish::with_properties(body, queue, properties);
+        let mut publish = Publish::with_properties(body, routing_key, properties);
         publish.mandatory = true;
         self.session
             .channel
-            .basic_publish("", publish)
+            .basic_publish(exchange, publish)
             .map_err(|e| lost(&self.session.url, e))?;
         let tag = self.next_tag;
         self.next_tag += 1;

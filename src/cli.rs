@@ -35,6 +35,12 @@ pub enum Command {
         /// The queue to publish to, overriding queue.name.
         #[arg(long, value_name = "NAME")]
         queue: Option<String>,
+        /// Publish to this exchange instead of a queue, with --routing-key.
+        #[arg(long, value_name = "NAME", conflicts_with = "queue")]
+        exchange: Option<String>,
+        /// The routing key for --exchange [default: empty]
+        #[arg(long, value_name = "KEY", requires = "exchange")]
+        routing_key: Option<String>,
         /// Publish each line of standard input as one message.
         #[arg(long, conflicts_with = "message")]
         stdin: bool,

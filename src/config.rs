@@ -5,6 +5,7 @@
 //! an operator can fix it without reading the source. This module never touches the broker; it
 //! only checks that the broker URL is well formed.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::ops::Range;
@@ -275,6 +276,74 @@ pub struct Queue {
     pub kind: QueueType,
     /// Where messages go after their last attempt, or when the handler rejects them.
     pub dead_letter: String,
+    /// The exchanges that route to the work queue, declared and bound at start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bindings: Vec<Binding>,
+}
+
+/// `[[queue.bindings]]`: an exchange, and the routing keys (or, for a headers exchange, the
+/// arguments) by which it routes to the work queue.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    pub exchange: String,
+    #[serde(rename = "type", default)]
+    pub kind: ExchangeType,
+    #[serde(default = "yes")]
+    pub durable: bool,
+    /// One binding per key; none for a fanout or headers exchange.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routing_keys: Vec<String>,
+    /// The binding's arguments: a headers exchange's `x-match` and the headers to match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub arguments: BTreeMap<String, BindingArg>,
+}
+
+impl Binding {
+    /// The routing keys to bind with: the configured ones, or the one empty key that a fanout
+    /// or headers exchange ignores.
+    pub fn keys(&self) -> Vec<&str> {
+        match self.routing_keys.as_slice() {
+            [] => vec![""],
+            keys => keys.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// RabbitMQ's own exchanges (`amq.direct`, `amq.topic`, ...) cannot be declared, only
+    /// looked up.
+    pub fn is_predeclared(&self) -> bool {
+        self.exchange.starts_with("amq.")
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeType {
+    #[default]
+    Direct,
+    Topic,
+    Fanout,
+    Headers,
+}
+
+impl ExchangeType {
+    pub fn name(self) -> &'static str {
+        match self {
+            ExchangeType::Direct => "direct",
+            ExchangeType::Topic => "topic",
+            ExchangeType::Fanout => "fanout",
+            ExchangeType::Headers => "headers",
+        }
+    }
+}
+
+/// A binding argument's value, as TOML writes it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum BindingArg {
+    Bool(bool),
+    Int(i64),
+    Str(String),
 }
 
 impl Queue {
@@ -285,6 +354,7 @@ impl Queue {
             durable: true,
             kind: QueueType::Classic,
             dead_letter: format!("{name}.dead"),
+            bindings: Vec::new(),
         }
     }
 }
@@ -982,12 +1052,44 @@ impl QueueSection {
         if dead_letter == section.name || dead_letter.is_empty() {
             return Err(err("queue.dead_letter must name another queue"));
         }
+        for binding in &section.bindings {
+            check_binding(binding).map_err(|e| err(&format!("queue.bindings: {e}")))?;
+        }
         Ok(Queue {
             name: section.name,
             durable: section.durable,
             kind: section.kind,
             dead_letter,
+            bindings: section.bindings,
         })
+    }
+}
+
+/// What is wrong with one `[[queue.bindings]]`, if anything.
+fn check_binding(binding: &Binding) -> Result<(), String> {
+    let exchange = &binding.exchange;
+    let kind = binding.kind.name();
+    if exchange.is_empty() {
+        return Err("exchange must name an exchange: the default exchange already routes to the queue by its name".into());
+    }
+    match binding.kind {
+        ExchangeType::Direct | ExchangeType::Topic if binding.routing_keys.is_empty() => Err(
+            format!("exchange {exchange:?} is a {kind} exchange: give it routing_keys = [...]"),
+        ),
+        ExchangeType::Fanout | ExchangeType::Headers if !binding.routing_keys.is_empty() => Err(
+            format!("exchange {exchange:?} is a {kind} exchange, which ignores routing keys: remove routing_keys"),
+        ),
+        ExchangeType::Headers if binding.arguments.is_empty() => Err(format!(
+            "exchange {exchange:?} is a headers exchange: give it arguments = {{ \"x-match\" = \"all\", header = \"value\" }}"
+        )),
+        ExchangeType::Direct | ExchangeType::Topic | ExchangeType::Fanout
+            if !binding.arguments.is_empty() =>
+        {
+            Err(format!(
+                "exchange {exchange:?} is a {kind} exchange: only a headers exchange takes arguments"
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -1160,6 +1262,8 @@ struct QueueSection {
     #[serde(rename = "type", default = "default_queue_type")]
     kind: QueueType,
     dead_letter: Option<String>,
+    #[serde(default)]
+    bindings: Vec<Binding>,
 }
 
 #[derive(Deserialize)]
@@ -1781,6 +1885,47 @@ mod tests {
         assert!(parse(&text)
             .unwrap_err()
             .starts_with("w.toml:2: broker.url: unsupported scheme"));
+    }
+
+    #[test]
+    fn bindings_name_an_exchange_and_keys_that_fit_its_type() {
+        let with = |binding: &str| {
+            parse(&format!(
+                "[queue]\nname = \"q\"\n[[queue.bindings]]\n{binding}\n[handler]\nkind = \"dots\"\n"
+            ))
+        };
+        let config =
+            with("exchange = \"orders\"\ntype = \"topic\"\nrouting_keys = [\"a.*\", \"b.#\"]")
+                .unwrap();
+        let binding = &config.queue.bindings[0];
+        assert_eq!((binding.kind, binding.durable), (ExchangeType::Topic, true));
+        assert_eq!(binding.keys(), ["a.*", "b.#"]);
+        let fanout = with("exchange = \"all\"\ntype = \"fanout\"").unwrap();
+        assert_eq!(fanout.queue.bindings[0].keys(), [""]);
+        with("exchange = \"h\"\ntype = \"headers\"\narguments = { \"x-match\" = \"all\", n = 1, b = true }")
+            .unwrap();
+        for (binding, error) in [
+            (
+                "exchange = \"\"\nrouting_keys = [\"k\"]",
+                "exchange must name an exchange",
+            ),
+            ("exchange = \"d\"", "give it routing_keys"),
+            (
+                "exchange = \"f\"\ntype = \"fanout\"\nrouting_keys = [\"k\"]",
+                "ignores routing keys",
+            ),
+            ("exchange = \"h\"\ntype = \"headers\"", "give it arguments"),
+            (
+                "exchange = \"t\"\ntype = \"topic\"\nrouting_keys = [\"k\"]\narguments = { a = 1 }",
+                "only a headers exchange",
+            ),
+        ] {
+            let err = with(binding).unwrap_err();
+            assert!(
+                err.starts_with("w.toml:1: queue.bindings: ") && err.contains(error),
+                "{err}"
+            );
+        }
     }
 
     /// `WARREN_BROKER_URL` set to `urls`.

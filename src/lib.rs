@@ -289,7 +289,12 @@ pub fn publish_messages(
         }
     })?;
     if let Some(path) = &options.metrics_file {
-        write_metrics_file(path, &options.queue, summary.confirmed as u64)?;
+        // Labelled with the queue published to; through an exchange, with queue.name.
+        let queue = match &options.target {
+            publish::Target::Queue(queue) => queue,
+            publish::Target::Exchange { .. } => &config.queue.name,
+        };
+        write_metrics_file(path, queue, summary.confirmed as u64)?;
     }
     let mut notes = match summary.skipped_empty {
         0 => String::new(),
@@ -302,10 +307,10 @@ pub fn publish_messages(
         ));
     }
     log::info!(
-        " [x] published {} message{} to queue {}, all confirmed{notes}",
+        " [x] published {} message{} to {}, all confirmed{notes}",
         summary.confirmed,
         if summary.confirmed == 1 { "" } else { "s" },
-        options.queue
+        options.target
     );
     Ok(summary)
 }

@@ -87,6 +87,8 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Publish {
             queue,
+            exchange,
+            routing_key,
             stdin,
             no_declare,
             confirm_timeout,
@@ -94,7 +96,15 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             message,
         } => {
             let options = warren::publish::Options {
-                queue: queue.unwrap_or_else(|| config.queue.name.clone()),
+                target: match exchange {
+                    Some(name) => warren::publish::Target::Exchange {
+                        name,
+                        routing_key: routing_key.unwrap_or_default(),
+                    },
+                    None => warren::publish::Target::Queue(
+                        queue.unwrap_or_else(|| config.queue.name.clone()),
+                    ),
+                },
                 declare: !no_declare,
                 confirm_timeout,
                 metrics_file,

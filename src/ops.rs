@@ -748,7 +748,9 @@ mod tests {
         let text = "[broker]\nurls = [\"amqp://u:pw@n1\", \"amqp://u:pw@n2:5673/v\"]\nheartbeat = \"0\"\n\
                     [queue]\nname = \"jobs\"\ntype = \"quorum\"\n\
                     [handler]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"set -e\\n\\n[handler]\\ntrue\"]\ntimeout = \"20m 30s\"\n\
-                    [retry]\ndelay = \"250ms\"\n[metrics]\nlisten = \"127.0.0.1:9187\"\n";
+                    [retry]\ndelay = \"250ms\"\n[metrics]\nlisten = \"127.0.0.1:9187\"\n\
+                    [[queue.bindings]]\nexchange = \"orders\"\ntype = \"topic\"\nrouting_keys = [\"a.*\"]\n\
+                    [[queue.bindings]]\nexchange = \"h\"\ntype = \"headers\"\ndurable = false\narguments = { \"x-match\" = \"any\", n = 1 }\n";
         let config = parse(text);
         let printed = effective(&config, config.handler.as_ref().unwrap());
         assert!(!printed.contains("pw"), "{printed}");

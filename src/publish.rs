@@ -21,11 +21,59 @@ const MAX_UNCONFIRMED: usize = 4096;
 
 /// What to publish and how.
 pub struct Options {
-    pub queue: String,
+    pub target: Target,
     pub declare: bool,
     pub confirm_timeout: Duration,
     /// Where to write the published count for node_exporter's textfile collector, if anywhere.
     pub metrics_file: Option<std::path::PathBuf>,
+}
+
+/// Where messages are published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A queue by name, through the default exchange.
+    Queue(String),
+    /// An exchange, with a routing key.
+    Exchange { name: String, routing_key: String },
+}
+
+impl Target {
+    fn exchange(&self) -> &str {
+        match self {
+            Target::Queue(_) => "",
+            Target::Exchange { name, .. } => name,
+        }
+    }
+
+    fn routing_key(&self) -> &str {
+        match self {
+            Target::Queue(queue) => queue,
+            Target::Exchange { routing_key, .. } => routing_key,
+        }
+    }
+}
+
+impl Target {
+    /// The target with its names quoted, for an error line.
+    fn quoted(&self) -> String {
+        match self {
+            Target::Queue(queue) => format!("queue {queue:?}"),
+            Target::Exchange { name, routing_key } => {
+                format!("exchange {name:?} with routing key {routing_key:?}")
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Queue(queue) => write!(f, "queue {queue}"),
+            Target::Exchange { name, routing_key } => {
+                write!(f, "exchange {name} with routing key {routing_key:?}")
+            }
+        }
+    }
 }
 
 /// Why publishing failed, sorted by exit code.
@@ -158,10 +206,10 @@ pub fn publish(
         let shown: Vec<_> = tracker.problems.iter().take(5).cloned().collect();
         let more = tracker.problems.len().saturating_sub(shown.len());
         return Err(PublishError::NotConfirmed(format!(
-            "{} of {} messages to queue {:?} were not stored: {}{}",
+            "{} of {} messages to {} were not stored: {}{}",
             tracker.problems.len(),
             tracker.messages,
-            options.queue,
+            options.target.quoted(),
             shown.join("; "),
             if more > 0 {
                 format!("; and {more} more")
@@ -205,18 +253,36 @@ fn publish_on(
     messages: &mut impl Iterator<Item = std::io::Result<Vec<u8>>>,
 ) -> Result<(), Stop> {
     if options.declare {
-        // Another queue than queue.name gets its own default dead-letter queue.
-        let queue = if options.queue == config.queue.name {
-            config.queue.clone()
-        } else {
-            crate::config::Queue {
-                name: options.queue.clone(),
-                dead_letter: format!("{}.dead", options.queue),
+        // Another queue than queue.name gets its own default dead-letter queue, and no
+        // bindings; through an exchange, queue.name and its bindings are declared, so that the
+        // exchange routes to it.
+        let queue = match &options.target {
+            Target::Queue(name) if *name != config.queue.name => crate::config::Queue {
+                name: name.clone(),
+                dead_letter: format!("{name}.dead"),
+                bindings: Vec::new(),
                 ..config.queue.clone()
-            }
+            },
+            Target::Queue(_) => crate::config::Queue {
+                bindings: Vec::new(),
+                ..config.queue.clone()
+            },
+            Target::Exchange { .. } => config.queue.clone(),
         };
-        let work = Topology::new(&queue, &config.retry).work;
-        session.declare(&work).map_err(stop)?;
+        let topology = Topology::new(&queue, &config.retry);
+        session.declare(&topology.work).map_err(stop)?;
+        for binding in &topology.bindings {
+            session.bind(binding).map_err(stop)?;
+        }
+    }
+    if let Target::Exchange { name, .. } = &options.target {
+        // Publishing to a missing exchange would close the channel at the first message.
+        if !session.exchange_exists(name).map_err(stop)? {
+            return Err(Stop::Failed(PublishError::Misconfigured(format!(
+                "exchange {name:?} does not exist on the broker; bind queue.name to it in \
+                 [[queue.bindings]], or declare it"
+            ))));
+        }
     }
     let mut publisher = session.publisher().map_err(stop)?;
     while let Some(message) = tracker.resend.pop_front() {
@@ -304,7 +370,13 @@ impl Tracker {
                 return Err(e);
             }
         }
-        match publisher.publish(&options.queue, &message.body, &message.id) {
+        let target = &options.target;
+        match publisher.publish(
+            target.exchange(),
+            target.routing_key(),
+            &message.body,
+            &message.id,
+        ) {
             Ok(tag) => {
                 message.sends += 1;
                 self.pending.insert(tag, message);

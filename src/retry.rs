@@ -11,8 +11,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::amqp::{Arg, Delivery, Header, QueueSpec};
-use crate::config::{Queue, QueueType, Retry};
+use crate::amqp::{Arg, BindingSpec, Delivery, Header, QueueSpec};
+use crate::config::{BindingArg, Queue, QueueType, Retry};
 
 /// The attempt a copy of a message is on, 1 for the first. warren sets it on every copy it
 /// publishes to a retry queue.
@@ -63,6 +63,8 @@ pub struct Topology {
     /// One per distinct retry delay, shortest first.
     pub retries: Vec<QueueSpec>,
     pub dead: QueueSpec,
+    /// The work queue's bindings, one per exchange and routing key, in the file's order.
+    pub bindings: Vec<BindingSpec>,
 }
 
 impl Topology {
@@ -115,10 +117,36 @@ impl Topology {
                 }
             })
             .collect();
+        let bindings = queue
+            .bindings
+            .iter()
+            .flat_map(|binding| {
+                let arguments: Vec<(String, Arg)> = (binding.arguments.iter())
+                    .map(|(key, value)| {
+                        let value = match value {
+                            BindingArg::Str(s) => Arg::Str(s.clone()),
+                            BindingArg::Int(i) => Arg::Int(*i),
+                            BindingArg::Bool(b) => Arg::Bool(*b),
+                        };
+                        (key.clone(), value)
+                    })
+                    .collect();
+                binding.keys().into_iter().map(move |key| BindingSpec {
+                    exchange: binding.exchange.clone(),
+                    kind: binding.kind.name().to_string(),
+                    durable: binding.durable,
+                    passive: binding.is_predeclared(),
+                    queue: queue.name.clone(),
+                    routing_key: key.to_string(),
+                    arguments: arguments.clone(),
+                })
+            })
+            .collect();
         Topology {
             work,
             retries,
             dead,
+            bindings,
         }
     }
 

@@ -427,3 +427,12 @@ fn the_readme_is_a_front_door_of_at_most_12500_bytes() {
         "README.md is {size} bytes, more than {README_LIMIT}: move reference into docs/ and link it"
     );
 }
+
+#[test]
+fn the_architecture_stays_at_most_16000_bytes() {
+    let size = fs::metadata(root().join("ARCHITECTURE.md")).unwrap().len();
+    assert!(
+        size <= 16_000,
+        "ARCHITECTURE.md is {size} bytes: it names symbols and invariants, not every function"
+    );
+}

@@ -642,18 +642,18 @@ impl Run {
 /// publish path; declares the queue as `warren run` does, even for none.
 fn fill(config: &Config, count: usize) -> Result<(), Error> {
     let options = Options {
-        queue: config.queue.name.clone(),
+        target: publish::Target::Queue(config.queue.name.clone()),
         declare: true,
         confirm_timeout: Duration::from_secs(60),
         metrics_file: None,
     };
     let bodies = (0..count).map(|i| Ok(format!("task {i}").into_bytes()));
     let summary = publish::publish(config, &options, bodies)
-        .map_err(|e| failed(format!("cannot fill queue {}: {e}", options.queue)))?;
+        .map_err(|e| failed(format!("cannot fill {}: {e}", options.target)))?;
     if summary.confirmed != count {
         return Err(failed(format!(
-            "queue {}: {} of {count} messages confirmed",
-            options.queue, summary.confirmed
+            "{}: {} of {count} messages confirmed",
+            options.target, summary.confirmed
         )));
     }
     Ok(())

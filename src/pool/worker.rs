@@ -199,8 +199,8 @@ impl Worker {
         Exit::Stopped { requeued }
     }
 
-    /// Opens both connections and declares the work queue, its retry queues and its
-    /// dead-letter queue.
+    /// Opens both connections, declares the work queue, its retry queues and its dead-letter
+    /// queue, and binds the work queue to the exchanges of `queue.bindings`.
     fn connect(&self) -> Result<Link, Exit> {
         let config = &self.config;
         let name = self.name();
@@ -227,6 +227,7 @@ impl Worker {
         topology
             .all()
             .try_for_each(|queue| session.declare(queue))
+            .and_then(|()| (topology.bindings.iter()).try_for_each(|binding| session.bind(binding)))
             .map_err(lost_or_fatal)?;
         Ok(Link {
             session,

@@ -35,6 +35,8 @@ pub struct ConfigFile {
     /// Each table's name and its keys, in the order of [`TABLES`], then any other table in the
     /// order it was first set.
     tables: Vec<(String, Vec<(String, toml::Value)>)>,
+    /// Each `[[queue.bindings]]`, written after `[queue]`.
+    bindings: Vec<toml::Table>,
 }
 
 impl ConfigFile {
@@ -61,7 +63,23 @@ impl ConfigFile {
             .iter()
             .map(|table| (table.to_string(), Vec::new()))
             .collect();
-        ConfigFile { tables }
+        ConfigFile {
+            tables,
+            bindings: Vec::new(),
+        }
+    }
+
+    /// Adds a `[[queue.bindings]]`: exchange `exchange` of type `kind`, with `routing_keys`
+    /// unless there are none.
+    pub fn binding(mut self, exchange: &str, kind: &str, routing_keys: &[&str]) -> ConfigFile {
+        let mut binding = toml::Table::new();
+        binding.insert("exchange".into(), exchange.into());
+        binding.insert("type".into(), kind.into());
+        if !routing_keys.is_empty() {
+            binding.insert("routing_keys".into(), routing_keys.to_vec().into());
+        }
+        self.bindings.push(binding);
+        self
     }
 
     /// Sets `key`, a dotted path such as `"handler.timeout"` or `"broker.tls.ca_file"`: the last
@@ -174,6 +192,12 @@ impl ConfigFile {
             writeln!(text, "[{table}]").expect("invariant: writing to a String");
             for (key, value) in keys {
                 writeln!(text, "{key} = {value}").expect("invariant: writing to a String");
+            }
+            if table == "queue" {
+                for binding in &self.bindings {
+                    writeln!(text, "\n[[queue.bindings]]\n{binding}")
+                        .expect("invariant: writing to a String");
+                }
             }
         }
         text

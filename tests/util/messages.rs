@@ -72,7 +72,10 @@ pub fn publish_confirmed(queue: &str, messages: &[(&str, &[u8])], timeout: Durat
     let mut publisher = session.publisher().expect("enable publisher confirms");
     let mut pending = BTreeMap::new();
     for (id, body) in messages {
-        pending.insert(publisher.publish(queue, body, id).expect("publish"), *id);
+        pending.insert(
+            publisher.publish("", queue, body, id).expect("publish"),
+            *id,
+        );
     }
     let deadline = Instant::now() + timeout;
     while !pending.is_empty() {
