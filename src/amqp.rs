@@ -19,7 +19,7 @@ use amiquip::{
 };
 use crossbeam_channel::{select_biased, Receiver, TryRecvError};
 
-use crate::config::{Broker, BrokerUrl};
+use crate::config::{self, Broker, BrokerUrl};
 use crate::tls::{self, Tls};
 
 /// How one connection attempt failed.
@@ -186,8 +186,7 @@ impl Arg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BindingSpec {
     pub exchange: String,
-    /// `direct`, `topic`, `fanout` or `headers`.
-    pub kind: String,
+    pub kind: config::ExchangeType,
     pub durable: bool,
     /// Look the exchange up instead of declaring it (RabbitMQ's own `amq.*` exchanges).
     pub passive: bool,
@@ -372,12 +371,11 @@ impl Session {
             self.channel
                 .exchange_declare_passive(spec.exchange.as_str())
         } else {
-            let kind = match spec.kind.as_str() {
-                "direct" => ExchangeType::Direct,
-                "topic" => ExchangeType::Topic,
-                "fanout" => ExchangeType::Fanout,
-                "headers" => ExchangeType::Headers,
-                other => ExchangeType::Custom(other.to_string()),
+            let kind = match spec.kind {
+                config::ExchangeType::Direct => ExchangeType::Direct,
+                config::ExchangeType::Topic => ExchangeType::Topic,
+                config::ExchangeType::Fanout => ExchangeType::Fanout,
+                config::ExchangeType::Headers => ExchangeType::Headers,
             };
             let options = ExchangeDeclareOptions {
                 durable: spec.durable,

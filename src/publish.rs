@@ -51,9 +51,7 @@ impl Target {
             Target::Exchange { routing_key, .. } => routing_key,
         }
     }
-}
 
-impl Target {
     /// The target with its names quoted, for an error line.
     fn quoted(&self) -> String {
         match self {
@@ -256,19 +254,14 @@ fn publish_on(
         // Another queue than queue.name gets its own default dead-letter queue, and no
         // bindings; through an exchange, queue.name and its bindings are declared, so that the
         // exchange routes to it.
-        let queue = match &options.target {
-            Target::Queue(name) if *name != config.queue.name => crate::config::Queue {
-                name: name.clone(),
-                dead_letter: format!("{name}.dead"),
-                bindings: Vec::new(),
-                ..config.queue.clone()
-            },
-            Target::Queue(_) => crate::config::Queue {
-                bindings: Vec::new(),
-                ..config.queue.clone()
-            },
-            Target::Exchange { .. } => config.queue.clone(),
-        };
+        let mut queue = config.queue.clone();
+        if let Target::Queue(name) = &options.target {
+            queue.bindings.clear();
+            if *name != queue.name {
+                queue.dead_letter = format!("{name}.dead");
+                queue.name = name.clone();
+            }
+        }
         let topology = Topology::new(&queue, &config.retry);
         session.declare(&topology.work).map_err(stop)?;
         for binding in &topology.bindings {

@@ -133,7 +133,7 @@ impl Topology {
                     .collect();
                 binding.keys().into_iter().map(move |key| BindingSpec {
                     exchange: binding.exchange.clone(),
-                    kind: binding.kind.name().to_string(),
+                    kind: binding.kind,
                     durable: binding.durable,
                     passive: binding.is_predeclared(),
                     queue: queue.name.clone(),
