@@ -51,6 +51,7 @@ fn fill(config: &Config, n: usize) -> f64 {
         target: warren::publish::Target::Queue(config.queue.name.clone()),
         declare: true,
         confirm_timeout: Duration::from_secs(60),
+        stamp: Default::default(),
         metrics_file: None,
     };
     let started = Instant::now();

@@ -57,7 +57,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use util::nodes::{Cluster, Node};
 use util::ConfigFile;
-use warren::amqp::{Header, PublishEvent};
+use warren::amqp::{Header, PublishEvent, Stamp};
 
 /// The broker's consumer_timeout on the soak's node, in milliseconds.
 const CONSUMER_TIMEOUT_MS: u64 = 15_000;
@@ -673,7 +673,13 @@ fn produce(
                 None
             };
             if let Some(message) = message {
-                match publisher.publish("", QUEUES[message.queue], &message.body, &message.id) {
+                match publisher.publish(
+                    "",
+                    QUEUES[message.queue],
+                    &message.body,
+                    &message.id,
+                    &Stamp::default(),
+                ) {
                     Ok(tag) => {
                         pending.insert(tag, message);
                     }

@@ -20,6 +20,7 @@ use amiquip::{
 use crossbeam_channel::{select_biased, Receiver, TryRecvError};
 
 use crate::config::{self, Broker, BrokerUrl};
+use crate::context::{self, Context, Value};
 use crate::tls::{self, Tls};
 
 /// How one connection attempt failed.
@@ -201,6 +202,14 @@ pub struct QueueSpec {
     pub name: String,
     pub durable: bool,
     pub arguments: Vec<(String, Arg)>,
+}
+
+/// What [`Publisher::publish`] puts on every message beside its body, id and timestamp.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stamp {
+    pub correlation_id: Option<String>,
+    /// String headers, by name.
+    pub headers: Vec<(String, String)>,
 }
 
 /// A message header as warren reads it.
@@ -791,6 +800,67 @@ impl Delivery {
     pub fn header(&self, name: &str) -> Option<Header> {
         self.0.properties.headers().as_ref()?.get(name).map(header)
     }
+
+    /// The exchange and routing key it was published with, this time.
+    pub fn route(&self) -> (&str, &str) {
+        (&self.0.exchange, &self.0.routing_key)
+    }
+
+    /// What a handler program sees of the message beside its body. A copy that warren
+    /// republished (a retry) shows where the producer published it, from the headers
+    /// [`context::EXCHANGE_HEADER`] and [`context::ROUTING_KEY_HEADER`].
+    pub fn context(&self) -> Context<'_> {
+        let properties = &self.0.properties;
+        let headers = properties.headers().as_ref();
+        let kept = |name: &str| match headers.and_then(|h| h.get(name)) {
+            Some(AmqpValue::LongString(s)) => Some(s.as_str()),
+            _ => None,
+        };
+        Context {
+            exchange: kept(context::EXCHANGE_HEADER).unwrap_or(&self.0.exchange),
+            routing_key: kept(context::ROUTING_KEY_HEADER).unwrap_or(&self.0.routing_key),
+            correlation_id: properties.correlation_id().as_deref(),
+            reply_to: properties.reply_to().as_deref(),
+            timestamp: *properties.timestamp(),
+            content_type: properties.content_type().as_deref(),
+            content_encoding: properties.content_encoding().as_deref(),
+            kind: properties.type_().as_deref(),
+            app_id: properties.app_id().as_deref(),
+            headers: headers.map(fields).unwrap_or_default(),
+        }
+    }
+}
+
+fn fields(table: &FieldTable) -> Vec<(&str, Value<'_>)> {
+    table
+        .iter()
+        .map(|(name, value)| (name.as_str(), context_value(value)))
+        .collect()
+}
+
+fn context_value(value: &AmqpValue) -> Value<'_> {
+    match value {
+        AmqpValue::Boolean(b) => Value::Bool(*b),
+        AmqpValue::ShortShortInt(i) => Value::Int((*i).into()),
+        AmqpValue::ShortShortUInt(i) => Value::Int((*i).into()),
+        AmqpValue::ShortInt(i) => Value::Int((*i).into()),
+        AmqpValue::ShortUInt(i) => Value::Int((*i).into()),
+        AmqpValue::LongInt(i) => Value::Int((*i).into()),
+        AmqpValue::LongUInt(i) => Value::Int((*i).into()),
+        AmqpValue::LongLongInt(i) => Value::Int(*i),
+        AmqpValue::Float(f) => Value::F32(*f),
+        AmqpValue::Double(f) => Value::F64(*f),
+        AmqpValue::DecimalValue(d) => Value::Decimal {
+            scale: d.scale,
+            value: d.value,
+        },
+        AmqpValue::LongString(s) => Value::Str(s),
+        AmqpValue::FieldArray(items) => Value::Array(items.iter().map(context_value).collect()),
+        AmqpValue::Timestamp(t) => Value::Timestamp(*t),
+        AmqpValue::FieldTable(table) => Value::Table(fields(table)),
+        AmqpValue::ByteArray(bytes) => Value::Bytes(bytes),
+        AmqpValue::Void => Value::Void,
+    }
 }
 
 /// What [`Subscription::next`] returns.
@@ -926,11 +996,26 @@ impl Publisher<'_> {
         routing_key: &str,
         body: &[u8],
         message_id: &str,
+        stamp: &Stamp,
     ) -> Result<u64, AmqpError> {
-        let properties = AmqpProperties::default()
+        let mut properties = AmqpProperties::default()
             .with_delivery_mode(2)
             .with_content_type("text/plain".to_string())
-            .with_message_id(message_id.to_string());
+            .with_message_id(message_id.to_string())
+            .with_timestamp(
+                (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH))
+                    .map_or(0, |since| since.as_secs()),
+            );
+        if let Some(id) = &stamp.correlation_id {
+            properties = properties.with_correlation_id(id.clone());
+        }
+        if !stamp.headers.is_empty() {
+            let mut table = FieldTable::new();
+            for (name, value) in &stamp.headers {
+                table.insert(name.clone(), AmqpValue::LongString(value.clone()));
+            }
+            properties = properties.with_headers(table);
+        }
         self.send(exchange, routing_key, body, properties)
     }
 

@@ -7,10 +7,12 @@
 //! watches the abort's pipe and the deadline. Starting and joining threads per task would cost
 //! more than a short program's whole run.
 
+use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,7 @@ use nix::unistd::Pid;
 
 use crate::abort::Abort;
 use crate::config;
+use crate::context;
 
 /// Longest line of a program's output that goes to the log as one line; longer lines are split.
 const MAX_LOG_LINE: usize = 4096;
@@ -54,7 +57,29 @@ pub fn program(argv: &[String], queue: &str, worker: usize) -> Command {
         // Its own process group: a Ctrl+C at the terminal does not reach the task, which
         // should finish within the grace, and a kill reaches all of its descendants.
         .process_group(0);
+    // A message's variables are the message's: none comes from warren's own environment.
+    for name in inherited_message_vars() {
+        command.env_remove(name);
+    }
     command
+}
+
+/// The variables of warren's environment that a program could take for a message's: any
+/// `WARREN_HEADER_*`, the headers left out, the trace context.
+fn inherited_message_vars() -> &'static [OsString] {
+    static INHERITED: OnceLock<Vec<OsString>> = OnceLock::new();
+    INHERITED.get_or_init(|| {
+        std::env::vars_os()
+            .map(|(name, _)| name)
+            .filter(|name| {
+                let name = name.as_encoded_bytes();
+                name.starts_with(context::HEADER_PREFIX.as_bytes())
+                    || [context::OMITTED, context::TRACEPARENT, context::TRACESTATE]
+                        .iter()
+                        .any(|var| name == var.as_bytes())
+            })
+            .collect()
+    })
 }
 
 /// How a program ended, for the log and the dead-letter headers.

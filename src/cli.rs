@@ -41,6 +41,12 @@ pub enum Command {
         /// The routing key for --exchange [default: empty]
         #[arg(long, value_name = "KEY", requires = "exchange")]
         routing_key: Option<String>,
+        /// Give every message the header NAME with the string VALUE; repeatable.
+        #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// Give every message this correlation_id.
+        #[arg(long, value_name = "ID")]
+        correlation_id: Option<String>,
         /// Publish each line of standard input as one message.
         #[arg(long, conflicts_with = "message")]
         stdin: bool,
@@ -134,4 +140,15 @@ pub enum DeadLetters {
 /// Parses a human duration such as "30s" for a flag.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        // An AMQP field name is a short string.
+        Some((name, _)) if name.len() > 255 => Err(format!(
+            "the header name {name:?} is longer than AMQP's 255 bytes"
+        )),
+        Some((name, value)) => Ok((name.to_string(), value.to_string())),
+        None => Err(format!("{text:?} is not NAME=VALUE")),
+    }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::abort::Abort;
 use crate::child;
+use crate::context::Context;
 
 /// One message, as a handler sees it.
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +25,8 @@ pub struct Task<'a> {
     pub worker: usize,
     /// Which attempt this is, from 1 (see `retry::attempt`).
     pub attempt: u32,
+    /// Its routing, properties and headers, for handler programs.
+    pub context: &'a Context<'a>,
 }
 
 /// What the worker does with the message once the handler returns.
@@ -118,7 +121,8 @@ impl Handler for CommandHandler {
                 "WARREN_REDELIVERED",
                 if task.redelivered { "1" } else { "0" },
             )
-            .env("WARREN_ATTEMPT", task.attempt.to_string());
+            .env("WARREN_ATTEMPT", task.attempt.to_string())
+            .envs(task.context.environment().vars);
         let limits = child::Limits {
             timeout: self.timeout,
             kill_grace: self.kill_grace,
@@ -163,6 +167,19 @@ mod tests {
     use super::*;
     use std::thread;
 
+    static NO_CONTEXT: Context<'static> = Context {
+        exchange: "",
+        routing_key: "q",
+        correlation_id: None,
+        reply_to: None,
+        timestamp: None,
+        content_type: None,
+        content_encoding: None,
+        kind: None,
+        app_id: None,
+        headers: Vec::new(),
+    };
+
     fn task(body: &[u8]) -> Task<'_> {
         Task {
             body,
@@ -171,6 +188,7 @@ mod tests {
             queue: "q",
             worker: 3,
             attempt: 1,
+            context: &NO_CONTEXT,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod abort;
 pub mod amqp;
 pub mod child;
 pub mod config;
+pub mod context;
 pub mod control;
 pub mod depth;
 pub mod factory;

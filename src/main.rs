@@ -89,6 +89,8 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             queue,
             exchange,
             routing_key,
+            headers,
+            correlation_id,
             stdin,
             no_declare,
             confirm_timeout,
@@ -107,6 +109,10 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 },
                 declare: !no_declare,
                 confirm_timeout,
+                stamp: warren::amqp::Stamp {
+                    correlation_id,
+                    headers,
+                },
                 metrics_file,
             };
             if stdin {

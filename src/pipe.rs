@@ -4,7 +4,8 @@
 //! The protocol (version [`PROTOCOL`], in the program's `WARREN_PIPE_PROTOCOL`), one message at
 //! a time:
 //! - warren writes one line of JSON to the program's stdin, `{"tag": T, "id": …, "queue": …,
-//!   "attempt": 1, "redelivered": false, "size": N}`, then exactly N bytes of body. The length
+//!   "attempt": 1, "redelivered": false, …, "size": N}` (the message's context from `context.rs`
+//!   where the dots are), then exactly N bytes of body. The length
 //!   framing makes any body safe, binary included. T grows with every message, so a program never
 //!   sees the same tag twice (a new handler, after a reconnect or a reload, starts a new program
 //!   and counts from 1 again).
@@ -36,6 +37,7 @@ use serde::Serialize;
 
 use crate::abort::Abort;
 use crate::child::{self, set_nonblocking, wait_ready, Waited};
+use crate::context::Context;
 use crate::handler::{Handler, Outcome, Task};
 use crate::logging::preview;
 
@@ -71,6 +73,10 @@ struct Frame<'a> {
     queue: &'a str,
     attempt: u32,
     redelivered: bool,
+    /// The message's routing, properties and headers (see `context.rs`).
+    #[serde(flatten)]
+    context: &'a Context<'a>,
+    /// Last, so that a program may read the header line as it likes and still find it there.
     size: usize,
 }
 
@@ -195,6 +201,7 @@ impl Program {
             queue: task.queue,
             attempt: task.attempt,
             redelivered: task.redelivered,
+            context: task.context,
             size: task.body.len(),
         };
         serde_json::to_writer(&mut frame, &header).expect("invariant: the header serialises");

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::BufRead;
 use std::time::{Duration, Instant};
 
-use crate::amqp::{AmqpError, PublishEvent, Publisher, Session};
+use crate::amqp::{AmqpError, PublishEvent, Publisher, Session, Stamp};
 use crate::config::Config;
 use crate::retry::Topology;
 
@@ -24,6 +24,8 @@ pub struct Options {
     pub target: Target,
     pub declare: bool,
     pub confirm_timeout: Duration,
+    /// The correlation id and headers of every message.
+    pub stamp: Stamp,
     /// Where to write the published count for node_exporter's textfile collector, if anywhere.
     pub metrics_file: Option<std::path::PathBuf>,
 }
@@ -369,6 +371,7 @@ impl Tracker {
             target.routing_key(),
             &message.body,
             &message.id,
+            &options.stamp,
         ) {
             Ok(tag) => {
                 message.sends += 1;

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::amqp::{Arg, BindingSpec, Delivery, Header, QueueSpec};
 use crate::config::{BindingArg, Queue, QueueType, Retry};
+use crate::context;
 
 /// The attempt a copy of a message is on, 1 for the first. warren sets it on every copy it
 /// publishes to a retry queue.
@@ -270,6 +271,25 @@ pub fn retry_headers(next: u32, failure: &str) -> Vec<(String, Header)> {
     vec![
         (ATTEMPT.into(), Header::Int(next.into())),
         (LAST_FAILURE.into(), Header::Str(failure.into())),
+    ]
+}
+
+/// The headers that keep, on every copy warren republishes, where the producer published the
+/// message: added to the first copy, kept by the later ones (see [`Delivery::context`]).
+pub fn origin_headers(delivery: &Delivery) -> Vec<(String, Header)> {
+    if delivery.header(context::EXCHANGE_HEADER).is_some() {
+        return Vec::new();
+    }
+    let (exchange, routing_key) = delivery.route();
+    vec![
+        (
+            context::EXCHANGE_HEADER.into(),
+            Header::Str(exchange.into()),
+        ),
+        (
+            context::ROUTING_KEY_HEADER.into(),
+            Header::Str(routing_key.into()),
+        ),
     ]
 }
 

@@ -174,3 +174,48 @@ fn an_exchange_declared_with_another_type_stops_warren_with_exit_78() {
     );
     assert_eq!(queue_counts(&queue).0, 1, "the queued message is untouched");
 }
+
+#[test]
+fn a_headers_exchange_routes_by_the_headers_warren_publish_sets() {
+    let broker = BrokerLock::shared();
+    let queue = broker.queue("by-headers");
+    let exchange = format!("{queue}.tenants");
+    let _exchanges = Exchanges(vec![exchange.clone()]);
+    let config = ConfigFile::new(&queue)
+        .binding(&exchange, "headers", &[])
+        .binding_arguments(&[("x-match", "all"), ("tenant", "acme"), ("region", "eu")])
+        .dots()
+        .write_in(broker.dir.path());
+    let send = |headers: &[&str]| {
+        let mut args = vec!["--exchange", exchange.as_str()];
+        for header in headers {
+            args.extend(["--header", header]);
+        }
+        args.push("report");
+        publish(&config, &args)
+    };
+
+    let (status, log) = send(&["tenant=acme", "region=eu"]);
+    assert!(status.success(), "both headers match: {status}\n{log}");
+    for headers in [&["tenant=acme"][..], &["tenant=other", "region=eu"]] {
+        let (status, log) = send(headers);
+        assert_eq!(
+            status.code(),
+            Some(75),
+            "{headers:?} do not all match: {log}"
+        );
+    }
+    assert_eq!(
+        queue_counts(&queue).0,
+        1,
+        "only the matching message is queued"
+    );
+
+    let (status, log) = send(&["no-equals-sign"]);
+    assert_eq!(
+        status.code(),
+        Some(64),
+        "a header without = is a usage error: {log}"
+    );
+    assert!(log.contains("is not NAME=VALUE"), "{log}");
+}

@@ -16,6 +16,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config as Cases;
 use warren::abort::Abort;
 use warren::config::{BrokerUrl, Config};
+use warren::context::Context;
 use warren::handler::{Handler, Outcome, Task};
 use warren::pipe::PipeHandler;
 
@@ -414,6 +415,7 @@ proptest! {
                 queue: "q",
                 worker: 1,
                 attempt: 1,
+                context: &Context::default(),
             };
             outcomes.push((id.clone(), handler.handle(&task, &abort)));
         }

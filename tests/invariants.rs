@@ -182,7 +182,7 @@ fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
 /// The layers of ARCHITECTURE.md's code map, lowest first. A module may name only modules of
 /// lower layers.
 const LAYERS: &[&[&str]] = &[
-    &["abort", "metrics", "tls"],
+    &["abort", "context", "metrics", "tls"],
     &["config", "http", "notify"],
     &["amqp", "child", "control", "logging", "secrets"],
     &["handler", "retry"],

@@ -645,6 +645,7 @@ fn fill(config: &Config, count: usize) -> Result<(), Error> {
         target: publish::Target::Queue(config.queue.name.clone()),
         declare: true,
         confirm_timeout: Duration::from_secs(60),
+        stamp: Default::default(),
         metrics_file: None,
     };
     let bodies = (0..count).map(|i| Ok(format!("task {i}").into_bytes()));

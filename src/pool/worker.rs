@@ -344,15 +344,19 @@ impl Worker {
         );
         self.metrics.task_started();
         let started = Instant::now();
-        let task = Task {
-            body: delivery.body(),
-            message_id: delivery.message_id(),
-            redelivered: delivery.redelivered(),
-            queue: &config.queue.name,
-            worker: self.id,
-            attempt,
+        let outcome = {
+            let context = delivery.context();
+            let task = Task {
+                body: delivery.body(),
+                message_id: delivery.message_id(),
+                redelivered: delivery.redelivered(),
+                queue: &config.queue.name,
+                worker: self.id,
+                attempt,
+                context: &context,
+            };
+            handler.handle(&task, &self.abort)
         };
-        let outcome = handler.handle(&task, &self.abort);
         let took = started.elapsed();
         let verdict = match &outcome {
             Outcome::Done => Probe::Succeeded,
@@ -507,9 +511,10 @@ impl Worker {
         session: &Session,
         delivery: Delivery,
         queue: &str,
-        headers: Vec<(String, Header)>,
+        mut headers: Vec<(String, Header)>,
     ) -> Result<(), AmqpError> {
         let id = delivery.message_id().unwrap_or("-").to_string();
+        headers.extend(retry::origin_headers(&delivery));
         let problem = match publisher.republish_and_wait(
             &delivery,
             queue,

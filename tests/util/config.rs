@@ -82,6 +82,19 @@ impl ConfigFile {
         self
     }
 
+    /// Gives the last `[[queue.bindings]]` these string `arguments` (a headers exchange's).
+    pub fn binding_arguments(mut self, arguments: &[(&str, &str)]) -> ConfigFile {
+        let binding = self
+            .bindings
+            .last_mut()
+            .expect("a binding to add arguments to");
+        let table: toml::Table = (arguments.iter())
+            .map(|(name, value)| (name.to_string(), toml::Value::from(*value)))
+            .collect();
+        binding.insert("arguments".into(), table.into());
+        self
+    }
+
     /// Sets `key`, a dotted path such as `"handler.timeout"` or `"broker.tls.ca_file"`: the last
     /// part is the key, the rest its table. A key set twice keeps its place and the last value.
     pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> ConfigFile {
@@ -195,8 +208,11 @@ impl ConfigFile {
             }
             if table == "queue" {
                 for binding in &self.bindings {
-                    writeln!(text, "\n[[queue.bindings]]\n{binding}")
-                        .expect("invariant: writing to a String");
+                    // Each key on its line, a table (the arguments) inline.
+                    text.push_str("\n[[queue.bindings]]\n");
+                    for (key, value) in binding {
+                        writeln!(text, "{key} = {value}").expect("invariant: writing to a String");
+                    }
                 }
             }
         }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use warren::amqp::{Fetched, Header, PublishEvent};
+use warren::amqp::{Fetched, Header, PublishEvent, Stamp};
 
 use super::{session, warren_bin, Queues};
 
@@ -73,7 +73,9 @@ pub fn publish_confirmed(queue: &str, messages: &[(&str, &[u8])], timeout: Durat
     let mut pending = BTreeMap::new();
     for (id, body) in messages {
         pending.insert(
-            publisher.publish("", queue, body, id).expect("publish"),
+            publisher
+                .publish("", queue, body, id, &Stamp::default())
+                .expect("publish"),
             *id,
         );
     }
