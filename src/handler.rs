@@ -54,6 +54,11 @@ pub trait Handler: Send {
     fn start(&mut self) {}
 
     fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome;
+
+    /// Called after each message is settled (acked, or its copy confirmed, or requeued), before
+    /// the next is taken: where a handler may replace what it keeps running without holding up
+    /// a message or its ack (a `pipe` program that reached its limits is recycled here).
+    fn between(&mut self) {}
 }
 
 /// Makes the handler of worker `n` (1…N). Called again when a worker is restarted.
