@@ -438,7 +438,43 @@ pub enum HandlerKind {
     Pipe {
         #[serde(rename = "command")]
         argv: Vec<String>,
+        #[serde(flatten)]
+        recycle: Recycle,
     },
+}
+
+/// When a `pipe` program is replaced by a fresh one, between two messages, so that a program that
+/// leaks does not grow without end. Each limit is off when `None`, as by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Recycle {
+    /// After this many messages (at least 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tasks: Option<u64>,
+    /// Once the program's resident memory (its VmRSS) reaches this many bytes.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "size_or_none"
+    )]
+    pub max_memory: Option<u64>,
+    /// Once the program has run this long.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "human_or_none"
+    )]
+    pub max_age: Option<Duration>,
+}
+
+impl Recycle {
+    /// The first limit set, by its key, for a configuration error about it.
+    fn first_set(&self) -> Option<&'static str> {
+        [
+            (self.max_tasks.is_some(), "max_tasks"),
+            (self.max_memory.is_some(), "max_memory"),
+            (self.max_age.is_some(), "max_age"),
+        ]
+        .into_iter()
+        .find_map(|(set, key)| set.then_some(key))
+    }
 }
 
 impl HandlerKind {
@@ -455,7 +491,15 @@ impl HandlerKind {
     pub fn argv(&self) -> Option<&[String]> {
         match self {
             HandlerKind::Dots => None,
-            HandlerKind::Command { argv } | HandlerKind::Pipe { argv } => Some(argv),
+            HandlerKind::Command { argv } | HandlerKind::Pipe { argv, .. } => Some(argv),
+        }
+    }
+
+    /// When a `pipe` program is recycled; never, for the other kinds.
+    pub fn recycle(&self) -> Recycle {
+        match self {
+            HandlerKind::Pipe { recycle, .. } => *recycle,
+            _ => Recycle::default(),
         }
     }
 }
@@ -771,6 +815,26 @@ impl Config {
             "handler.kill_grace",
             old_handler.map_or_else(String::new, |h| d(h.kill_grace)),
             d(handler.kill_grace),
+        );
+        let (old_limits, limits) = (
+            old_handler.map(|h| h.kind.recycle()).unwrap_or_default(),
+            handler.kind.recycle(),
+        );
+        let shown = |limit: Option<String>| limit.unwrap_or_else(|| "off".to_string());
+        change(
+            "handler.max_tasks",
+            shown(old_limits.max_tasks.map(|n| n.to_string())),
+            shown(limits.max_tasks.map(|n| n.to_string())),
+        );
+        change(
+            "handler.max_memory",
+            shown(old_limits.max_memory.map(size_text)),
+            shown(limits.max_memory.map(size_text)),
+        );
+        change(
+            "handler.max_age",
+            shown(old_limits.max_age.map(d)),
+            shown(limits.max_age.map(d)),
         );
         let handler_changed = old_handler != Some(&handler);
         let (old, fresh) = (&self.breaker, &new.breaker);
@@ -1103,6 +1167,11 @@ impl HandlerSection {
     ) -> Result<HandlerConfig, ConfigError> {
         let span = section.span();
         let section = section.into_inner();
+        let recycle = Recycle {
+            max_tasks: section.max_tasks,
+            max_memory: section.max_memory,
+            max_age: section.max_age,
+        };
         let kind = match (section.kind, section.command) {
             (Kind::Dots, None) => HandlerKind::Dots,
             (Kind::Dots, Some(command)) => {
@@ -1129,11 +1198,23 @@ impl HandlerSection {
                     return Err(text.error(Some(span), "the command must name a program"));
                 }
                 match kind {
-                    Kind::Pipe => HandlerKind::Pipe { argv },
+                    Kind::Pipe => HandlerKind::Pipe { argv, recycle },
                     _ => HandlerKind::Command { argv },
                 }
             }
         };
+        if !matches!(kind, HandlerKind::Pipe { .. }) {
+            if let Some(key) = recycle.first_set() {
+                return Err(text.key_or(
+                    "handler",
+                    key,
+                    span,
+                    &format!(
+                        "only kind = \"pipe\" takes {key} (it limits the program a pipe handler keeps running)"
+                    ),
+                ));
+            }
+        }
         if section.timeout.is_zero() {
             return Err(text.key_or("handler", "timeout", span, "must be longer than 0s"));
         }
@@ -1275,6 +1356,12 @@ struct HandlerSection {
     timeout: Duration,
     #[serde(default = "default_kill_grace", deserialize_with = "duration")]
     kill_grace: Duration,
+    #[serde(default, deserialize_with = "some_positive")]
+    max_tasks: Option<u64>,
+    #[serde(default, deserialize_with = "some_size")]
+    max_memory: Option<u64>,
+    #[serde(default, deserialize_with = "some_duration")]
+    max_age: Option<Duration>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -1469,6 +1556,110 @@ fn heartbeat<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
         return Err(invalid("the broker counts heartbeats in whole seconds"));
     }
     u16::try_from(duration.as_secs()).map_err(|_| invalid("at most 65535s"))
+}
+
+/// `handler.max_tasks`: at least 1.
+fn some_positive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match i64::deserialize(d)? {
+        n if n >= 1 => Ok(Some(n as u64)),
+        n => Err(de::Error::custom(format!("must be at least 1, not {n}"))),
+    }
+}
+
+/// A duration longer than zero, such as `handler.max_age`.
+fn some_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    match duration(d)? {
+        zero if zero.is_zero() => Err(de::Error::custom("must be longer than 0s")),
+        duration => Ok(Some(duration)),
+    }
+}
+
+/// A size in bytes, such as `handler.max_memory`: a string with a unit (`"512MiB"`, `"1GiB"`,
+/// `"200MB"`; KiB, MiB, GiB are powers of 1024, KB, MB, GB of 1000) or an integer of bytes.
+fn some_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct Size;
+    impl de::Visitor<'_> for Size {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a size such as \"512MiB\", or a number of bytes")
+        }
+
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<u64, E> {
+            match u64::try_from(n) {
+                Ok(bytes) if bytes > 0 => Ok(bytes),
+                _ => Err(E::custom(format!("must be more than 0 bytes, not {n}"))),
+            }
+        }
+
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<u64, E> {
+            match n {
+                0 => Err(E::custom("must be more than 0 bytes, not 0")),
+                bytes => Ok(bytes),
+            }
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<u64, E> {
+            parse_size(text).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(Size).map(Some)
+}
+
+/// A size as the file writes it, in bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<bytesize::ByteSize>() {
+        Ok(size) if size.0 == 0 => Err(format!("must be more than 0 bytes, not {text:?}")),
+        // The parser saturates rather than overflow.
+        Ok(size) if size.0 == u64::MAX => Err(format!("{text:?} is too large")),
+        Ok(size) => Ok(size.0),
+        Err(_) => Err(format!(
+            "invalid size {text:?}; write it like \"512MiB\", \"1GiB\", \"200MB\" or a number of bytes"
+        )),
+    }
+}
+
+/// A number of bytes as the file would write it, exactly: with the largest unit that divides it
+/// (`"512 MiB"`, `"200 MB"`), else in bytes (`"1234 B"`).
+pub fn size_text(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 10] = [
+        (1 << 50, "PiB"),
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+        (1_000_000_000_000_000, "PB"),
+        (1_000_000_000_000, "TB"),
+        (1_000_000_000, "GB"),
+        (1_000_000, "MB"),
+        (1_000, "KB"),
+    ];
+    match UNITS
+        .iter()
+        .find(|(unit, _)| bytes != 0 && bytes % unit == 0)
+    {
+        Some((unit, name)) => format!("{} {name}", bytes / unit),
+        None => format!("{bytes} B"),
+    }
+}
+
+/// `handler.max_memory` as the file writes it.
+fn size_or_none<S: Serializer>(bytes: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
+    match bytes {
+        Some(bytes) => serializer.serialize_str(&size_text(*bytes)),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// An optional duration as the file writes it.
+fn human_or_none<S: Serializer>(
+    duration: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => human(duration, serializer),
+        None => serializer.serialize_none(),
+    }
 }
 
 fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
@@ -1837,7 +2028,8 @@ mod tests {
         assert_eq!(
             kind,
             &HandlerKind::Pipe {
-                argv: vec!["python3".into(), "h.py".into()]
+                argv: vec!["python3".into(), "h.py".into()],
+                recycle: Recycle::default(),
             }
         );
         assert_eq!(
@@ -1855,6 +2047,129 @@ mod tests {
             err.contains("only kind = \"command\" or \"pipe\" takes a command"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_pipe_handler_takes_recycle_limits_which_are_off_by_default() {
+        let pipe = "[queue]\nname = \"q\"\n[handler]\nkind = \"pipe\"\ncommand = [\"h\"]\n";
+        let handler = parse(pipe).unwrap().handler.unwrap();
+        assert_eq!(handler.kind.recycle(), Recycle::default());
+        for (limits, want) in [
+            (
+                "max_tasks = 1000\nmax_memory = \"512MiB\"\nmax_age = \"1h\"\n",
+                Recycle {
+                    max_tasks: Some(1000),
+                    max_memory: Some(512 << 20),
+                    max_age: Some(Duration::from_secs(3600)),
+                },
+            ),
+            (
+                "max_memory = \"1GiB\"\n",
+                Recycle {
+                    max_memory: Some(1 << 30),
+                    ..Recycle::default()
+                },
+            ),
+            (
+                "max_memory = \"200MB\"\n",
+                Recycle {
+                    max_memory: Some(200_000_000),
+                    ..Recycle::default()
+                },
+            ),
+            (
+                "max_memory = 1048576\n",
+                Recycle {
+                    max_memory: Some(1 << 20),
+                    ..Recycle::default()
+                },
+            ),
+            (
+                "max_memory = \"1.5 GiB\"\n",
+                Recycle {
+                    max_memory: Some(3 << 29),
+                    ..Recycle::default()
+                },
+            ),
+        ] {
+            let handler = parse(&format!("{pipe}{limits}")).unwrap().handler.unwrap();
+            assert_eq!(handler.kind.recycle(), want, "{limits}");
+        }
+    }
+
+    #[test]
+    fn recycle_limits_are_refused_on_other_handlers_and_when_malformed_naming_the_key() {
+        for kind in ["kind = \"command\"\ncommand = [\"h\"]", "kind = \"dots\""] {
+            for (line, key) in [
+                ("max_tasks = 3", "max_tasks"),
+                ("max_memory = \"40MiB\"", "max_memory"),
+                ("max_age = \"1h\"", "max_age"),
+            ] {
+                let text = format!("[queue]\nname = \"q\"\n[handler]\n{kind}\n{line}\n");
+                let err = parse(&text).unwrap_err();
+                let at = text.lines().position(|l| l == line).unwrap() + 1;
+                assert_eq!(
+                    err,
+                    format!("w.toml:{at}: handler.{key}: only kind = \"pipe\" takes {key} (it limits the program a pipe handler keeps running)"),
+                );
+            }
+        }
+        let pipe = "[queue]\nname = \"q\"\n[handler]\nkind = \"pipe\"\ncommand = [\"h\"]\n";
+        for (line, error) in [
+            ("max_tasks = 0", "handler.max_tasks: must be at least 1, not 0"),
+            ("max_tasks = -3", "handler.max_tasks: must be at least 1, not -3"),
+            ("max_tasks = \"3\"", "handler.max_tasks: invalid type: string \"3\", expected i64"),
+            ("max_memory = \"12 parsecs\"", "handler.max_memory: invalid size \"12 parsecs\"; write it like \"512MiB\", \"1GiB\", \"200MB\" or a number of bytes"),
+            ("max_memory = \"MiB\"", "handler.max_memory: invalid size \"MiB\""),
+            ("max_memory = \"-5MiB\"", "handler.max_memory: invalid size \"-5MiB\""),
+            ("max_memory = \"\"", "handler.max_memory: invalid size \"\""),
+            ("max_memory = \"0MiB\"", "handler.max_memory: must be more than 0 bytes, not \"0MiB\""),
+            ("max_memory = 0", "handler.max_memory: must be more than 0 bytes, not 0"),
+            ("max_memory = -1", "handler.max_memory: must be more than 0 bytes, not -1"),
+            ("max_memory = \"99999EiB\"", "handler.max_memory: \"99999EiB\" is too large"),
+            ("max_memory = true", "handler.max_memory: invalid type: boolean `true`, expected a size such as \"512MiB\", or a number of bytes"),
+            ("max_age = \"0s\"", "handler.max_age: must be longer than 0s"),
+            ("max_age = \"soon\"", "handler.max_age: invalid duration \"soon\""),
+        ] {
+            let err = parse(&format!("{pipe}{line}\n")).unwrap_err();
+            assert!(err.starts_with(&format!("w.toml:6: {error}")), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_reload_applies_and_names_changed_recycle_limits() {
+        let pipe = "[queue]\nname = \"q\"\n[handler]\nkind = \"pipe\"\ncommand = [\"h\"]\n";
+        let running = parse(pipe).unwrap();
+        let limited = parse(&format!("{pipe}max_tasks = 1000\nmax_memory = \"1GiB\"\n")).unwrap();
+        let reloaded = running.reloaded(limited).unwrap();
+        assert!(reloaded.handler_changed);
+        assert_eq!(
+            reloaded.applied,
+            [
+                "handler.max_tasks off → 1000",
+                "handler.max_memory off → 1 GiB"
+            ]
+        );
+        assert_eq!(
+            reloaded.config.handler.unwrap().kind.recycle().max_tasks,
+            Some(1000)
+        );
+    }
+
+    #[test]
+    fn sizes_are_shown_exactly_in_the_largest_unit_that_divides_them() {
+        for (bytes, text) in [
+            (512 << 20, "512 MiB"),
+            (1 << 30, "1 GiB"),
+            (3 << 29, "1536 MiB"),
+            (200_000_000, "200 MB"),
+            (1024, "1 KiB"),
+            (1000, "1 KB"),
+            (1234, "1234 B"),
+        ] {
+            assert_eq!(size_text(bytes), text);
+            assert_eq!(parse_size(text), Ok(bytes), "{text} reads back");
+        }
     }
 
     #[test]

@@ -56,6 +56,20 @@ pub struct Context<'a> {
     pub headers: Vec<(&'a str, Value<'a>)>,
 }
 
+/// The context of a message that has none: no property, no header, the default exchange.
+pub static NONE: Context<'static> = Context {
+    exchange: "",
+    routing_key: "",
+    correlation_id: None,
+    reply_to: None,
+    timestamp: None,
+    content_type: None,
+    content_encoding: None,
+    kind: None,
+    app_id: None,
+    headers: Vec::new(),
+};
+
 /// A header's value, by AMQP field type.
 ///
 /// | type | environment | JSON |

@@ -6,23 +6,27 @@ use std::sync::Arc;
 
 use crate::config;
 use crate::handler::{CommandHandler, Dots, HandlerFactory};
+use crate::metrics::Metrics;
 use crate::pipe::PipeHandler;
 
-/// The factory for the configured handler.
-pub fn from_config(handler: &config::HandlerConfig, queue: &str) -> HandlerFactory {
+/// The factory for the configured handler. `metrics` are the pool's, which a `pipe` handler
+/// counts its recycled programs in.
+pub fn from_config(
+    handler: &config::HandlerConfig,
+    queue: &str,
+    metrics: &Arc<Metrics>,
+) -> HandlerFactory {
     let timeout = handler.timeout;
     match &handler.kind {
         config::HandlerKind::Dots => Arc::new(move |_| Box::new(Dots { timeout })),
-        config::HandlerKind::Pipe { argv } => {
+        config::HandlerKind::Pipe { argv, recycle } => {
             let (argv, queue, kill_grace) = (argv.clone(), queue.to_string(), handler.kill_grace);
+            let (recycle, metrics) = (*recycle, Arc::clone(metrics));
             Arc::new(move |worker| {
-                Box::new(PipeHandler::new(
-                    argv.clone(),
-                    &queue,
-                    worker,
-                    timeout,
-                    kill_grace,
-                ))
+                Box::new(
+                    PipeHandler::new(argv.clone(), &queue, worker, timeout, kill_grace)
+                        .recycled(recycle, Arc::clone(&metrics)),
+                )
             })
         }
         config::HandlerKind::Command { argv } => {

@@ -57,6 +57,11 @@ pub trait Handler: Send {
     fn start(&mut self) {}
 
     fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome;
+
+    /// Called after each message is settled (acked, or its copy confirmed, or requeued), before
+    /// the next is taken: where a handler may replace what it keeps running without holding up
+    /// a message or its ack (a `pipe` program that reached its limits is recycled here).
+    fn between(&mut self) {}
 }
 
 /// Makes the handler of worker `n` (1…N). Called again when a worker is restarted.
@@ -165,20 +170,8 @@ impl Handler for CommandHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context;
     use std::thread;
-
-    static NO_CONTEXT: Context<'static> = Context {
-        exchange: "",
-        routing_key: "q",
-        correlation_id: None,
-        reply_to: None,
-        timestamp: None,
-        content_type: None,
-        content_encoding: None,
-        kind: None,
-        app_id: None,
-        headers: Vec::new(),
-    };
 
     fn task(body: &[u8]) -> Task<'_> {
         Task {
@@ -188,7 +181,7 @@ mod tests {
             queue: "q",
             worker: 3,
             attempt: 1,
-            context: &NO_CONTEXT,
+            context: &context::NONE,
         }
     }
 

@@ -34,6 +34,7 @@ use std::sync::Arc;
 use crate::config::{Config, ConfigError};
 use crate::control::Refusal;
 use crate::handler::HandlerFactory;
+use crate::metrics::Metrics;
 use crate::pool::{Controller, Declined, Pool, Report, Request, Stopper};
 
 /// Exit codes, from sysexits.h where one fits.
@@ -139,7 +140,8 @@ pub fn daemon(
         config.workers.count = workers;
     }
     let handler = config.handler()?;
-    let factory = factory::from_config(handler, &config.queue.name);
+    let metrics = Pool::metrics_for(&config);
+    let factory = factory::from_config(handler, &config.queue.name, &metrics);
     log::info!(
         "warren {} starting {} workers on queue {} at {} (handler {}, prefetch {})",
         env!("CARGO_PKG_VERSION"),
@@ -153,7 +155,7 @@ pub fn daemon(
         config.workers.prefetch,
     );
     let config = Arc::new(config);
-    let pool = Pool::new(Arc::clone(&config), factory)
+    let pool = Pool::with_metrics(Arc::clone(&config), factory, metrics)
         .map_err(|e| Failure::Software(format!("cannot set up the worker pool: {e}")))?;
     let config_error =
         |e: String| Failure::Config(ConfigError::new(format!("{}: {e}", config.path.display())));
@@ -167,7 +169,12 @@ pub fn daemon(
             .map_err(|e| Failure::Software(format!("cannot start the queue depth poller: {e}")))?,
         None => None,
     };
-    let reload = reloader(config.path.clone(), workers, pool.controller());
+    let reload = reloader(
+        config.path.clone(),
+        workers,
+        pool.controller(),
+        pool.metrics(),
+    );
     let _control = {
         let (controller, reload) = (pool.controller(), Arc::clone(&reload));
         control::serve(&config.control, &config.path, move |command| {
@@ -229,11 +236,12 @@ fn refusal(declined: Declined) -> (Refusal, String) {
 /// The reload of the daemon of the configuration at `path`: reads the file as `warren run` does
 /// (`--workers`, if given, still wins) and hands it to the supervisor. A file that does not load,
 /// or whose handler program is missing, is refused with its one line, and the running
-/// configuration stays.
+/// configuration stays. The new handlers count in the running pool's `metrics`.
 fn reloader(
     path: PathBuf,
     workers: Option<usize>,
     controller: Controller,
+    metrics: Arc<Metrics>,
 ) -> Arc<dyn Fn() -> control::Response + Send + Sync> {
     Arc::new(move || {
         let read = || -> Result<(Config, HandlerFactory), ConfigError> {
@@ -241,7 +249,7 @@ fn reloader(
             if let Some(workers) = workers {
                 config.workers.count = workers;
             }
-            let factory = factory::from_config(config.handler()?, &config.queue.name);
+            let factory = factory::from_config(config.handler()?, &config.queue.name, &metrics);
             Ok((config, factory))
         };
         let outcome = match read() {

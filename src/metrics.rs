@@ -40,6 +40,32 @@ impl TaskOutcome {
     }
 }
 
+/// Why a `pipe` program was recycled: the `handler` key whose limit it reached, which is also the
+/// `reason` label of `warren_pipe_recycles_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecycleReason {
+    MaxTasks = 0,
+    MaxMemory = 1,
+    MaxAge = 2,
+}
+
+impl RecycleReason {
+    const ALL: [RecycleReason; 3] = [
+        RecycleReason::MaxTasks,
+        RecycleReason::MaxMemory,
+        RecycleReason::MaxAge,
+    ];
+
+    /// The key's name in `[handler]`.
+    pub fn key(self) -> &'static str {
+        match self {
+            RecycleReason::MaxTasks => "max_tasks",
+            RecycleReason::MaxMemory => "max_memory",
+            RecycleReason::MaxAge => "max_age",
+        }
+    }
+}
+
 /// The circuit breaker's state, as `warren_breaker_state` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
@@ -93,6 +119,8 @@ pub struct Metrics {
     ready: Family<Labels, Gauge>,
     consumers: Family<Labels, Gauge>,
     depth_errors: Counter,
+    /// Pipe programs recycled, in the order of [`RecycleReason::ALL`].
+    recycles: [Counter; 3],
     queue: String,
     /// Why workers take no messages, while they do not.
     pause: Mutex<Option<String>>,
@@ -194,6 +222,12 @@ impl Metrics {
             "Failed polls of the queues' depth (the broker did not answer)",
             depth_errors.clone(),
         );
+        let recycles = Family::<Labels, Counter>::default();
+        registry.register(
+            "pipe_recycles",
+            "Pipe programs replaced by a fresh one between two messages, by the handler key whose limit they reached: max_tasks, max_memory or max_age",
+            recycles.clone(),
+        );
         let labels: Labels = vec![("queue", queue.to_string())];
         let outcome = |outcome: TaskOutcome| {
             let mut labels = labels.clone();
@@ -224,6 +258,11 @@ impl Metrics {
             ready,
             consumers,
             depth_errors: depth_errors.get_or_create(&labels).clone(),
+            recycles: RecycleReason::ALL.map(|reason| {
+                let mut labels = labels.clone();
+                labels.push(("reason", reason.key().to_string()));
+                recycles.get_or_create(&labels).clone()
+            }),
             queue: queue.to_string(),
             pause: Mutex::new(None),
             registry,
@@ -269,6 +308,11 @@ impl Metrics {
 
     pub fn connection_lost(&self) {
         self.losses.inc();
+    }
+
+    /// A worker's pipe program was replaced because it reached a `handler` limit.
+    pub fn pipe_recycled(&self, reason: RecycleReason) {
+        self.recycles[reason as usize].inc();
     }
 
     fn counter(&self, outcome: TaskOutcome) -> &Counter {
@@ -499,5 +543,21 @@ mod tests {
         }
         metrics.set_pause(None);
         assert_eq!(metrics.health(), Ok(None));
+    }
+
+    #[test]
+    fn pipe_recycles_are_counted_by_reason_each_series_there_from_the_start() {
+        let metrics = Metrics::new("jobs", &["rabbit-1:5672".into()]);
+        metrics.pipe_recycled(RecycleReason::MaxMemory);
+        metrics.pipe_recycled(RecycleReason::MaxMemory);
+        metrics.pipe_recycled(RecycleReason::MaxAge);
+        let text = metrics.encode();
+        for line in [
+            "warren_pipe_recycles_total{queue=\"jobs\",reason=\"max_tasks\"} 0",
+            "warren_pipe_recycles_total{queue=\"jobs\",reason=\"max_memory\"} 2",
+            "warren_pipe_recycles_total{queue=\"jobs\",reason=\"max_age\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -133,7 +133,7 @@ impl Checks {
 fn effective(config: &Config, handler: &HandlerConfig) -> String {
     let mut shown = config.clone();
     let mut handler = handler.clone();
-    if let HandlerKind::Command { argv } | HandlerKind::Pipe { argv } = &mut handler.kind {
+    if let HandlerKind::Command { argv } | HandlerKind::Pipe { argv, .. } = &mut handler.kind {
         for arg in argv {
             *arg = mask(config, arg);
         }

@@ -18,14 +18,20 @@
 //!   a late or repeated answer can never settle another message.
 //! - When warren stops or restarts the worker it closes the program's stdin; the program should
 //!   then exit. [`STOP_WAIT`] later its process group is killed.
+//! - A program that reached a limit of its [`Recycle`] (tasks, resident memory, age) is stopped
+//!   the same way and a fresh one started, between two messages, never during one: after the
+//!   worker settled a message ([`Handler::between`]), or before a message is written to a
+//!   program that sat idle past its age. A recycle is not a failure: no backoff follows it.
 //!
 //! The worker thread does the I/O itself, with no thread hand-off per message: it writes the
 //! frame and reads the answer on non-blocking pipes, `poll`ing them together with the abort's
 //! pipe until the deadline. One thread per program logs its stderr and one waits for its exit.
 
+use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::process::{ChildStdin, ChildStdout, ExitStatus};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -37,9 +43,11 @@ use serde::Serialize;
 
 use crate::abort::Abort;
 use crate::child::{self, set_nonblocking, wait_ready, Waited};
+use crate::config::{size_text, Recycle};
 use crate::context::Context;
 use crate::handler::{Handler, Outcome, Task};
 use crate::logging::preview;
+use crate::metrics::{Metrics, RecycleReason};
 
 /// The version of the protocol, given to the program as `WARREN_PIPE_PROTOCOL`. Version 1 had
 /// answers without a tag; warren refuses them (each attempt fails, and says why).
@@ -97,6 +105,9 @@ pub struct PipeHandler {
     tag: u64,
     /// The program is not started again before this.
     restart_at: Option<Instant>,
+    /// When the program is replaced by a fresh one, and where that is counted.
+    recycle: Recycle,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A running program.
@@ -110,6 +121,9 @@ struct Program {
     frame: Vec<u8>,
     /// Its exit status, once it has exited.
     exited: Receiver<io::Result<ExitStatus>>,
+    started: Instant,
+    /// Messages written to it.
+    tasks: u64,
 }
 
 /// How waiting for an answer line ended.
@@ -147,6 +161,8 @@ impl Program {
             pending: Vec::new(),
             frame: Vec::new(),
             exited,
+            started: Instant::now(),
+            tasks: 0,
         };
         let waiter = thread::Builder::new()
             .name(format!("{name}-wait"))
@@ -308,6 +324,30 @@ impl Program {
     }
 }
 
+/// The resident memory of process `pid` (VmRSS in `/proc/PID/status`) in bytes, unless it is
+/// gone.
+fn resident_memory(pid: Pid) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// A duration for the log, to the millisecond under 10 s and to the second above.
+fn rounded(duration: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(if duration < Duration::from_secs(10) {
+        Duration::from_millis(duration.as_millis() as u64)
+    } else {
+        Duration::from_secs(duration.as_secs())
+    })
+}
+
 /// How a wait ended, as an answer, unless the pipe is ready.
 fn waited(waited: Waited) -> Option<Answer> {
     match waited {
@@ -386,6 +426,81 @@ impl PipeHandler {
             failures: 0,
             tag: 0,
             restart_at: None,
+            recycle: Recycle::default(),
+            metrics: None,
+        }
+    }
+
+    /// The same handler, replacing its program when it reaches one of `limits`, and counting
+    /// each time in `metrics`.
+    pub fn recycled(mut self, limits: Recycle, metrics: Arc<Metrics>) -> PipeHandler {
+        self.recycle = limits;
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The limit the program has reached, if any, and what the log says of it. `idle`: it sat
+    /// between messages, so only its age can have changed.
+    fn limit_reached(&self, program: &Program, idle: bool) -> Option<(RecycleReason, String)> {
+        let limits = &self.recycle;
+        if let Some(max) = limits
+            .max_tasks
+            .filter(|&max| !idle && program.tasks >= max)
+        {
+            return Some((
+                RecycleReason::MaxTasks,
+                format!(" after {max} tasks (handler.max_tasks)"),
+            ));
+        }
+        if let Some(max) = limits.max_memory.filter(|_| !idle) {
+            if let Some(rss) = resident_memory(program.pid).filter(|&rss| rss >= max) {
+                return Some((
+                    RecycleReason::MaxMemory,
+                    format!(
+                        ": its resident memory {} reached handler.max_memory ({})",
+                        bytesize::ByteSize(rss).display().iec(),
+                        size_text(max)
+                    ),
+                ));
+            }
+        }
+        let age = program.started.elapsed();
+        if let Some(max) = limits.max_age.filter(|&max| age >= max) {
+            return Some((
+                RecycleReason::MaxAge,
+                format!(
+                    ": it ran for {} (handler.max_age {})",
+                    rounded(age),
+                    humantime::format_duration(max)
+                ),
+            ));
+        }
+        None
+    }
+
+    /// Replaces the program with a fresh one if it has reached a limit: it is stopped as at a
+    /// stop (stdin closed, its group killed after [`STOP_WAIT`]) and the next one started now,
+    /// so that the next message does not wait for it. A recycle is not a failure: it sets no
+    /// backoff (a fresh program that cannot start does, as always).
+    fn recycle_if_due(&mut self, idle: bool) {
+        let Some(program) = &self.program else {
+            return;
+        };
+        let Some((reason, why)) = self.limit_reached(program, idle) else {
+            return;
+        };
+        let program = self.program.take().expect("invariant: checked above");
+        log::info!(
+            "{}: recycling the pipe program (pid {}){why}",
+            self.worker,
+            program.pid
+        );
+        program.stop();
+        if let Some(metrics) = &self.metrics {
+            metrics.pipe_recycled(reason);
+        }
+        if let Err(why) = self.launch() {
+            log::warn!("{}: {why}; trying again at the next message", self.worker);
         }
     }
 
@@ -510,11 +625,15 @@ impl Handler for PipeHandler {
 
     fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome {
         self.check_idle();
+        self.recycle_if_due(true);
         let deadline = Instant::now() + self.timeout;
         self.tag += 1;
         let tag = self.tag;
         let answer = match self.ensure_started(abort) {
-            Ok(program) => program.exchange(tag, task, deadline, abort),
+            Ok(program) => {
+                program.tasks += 1;
+                program.exchange(tag, task, deadline, abort)
+            }
             Err(outcome) => return outcome,
         };
         match answer {
@@ -547,6 +666,10 @@ impl Handler for PipeHandler {
                 }
             }
         }
+    }
+
+    fn between(&mut self) {
+        self.recycle_if_due(false);
     }
 }
 
@@ -630,6 +753,94 @@ mod tests {
             assert!(why.contains("without a tag"), "{why}");
             assert!(why.contains(&format!("as in \"7 {verb}\"")), "{why}");
         }
+    }
+
+    /// A pipe program that acks every message.
+    const ACKS: &str = "import json, sys\n\
+        while True:\n\
+        \x20   line = sys.stdin.buffer.readline()\n\
+        \x20   if not line:\n\
+        \x20       sys.exit(0)\n\
+        \x20   header = json.loads(line)\n\
+        \x20   sys.stdin.buffer.read(header['size'])\n\
+        \x20   print(header['tag'], 'ack', flush=True)\n";
+
+    fn acking(recycle: Recycle, metrics: &Arc<Metrics>) -> PipeHandler {
+        let argv = ["python3", "-c", ACKS].map(String::from).to_vec();
+        let timeout = Duration::from_secs(20);
+        PipeHandler::new(argv, "q", 1, timeout, Duration::from_secs(1))
+            .recycled(recycle, Arc::clone(metrics))
+    }
+
+    fn task() -> Task<'static> {
+        Task {
+            body: b"hello",
+            message_id: None,
+            redelivered: false,
+            queue: "q",
+            worker: 1,
+            attempt: 1,
+            context: &crate::context::NONE,
+        }
+    }
+
+    fn pid(handler: &PipeHandler) -> Pid {
+        handler.program.as_ref().expect("a program runs").pid
+    }
+
+    fn recycles(metrics: &Metrics, reason: &str) -> bool {
+        let line = format!("warren_pipe_recycles_total{{queue=\"q\",reason=\"{reason}\"}} 1");
+        metrics.encode().contains(&line)
+    }
+
+    #[test]
+    fn a_program_is_recycled_between_messages_once_it_ran_max_tasks_and_tags_keep_growing() {
+        let metrics = Arc::new(Metrics::new("q", &[]));
+        let limits = Recycle {
+            max_tasks: Some(2),
+            ..Recycle::default()
+        };
+        let mut handler = acking(limits, &metrics);
+        handler.start();
+        let first = pid(&handler);
+        for _ in 0..2 {
+            assert_eq!(handler.handle(&task(), &Abort::never()), Outcome::Done);
+            assert_eq!(pid(&handler), first, "never during a message");
+        }
+        handler.between();
+        let second = pid(&handler);
+        assert_ne!(second, first, "a fresh program after the second message");
+        assert!(recycles(&metrics, "max_tasks"), "{}", metrics.encode());
+        assert_eq!(handler.failures, 0, "a recycle is no failure");
+        assert!(handler.restart_at.is_none(), "and no backoff follows it");
+        assert_eq!(handler.handle(&task(), &Abort::never()), Outcome::Done);
+        assert_eq!(handler.tag, 3, "tags go on growing across programs");
+        handler.between();
+        assert_eq!(pid(&handler), second, "one message is below the limit");
+    }
+
+    #[test]
+    fn a_program_idle_past_max_age_is_recycled_before_the_next_message_is_written() {
+        let metrics = Arc::new(Metrics::new("q", &[]));
+        let limits = Recycle {
+            max_age: Some(Duration::from_millis(300)),
+            ..Recycle::default()
+        };
+        let mut handler = acking(limits, &metrics);
+        handler.start();
+        let first = pid(&handler);
+        // The age is the condition: nothing else to wait for.
+        thread::sleep(Duration::from_millis(400));
+        assert_eq!(handler.handle(&task(), &Abort::never()), Outcome::Done);
+        assert_ne!(pid(&handler), first, "the message went to a fresh program");
+        assert!(recycles(&metrics, "max_age"), "{}", metrics.encode());
+    }
+
+    #[test]
+    fn resident_memory_is_read_from_proc_and_none_once_the_process_is_gone() {
+        let own = resident_memory(Pid::this()).expect("this process's VmRSS");
+        assert!(own > 1 << 20, "{own} bytes");
+        assert_eq!(resident_memory(Pid::from_raw(i32::MAX)), None);
     }
 
     #[test]

@@ -177,10 +177,27 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(config: Arc<Config>, factory: HandlerFactory) -> io::Result<Pool> {
+        let metrics = Pool::metrics_for(&config);
+        Pool::with_metrics(config, factory, metrics)
+    }
+
+    /// Like [`Pool::new`], counting in `metrics`, made by [`Pool::metrics_for`] beforehand so
+    /// that the handler factory can count in them too.
+    pub fn with_metrics(
+        config: Arc<Config>,
+        factory: HandlerFactory,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<Pool> {
         let (events, inbox) = unbounded();
         Ok(Pool {
-            supervisor: Supervisor::new(config, factory, events, inbox)?,
+            supervisor: Supervisor::new(config, factory, metrics, events, inbox)?,
         })
+    }
+
+    /// New metrics for a pool of `config`: its queue and broker nodes.
+    pub fn metrics_for(config: &Config) -> Arc<Metrics> {
+        let addresses: Vec<String> = config.broker.urls.iter().map(|u| u.address()).collect();
+        Arc::new(Metrics::new(&config.queue.name, &addresses))
     }
 
     /// The pool's metrics, for the HTTP server.

@@ -241,6 +241,22 @@ fn a_missing_program_under_a_commented_handler_header_still_names_its_line_and_k
 }
 
 #[test]
+fn a_recycle_limit_on_a_command_handler_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let program = dir.path().join("job.sh");
+    fs::write(&program, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&program, fs::Permissions::from_mode(0o755)).unwrap();
+    let text = format!("{}max_tasks = 100\n", command_handler(&program));
+    assert_rejected_at(
+        dir.path(),
+        "recycled-command.toml",
+        &text,
+        "max_tasks",
+        "handler.max_tasks: only kind = \"pipe\" takes max_tasks (it limits the program a pipe handler keeps running)",
+    );
+}
+
+#[test]
 fn zero_workers_on_the_command_line_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "valid.toml", &valid());

@@ -253,6 +253,50 @@ fn check_config_prints_every_key_with_defaults_and_no_password() {
 }
 
 #[test]
+fn check_config_shows_the_recycle_limits_of_a_pipe_handler_and_its_output_reads_back_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = ConfigFile::at(NOWHERE, "jobs").pipe(&["cat"]);
+    let plain = pipe.write_to(&dir.path().join("plain.toml"));
+    let ran = warren(&["check-config"], &plain, &[]);
+    assert_exit(&ran, 0);
+    for key in ["max_tasks", "max_memory", "max_age"] {
+        assert!(
+            !ran.stdout.contains(key),
+            "{key} is off, and not shown:\n{}",
+            ran.stdout
+        );
+    }
+
+    let limited = pipe
+        .set("handler.max_tasks", 1000)
+        .set("handler.max_memory", "1536MiB")
+        .set("handler.max_age", "1h 30m")
+        .write_to(&dir.path().join("limited.toml"));
+    let ran = warren(&["check-config"], &limited, &[]);
+    assert_exit(&ran, 0);
+    for line in [
+        "max_tasks = 1000",
+        "max_memory = \"1536 MiB\"",
+        "max_age = \"1h 30m\"",
+    ] {
+        assert!(
+            ran.stdout.lines().any(|l| l == line),
+            "{line:?} is not printed:\n{}",
+            ran.stdout
+        );
+    }
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &ran.stdout).unwrap();
+    let load = |path: &Path| warren::config::Config::load(path, None).unwrap().handler;
+    assert_eq!(
+        load(&printed),
+        load(&limited),
+        "what check-config prints loads as the same handler"
+    );
+    assert_exit(&warren(&["check-config"], &printed, &[]), 0);
+}
+
+#[test]
 fn check_config_refuses_a_bad_file_with_the_same_line_as_warren_run() {
     let dir = tempfile::tempdir().unwrap();
     let nowhere = ConfigFile::at(NOWHERE, "jobs").set("broker.connect_timeout", "1s");

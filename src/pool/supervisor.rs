@@ -177,14 +177,13 @@ impl Supervisor {
     pub fn new(
         config: Arc<Config>,
         factory: HandlerFactory,
+        metrics: Arc<Metrics>,
         events: Sender<Event>,
         inbox: Receiver<Event>,
     ) -> io::Result<Supervisor> {
         let (stop, stop_signal) = bounded(0);
         let config_breaker = config.breaker.clone();
         let (abort, abort_signal) = Abort::new()?;
-        let addresses: Vec<String> = config.broker.urls.iter().map(|u| u.address()).collect();
-        let metrics = Arc::new(Metrics::new(&config.queue.name, &addresses));
         metrics.set_workers(config.workers.count);
         // Round-robin from a random node, so that many warren hosts with the same list of
         // nodes do not all put their first worker on the first node.
@@ -739,7 +738,7 @@ impl Supervisor {
             .handler
             .as_ref()
             .expect("invariant: fitted a handler");
-        let factory = crate::factory::from_config(handler, &config.queue.name);
+        let factory = crate::factory::from_config(handler, &config.queue.name, &self.metrics);
         let config = Arc::new(config);
         self.config = Arc::clone(&config);
         self.factory = Arc::clone(&factory);

@@ -447,6 +447,8 @@ impl Worker {
                 if probe {
                     self.report_probe(verdict);
                 }
+                // Only now, with the message settled, may the handler take its time.
+                handler.between();
                 Ok(Taken::Settled)
             }
             Err(e) => {
