@@ -3,7 +3,8 @@
 //! missing and what it needs; it then runs as a user without the configure permission, binding
 //! and consuming, where `queue.declare = true` is refused. `check-config --connect` and
 //! `warren publish` check the same. And what warren adds to what it declares or consumes:
-//! `queue.arguments` on the work queue, `queue.consumer_priority` on every consumer.
+//! `queue.arguments` on the work queue (a queue declared with others is exit 78, as for any
+//! parameter), `queue.consumer_priority` on every consumer.
 
 mod util;
 
@@ -153,11 +154,16 @@ fn with_declare_false_a_user_without_configure_permission_binds_consumes_and_ack
 }
 
 #[test]
-fn with_declare_false_check_config_connect_names_a_missing_retry_queue_and_what_it_needs() {
+fn with_declare_false_check_config_connect_names_a_missing_retry_queue_and_exchange_and_their_needs(
+) {
     let broker = BrokerLock::shared();
     let queue = broker.queue("owned-check");
     let retry = format!("{queue}.retry.2s");
-    let config = ConfigFile::new(&queue).set("queue.declare", false).dots();
+    let exchange = format!("{queue}.absent");
+    let config = ConfigFile::new(&queue)
+        .binding(&exchange, "fanout", &[])
+        .set("queue.declare", false)
+        .dots();
     make_queues(&config, &[&retry]);
 
     let ran = warren(
@@ -178,7 +184,12 @@ fn with_declare_false_check_config_connect_names_a_missing_retry_queue_and_what_
     );
     let found = format!("ok    dead-letter queue {queue}.dead: exists, 0 ready, 0 consumers");
     assert!(lines.contains(&found.as_str()), "{found:?} in\n{stdout}");
-    assert_eq!(lines.last(), Some(&"1 of 8 checks failed"), "{stdout}");
+    let absent = format!(
+        "FAIL  exchange {exchange}: missing; queue.declare = false, so the operator must make it: \
+         fanout, durable"
+    );
+    assert!(lines.contains(&absent.as_str()), "{absent:?} in\n{stdout}");
+    assert_eq!(lines.last(), Some(&"2 of 9 checks failed"), "{stdout}");
     assert!(!queue_exists(&retry), "check-config declared {retry}");
 }
 
@@ -238,6 +249,37 @@ fn queue_arguments_are_declared_on_the_work_queue_and_enforced_by_the_broker() {
     let (status, log) = publish(&config, &["three"]);
     assert_eq!(status.code(), Some(75), "the queue is full: {log}");
     assert_eq!(ready_and_unacked(&queue), (2, 0));
+}
+
+#[test]
+fn a_work_queue_that_exists_with_other_arguments_stops_warren_with_78_naming_them() {
+    let broker = BrokerLock::shared();
+    let queue = broker.queue("otherarguments");
+    let with_length = |length: i64| {
+        let mut arguments = toml::Table::new();
+        arguments.insert("x-max-length".into(), length.into());
+        ConfigFile::new(&queue)
+            .set("queue.arguments", arguments)
+            .dots()
+            .write_in(broker.dir.path())
+    };
+    publish_ok(&with_length(2), &["waits"]);
+
+    let mut warren = Warren::run(&with_length(3), &[]);
+    assert_eq!(warren.wait_exit(WAIT).code(), Some(78));
+    let errors = warren.lines_with("ERROR");
+    assert!(
+        errors.len() == 1
+            && errors[0].contains(&format!("queue {queue:?}"))
+            && errors[0]
+                .contains("exists with x-max-length = 2, but the config wants x-max-length = 3"),
+        "{errors:#?}"
+    );
+    assert_eq!(
+        ready_and_unacked(&queue),
+        (1, 0),
+        "the queued message is untouched"
+    );
 }
 
 #[test]
