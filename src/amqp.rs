@@ -140,6 +140,10 @@ pub enum AmqpError {
         humantime::format_duration(*timeout)
     )]
     AckTimeout { address: String, timeout: Duration },
+    /// Queues or exchanges that warren may not declare (`queue.declare = false`) are missing;
+    /// the text names each and what it needs. The operator must make them.
+    #[error("{0}")]
+    Missing(String),
 }
 
 impl AmqpError {
@@ -147,7 +151,7 @@ impl AmqpError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            AmqpError::LoginRefused { .. } | AmqpError::Rejected { .. }
+            AmqpError::LoginRefused { .. } | AmqpError::Rejected { .. } | AmqpError::Missing(_)
         )
     }
 }
@@ -179,6 +183,33 @@ impl Arg {
             Arg::Str(s) => AmqpValue::LongString(s.clone()),
             Arg::Int(i) => AmqpValue::LongLongInt(*i),
             Arg::Bool(b) => AmqpValue::Boolean(*b),
+        }
+    }
+}
+
+/// As the broker's messages and warren's configuration write an argument: `"quorum"`, `30000`.
+impl std::fmt::Display for Arg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Arg::Str(s) => write!(f, "{s:?}"),
+            Arg::Int(i) => write!(f, "{i}"),
+            Arg::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// A queue or an exchange, looked up by a passive declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    Queue(&'a str),
+    Exchange(&'a str),
+}
+
+impl std::fmt::Display for Lookup<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lookup::Queue(name) => write!(f, "queue {name:?}"),
+            Lookup::Exchange(name) => write!(f, "exchange {name:?}"),
         }
     }
 }
@@ -410,15 +441,30 @@ impl Session {
             })
     }
 
-    /// Whether `exchange` exists, by a passive declare. A missing exchange closes the channel:
-    /// this session can do nothing more.
-    pub fn exchange_exists(&self, exchange: &str) -> Result<bool, AmqpError> {
-        match self.channel.exchange_declare_passive(exchange) {
-            Ok(_) => Ok(true),
+    /// Whether a queue or exchange exists, by a passive declare, which creates nothing and needs
+    /// no permission. It goes on a channel of its own, as in [`Session::inspect`]: the broker
+    /// closes the channel of a passive declare that names something missing.
+    pub fn exists(&mut self, lookup: Lookup<'_>) -> Result<bool, AmqpError> {
+        let channel = self
+            .connection
+            .open_channel(None)
+            .map_err(|e| lost(&self.url, e))?;
+        let found = match lookup {
+            Lookup::Queue(name) => channel.queue_declare_passive(name).map(drop),
+            Lookup::Exchange(name) => channel.exchange_declare_passive(name).map(drop),
+        };
+        match found {
+            Ok(()) => {
+                channel.close().map_err(|e| lost(&self.url, e))?;
+                Ok(true)
+            }
+            // The broker has closed the channel already; dropping it only frees its id.
             Err(amiquip::Error::ServerClosedChannel {
-                code: NOT_FOUND, ..
-            }) => Ok(false),
-            Err(e) => Err(self.channel_error(e, format!("looking up exchange {exchange:?}"))),
+                code: NOT_FOUND,
+                ref message,
+                ..
+            }) if !home_node_down(message) => Ok(false),
+            Err(e) => Err(self.channel_error(e, format!("a passive declare of {lookup}"))),
         }
     }
 
@@ -429,14 +475,28 @@ impl Session {
             .map_err(|e| self.channel_error(e, format!("deleting exchange {exchange:?}")))
     }
 
-    /// Sets the prefetch limit and starts consuming `queue` with manual acks.
-    pub fn subscribe(&self, queue: &str, prefetch: u16) -> Result<Subscription<'_>, AmqpError> {
+    /// Sets the prefetch limit and starts consuming `queue` with manual acks, with the consumer
+    /// priority `priority` (`x-priority`) if there is one.
+    pub fn subscribe(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        priority: Option<i32>,
+    ) -> Result<Subscription<'_>, AmqpError> {
         self.channel
             .qos(0, prefetch, false)
             .map_err(|e| self.channel_error(e, "basic.qos".into()))?;
+        let mut arguments = FieldTable::new();
+        if let Some(priority) = priority {
+            arguments.insert("x-priority".into(), AmqpValue::LongInt(priority));
+        }
+        let options = ConsumerOptions {
+            arguments,
+            ..ConsumerOptions::default()
+        };
         let consumer = self
             .channel
-            .basic_consume(queue, ConsumerOptions::default())
+            .basic_consume(queue, options)
             .map_err(|e| self.channel_error(e, format!("consuming queue {queue:?}")))?;
         Ok(Subscription {
             session: self,

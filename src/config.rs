@@ -41,7 +41,7 @@ impl ConfigError {
     fn at(path: &Path, source: &str, span: Option<Range<usize>>, message: &str) -> ConfigError {
         let location = match span {
             Some(span) => {
-                let line = source[..span.start.min(source.len())].matches('\n').count() + 1;
+                let line = line_number(source, span.start);
                 match key_at(source, span.start) {
                     Some(key) => format!("{}:{line}: {key}", path.display()),
                     None => format!("{}:{line}", path.display()),
@@ -276,6 +276,17 @@ pub struct Queue {
     pub kind: QueueType,
     /// Where messages go after their last attempt, or when the handler rejects them.
     pub dead_letter: String,
+    /// Whether warren declares its queues and exchanges at start. With false the operator owns
+    /// them: warren looks them up (passive declares) and stops with exit 78 if any is missing.
+    pub declare: bool,
+    /// `x-priority` of every worker's consumer: the broker delivers to the consumers of the
+    /// highest priority that can take a message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer_priority: Option<i32>,
+    /// Extra `x-` arguments of the work queue's declare, for what a policy does not set; never
+    /// one that warren sets itself (see [`owned_argument`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub arguments: BTreeMap<String, ArgValue>,
     /// The exchanges that route to the work queue, declared and bound at start.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bindings: Vec<Binding>,
@@ -296,7 +307,7 @@ pub struct Binding {
     pub routing_keys: Vec<String>,
     /// The binding's arguments: a headers exchange's `x-match` and the headers to match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub arguments: BTreeMap<String, BindingArg>,
+    pub arguments: BTreeMap<String, ArgValue>,
 }
 
 impl Binding {
@@ -337,10 +348,10 @@ impl ExchangeType {
     }
 }
 
-/// A binding argument's value, as TOML writes it.
+/// The value of a queue or binding argument, as TOML writes it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
-pub enum BindingArg {
+pub enum ArgValue {
     Bool(bool),
     Int(i64),
     Str(String),
@@ -354,8 +365,30 @@ impl Queue {
             durable: true,
             kind: QueueType::Classic,
             dead_letter: format!("{name}.dead"),
+            declare: true,
+            consumer_priority: None,
+            arguments: BTreeMap::new(),
             bindings: Vec::new(),
         }
+    }
+}
+
+/// Which setting owns the work queue argument `name`, when warren sets it itself and
+/// `queue.arguments` may not: the reason, for the error. `retry.rs` sets these arguments; its
+/// tests check that every one it sets on a work queue is named here.
+pub fn owned_argument(name: &str, kind: QueueType) -> Option<&'static str> {
+    match name {
+        "x-queue-type" => Some("queue.type sets it: use queue.type = \"quorum\" or \"classic\""),
+        "x-delivery-limit" => Some(
+            "warren sets it on a quorum queue from retry.max_attempts (the limit is max_attempts - 1): set retry.max_attempts",
+        ),
+        "x-dead-letter-exchange" | "x-dead-letter-routing-key" | "x-dead-letter-strategy" => Some(
+            "warren owns dead-lettering: failed messages go to its retry queues and then to queue.dead_letter; set queue.dead_letter and [retry]",
+        ),
+        "x-overflow" if kind == QueueType::Quorum => Some(
+            "warren sets it to \"reject-publish\" on a quorum queue, which at-least-once dead-lettering needs",
+        ),
+        _ => None,
     }
 }
 
@@ -999,6 +1032,28 @@ impl FileText<'_> {
         ConfigError::at_key(self.path, self.source, table, key, message)
     }
 
+    /// An error about `queue.arguments.<name>`, at its line: its own in `[queue.arguments]`,
+    /// else that of `arguments = { ... }`.
+    fn argument_error(&self, name: &str, message: &str) -> ConfigError {
+        let table = "queue.arguments";
+        let span = find_key(self.source, table, name)
+            .or_else(|| find_key(self.source, table, &format!("{name:?}")))
+            .or_else(|| find_key(self.source, "queue", "arguments"))
+            .or_else(|| find_table(self.source, table));
+        let location = match span {
+            Some(span) => format!(
+                "{}:{}",
+                self.path.display(),
+                line_number(self.source, span.start)
+            ),
+            None => self.path.display().to_string(),
+        };
+        ConfigError(format!(
+            "{location}: {table}.{name:?}: {}",
+            one_line(message)
+        ))
+    }
+
     /// At `key` of `[table]` if the file has it, else at `span`.
     fn key_or(&self, table: &str, key: &str, span: Range<usize>, message: &str) -> ConfigError {
         self.error(find_key(self.source, table, key).or(Some(span)), message)
@@ -1119,11 +1174,33 @@ impl QueueSection {
         for binding in &section.bindings {
             check_binding(binding).map_err(|e| err(&format!("queue.bindings: {e}")))?;
         }
+        for name in section.arguments.keys() {
+            let problem = if !name.starts_with("x-") {
+                Some("is not a queue argument: their names start with \"x-\", such as \"x-max-length\"")
+            } else {
+                owned_argument(name, section.kind)
+            };
+            if let Some(problem) = problem {
+                return Err(text.argument_error(name, problem));
+            }
+        }
+        if !section.declare && !section.arguments.is_empty() {
+            let span = find_key(text.source, "queue", "arguments")
+                .or_else(|| find_table(text.source, "queue.arguments"))
+                .unwrap_or(span);
+            return Err(text.error(
+                Some(span),
+                "queue.declare = false: warren declares nothing, so it would never apply queue.arguments; set them in the operator's definitions or a policy, and remove queue.arguments",
+            ));
+        }
         Ok(Queue {
             name: section.name,
             durable: section.durable,
             kind: section.kind,
             dead_letter,
+            declare: section.declare,
+            consumer_priority: section.consumer_priority,
+            arguments: section.arguments,
             bindings: section.bindings,
         })
     }
@@ -1343,6 +1420,11 @@ struct QueueSection {
     #[serde(rename = "type", default = "default_queue_type")]
     kind: QueueType,
     dead_letter: Option<String>,
+    #[serde(default = "yes")]
+    declare: bool,
+    consumer_priority: Option<i32>,
+    #[serde(default)]
+    arguments: BTreeMap<String, ArgValue>,
     #[serde(default)]
     bindings: Vec<Binding>,
 }
@@ -1745,6 +1827,11 @@ fn table_header(line: &str) -> Option<String> {
             .trim()
             .to_string(),
     )
+}
+
+/// The number of the line of `source` that `offset` is on, from 1.
+fn line_number(source: &str, offset: usize) -> usize {
+    source[..offset.min(source.len())].matches('\n').count() + 1
 }
 
 fn one_line(message: &str) -> String {
@@ -2241,6 +2328,83 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn queue_declare_consumer_priority_and_arguments_are_read_with_their_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert!(config.queue.declare);
+        assert_eq!(config.queue.consumer_priority, None);
+        assert!(config.queue.arguments.is_empty());
+        let text = "[queue]\nname = \"q\"\nconsumer_priority = -3\narguments = { \"x-max-length\" = 2, \"x-overflow\" = \"reject-publish\", x-single-active-consumer = true }\n";
+        let config = parse(text).unwrap();
+        assert_eq!(config.queue.consumer_priority, Some(-3));
+        assert_eq!(
+            config.queue.arguments.into_iter().collect::<Vec<_>>(),
+            [
+                ("x-max-length".to_string(), ArgValue::Int(2)),
+                (
+                    "x-overflow".to_string(),
+                    ArgValue::Str("reject-publish".into())
+                ),
+                ("x-single-active-consumer".to_string(), ArgValue::Bool(true)),
+            ]
+        );
+        let config = parse("[queue]\nname = \"q\"\ndeclare = false\n").unwrap();
+        assert!(!config.queue.declare);
+    }
+
+    #[test]
+    fn queue_arguments_that_warren_sets_itself_are_refused_naming_the_key_and_its_owner() {
+        for (kind, name, owner) in [
+            ("classic", "x-queue-type", "queue.type"),
+            ("quorum", "x-delivery-limit", "retry.max_attempts"),
+            ("classic", "x-delivery-limit", "retry.max_attempts"),
+            ("classic", "x-dead-letter-exchange", "queue.dead_letter"),
+            ("quorum", "x-dead-letter-routing-key", "queue.dead_letter"),
+            ("classic", "x-dead-letter-strategy", "queue.dead_letter"),
+            ("quorum", "x-overflow", "at-least-once dead-lettering"),
+        ] {
+            // Inline, and as a table of its own with a bare key.
+            let inline = format!(
+                "[queue]\nname = \"q\"\ntype = \"{kind}\"\narguments = {{ \"x-max-length\" = 5, \"{name}\" = \"1\" }}\n"
+            );
+            let err = parse(&inline).unwrap_err();
+            let expected = format!("w.toml:4: queue.arguments.\"{name}\": ");
+            assert!(err.starts_with(&expected) && err.contains(owner), "{err}");
+            let table = format!(
+                "[queue]\nname = \"q\"\ntype = \"{kind}\"\n[queue.arguments]\nx-max-length = 5\n{name} = \"1\"\n"
+            );
+            let err = parse(&table).unwrap_err();
+            let expected = format!("w.toml:6: queue.arguments.\"{name}\": ");
+            assert!(err.starts_with(&expected) && err.contains(owner), "{err}");
+        }
+        // A classic queue's overflow is the operator's to choose.
+        parse("[queue]\nname = \"q\"\narguments = { \"x-overflow\" = \"drop-head\" }\n").unwrap();
+    }
+
+    #[test]
+    fn queue_arguments_are_x_names_and_not_given_with_declare_false() {
+        let err =
+            parse("[queue]\nname = \"q\"\n\narguments = { \"max-length\" = 5 }\n").unwrap_err();
+        assert!(
+            err.starts_with("w.toml:4: queue.arguments.\"max-length\": ")
+                && err.contains("start with \"x-\""),
+            "{err}"
+        );
+        let err =
+            parse("[queue]\nname = \"q\"\ndeclare = false\narguments = { \"x-max-length\" = 5 }\n")
+                .unwrap_err();
+        assert!(
+            err.starts_with("w.toml:4: queue.arguments: queue.declare = false")
+                && err.contains("policy"),
+            "{err}"
+        );
+        assert!(
+            parse("[queue]\nname = \"q\"\narguments = { \"x-max-length\" = 2.5 }\n")
+                .unwrap_err()
+                .starts_with("w.toml:3: queue.arguments"),
+        );
     }
 
     /// `WARREN_BROKER_URL` set to `urls`.

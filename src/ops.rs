@@ -20,7 +20,7 @@ use crossbeam_channel::{select, Receiver, TryRecvError};
 
 use crate::amqp::{AmqpError, Confirmed, Header, QueueSpec, QueueState, Session};
 use crate::config::{self, Config, HandlerConfig, HandlerKind, UrlSource};
-use crate::retry::{self, Topology};
+use crate::retry::{self, Needed, Topology};
 use crate::{exit, Failure};
 
 /// How often `warren stats --watch` refreshes.
@@ -78,16 +78,43 @@ pub fn check_config(config: &Config, connect: bool, out: &mut dyn Write) -> Resu
         ));
     };
     let topology = Topology::new(&config.queue, &config.retry);
-    for (kind, spec) in topology.kinds() {
-        let found = match session.inspect(&spec.name).map_err(broker)? {
-            Some(state) => Ok(format!(
-                "exists, {} ready, {} consumers",
-                state.ready, state.consumers
-            )),
-            None => Err("missing; warren run declares it when it starts".to_string()),
+    // With queue.declare = false nothing missing will be declared: each line says what the
+    // operator must make, as `warren run` would when it refuses to start.
+    let declare = config.queue.declare;
+    let must_make = |needed: &Needed<'_>| {
+        format!(
+            "missing; queue.declare = false, so the operator must make it: {}",
+            needed.properties()
+        )
+    };
+    for needed in topology.needed() {
+        let (what, found) = match needed {
+            Needed::Queue { kind, spec } => {
+                let found = match session.inspect(&spec.name).map_err(broker)? {
+                    Some(state) => Ok(format!(
+                        "exists, {} ready, {} consumers",
+                        state.ready, state.consumers
+                    )),
+                    None if declare => {
+                        Err("missing; warren run declares it when it starts".to_string())
+                    }
+                    None => Err(must_make(&needed)),
+                };
+                let kind = if kind == "dead" { "dead-letter" } else { kind };
+                (format!("{kind} queue {}", spec.name), found)
+            }
+            // warren run declares the exchanges it is to bind to; they are checked only when it
+            // may not.
+            Needed::Exchange(_) if declare => continue,
+            Needed::Exchange(binding) => {
+                let found = match session.exists(needed.lookup()).map_err(broker)? {
+                    true => Ok("exists".to_string()),
+                    false => Err(must_make(&needed)),
+                };
+                (format!("exchange {}", binding.exchange), found)
+            }
         };
-        let kind = if kind == "dead" { "dead-letter" } else { kind };
-        checks.report(out, &format!("{kind} queue {}", spec.name), found)?;
+        checks.report(out, &what, found)?;
     }
     close(session);
     let summary = match checks.failed {
@@ -756,6 +783,20 @@ mod tests {
         assert!(!printed.contains("pw"), "{printed}");
         let back = parse(&printed.replace("***", "pw"));
         assert_eq!(format!("{back:?}"), format!("{config:?}"));
+
+        // The keys of the topology: warren's declare, consumer priority and queue arguments.
+        for text in [
+            "[queue]\nname = \"jobs\"\nconsumer_priority = -2\narguments = { \"x-max-length\" = 10, \"x-overflow\" = \"reject-publish\", \"x-single-active-consumer\" = true }\n\
+             [[queue.bindings]]\nexchange = \"orders\"\ntype = \"topic\"\nrouting_keys = [\"a.*\"]\n[handler]\nkind = \"dots\"\n",
+            "[queue]\nname = \"jobs\"\ndeclare = false\nconsumer_priority = 7\n[handler]\nkind = \"dots\"\n",
+        ] {
+            let config = parse(text);
+            let printed = effective(&config, config.handler.as_ref().unwrap());
+            assert!(printed.contains("\ndeclare = "), "{printed}");
+            assert!(printed.contains("\nconsumer_priority = "), "{printed}");
+            let back = parse(&printed);
+            assert_eq!(format!("{back:?}"), format!("{config:?}"), "{printed}");
+        }
     }
 
     #[test]

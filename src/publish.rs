@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::BufRead;
 use std::time::{Duration, Instant};
 
-use crate::amqp::{AmqpError, PublishEvent, Publisher, Session, Stamp};
+use crate::amqp::{AmqpError, Lookup, PublishEvent, Publisher, Session, Stamp};
 use crate::config::Config;
-use crate::retry::Topology;
+use crate::retry::{self, Needed, Topology};
 
 /// At most this many messages wait for their confirms at once; publishing pauses beyond it, so
 /// that a huge input does not pile up in memory if the broker slows down.
@@ -126,7 +126,7 @@ pub fn publish(
     loop {
         let confirmed = tracker.confirmed;
         let lost = match publish_on(
-            &session,
+            &mut session,
             config,
             options,
             &mut tracker,
@@ -245,7 +245,7 @@ impl From<PublishError> for Stop {
 /// Publishes on `session`: first the messages a lost connection left unconfirmed, then the rest
 /// of `messages`, and waits for every confirm.
 fn publish_on(
-    session: &Session,
+    session: &mut Session,
     config: &Config,
     options: &Options,
     tracker: &mut Tracker,
@@ -265,14 +265,31 @@ fn publish_on(
             }
         }
         let topology = Topology::new(&queue, &config.retry);
-        session.declare(&topology.work).map_err(stop)?;
+        if queue.declare {
+            session.declare(&topology.work).map_err(stop)?;
+        } else {
+            // What a worker checks, less the retry and dead-letter queues, which publishing
+            // never declared.
+            let mut missing = Vec::new();
+            for needed in topology.needed() {
+                let checked = !matches!(needed, Needed::Queue { kind, .. } if kind != "work");
+                if checked && !session.exists(needed.lookup()).map_err(stop)? {
+                    missing.push(needed);
+                }
+            }
+            if !missing.is_empty() {
+                return Err(Stop::Failed(PublishError::Misconfigured(retry::lacking(
+                    &missing,
+                ))));
+            }
+        }
         for binding in &topology.bindings {
             session.bind(binding).map_err(stop)?;
         }
     }
     if let Target::Exchange { name, .. } = &options.target {
         // Publishing to a missing exchange would close the channel at the first message.
-        if !session.exchange_exists(name).map_err(stop)? {
+        if !session.exists(Lookup::Exchange(name)).map_err(stop)? {
             return Err(Stop::Failed(PublishError::Misconfigured(format!(
                 "exchange {name:?} does not exist on the broker; bind queue.name to it in \
                  [[queue.bindings]], or declare it"

@@ -8,11 +8,14 @@
 //! delay, and which dead-letters back into the work queue when the TTL expires. Per-message TTLs
 //! would not do, because the broker only expires messages at the head of a queue. There is one
 //! retry queue per distinct delay, so every queue holds messages of one TTL.
+//!
+//! With `queue.declare = false` the operator makes these queues: [`Topology::needed`] says what
+//! must exist, with the properties and arguments of the same [`QueueSpec`]s warren would declare.
 
 use std::time::{Duration, SystemTime};
 
-use crate::amqp::{Arg, BindingSpec, Delivery, Header, QueueSpec};
-use crate::config::{BindingArg, Queue, QueueType, Retry};
+use crate::amqp::{Arg, BindingSpec, Delivery, Header, Lookup, QueueSpec};
+use crate::config::{ArgValue, Queue, QueueType, Retry};
 use crate::context;
 
 /// The attempt a copy of a message is on, 1 for the first. warren sets it on every copy it
@@ -96,6 +99,9 @@ impl Topology {
                 .extend(dead_letter_to(&queue.dead_letter, quorum));
             dead.arguments = vec![type_arg("quorum")];
         }
+        // The config refuses any that warren sets above (config::owned_argument).
+        work.arguments
+            .extend((queue.arguments.iter()).map(|(name, value)| (name.clone(), argument(value))));
         let mut delays: Vec<Duration> = (1..retry.max_attempts)
             .map(|attempt| retry.delay_after(attempt))
             .collect();
@@ -123,20 +129,13 @@ impl Topology {
             .iter()
             .flat_map(|binding| {
                 let arguments: Vec<(String, Arg)> = (binding.arguments.iter())
-                    .map(|(key, value)| {
-                        let value = match value {
-                            BindingArg::Str(s) => Arg::Str(s.clone()),
-                            BindingArg::Int(i) => Arg::Int(*i),
-                            BindingArg::Bool(b) => Arg::Bool(*b),
-                        };
-                        (key.clone(), value)
-                    })
+                    .map(|(key, value)| (key.clone(), argument(value)))
                     .collect();
                 binding.keys().into_iter().map(move |key| BindingSpec {
                     exchange: binding.exchange.clone(),
                     kind: binding.kind,
                     durable: binding.durable,
-                    passive: binding.is_predeclared(),
+                    passive: binding.is_predeclared() || !queue.declare,
                     queue: queue.name.clone(),
                     routing_key: key.to_string(),
                     arguments: arguments.clone(),
@@ -165,6 +164,100 @@ impl Topology {
         std::iter::once(&self.work)
             .chain(&self.retries)
             .chain(std::iter::once(&self.dead))
+    }
+
+    /// What must exist on the broker for warren to run when it declares nothing
+    /// (`queue.declare = false`): every queue, then each exchange of the bindings once.
+    pub fn needed(&self) -> Vec<Needed<'_>> {
+        let queues = (self.kinds().into_iter()).map(|(kind, spec)| Needed::Queue { kind, spec });
+        let mut exchanges: Vec<&BindingSpec> = Vec::new();
+        for binding in &self.bindings {
+            if !exchanges.iter().any(|b| b.exchange == binding.exchange) {
+                exchanges.push(binding);
+            }
+        }
+        queues
+            .chain(exchanges.into_iter().map(Needed::Exchange))
+            .collect()
+    }
+}
+
+/// A queue or exchange that must exist when warren declares nothing, with what the operator
+/// must give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needed<'a> {
+    /// `kind` as [`Topology::kinds`] names it: "work", "retry" or "dead".
+    Queue {
+        kind: &'static str,
+        spec: &'a QueueSpec,
+    },
+    /// The exchange of a binding.
+    Exchange(&'a BindingSpec),
+}
+
+impl Needed<'_> {
+    /// What a passive declare looks up.
+    pub fn lookup(&self) -> Lookup<'_> {
+        match self {
+            Needed::Queue { spec, .. } => Lookup::Queue(&spec.name),
+            Needed::Exchange(binding) => Lookup::Exchange(&binding.exchange),
+        }
+    }
+
+    /// Its properties and arguments, as the operator must make it: `durable, x-queue-type =
+    /// "quorum"`, or `topic, durable`.
+    pub fn properties(&self) -> String {
+        let durable = |durable: bool| if durable { "durable" } else { "not durable" };
+        match self {
+            Needed::Queue { spec, .. } => std::iter::once(durable(spec.durable).to_string())
+                .chain((spec.arguments.iter()).map(|(name, value)| format!("{name} = {value}")))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Needed::Exchange(binding) => {
+                format!("{}, {}", binding.kind.name(), durable(binding.durable))
+            }
+        }
+    }
+}
+
+/// `queue "jobs.dead" (the dead-letter queue; durable)`.
+impl std::fmt::Display for Needed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties = self.properties();
+        match self {
+            Needed::Queue { kind, spec } => {
+                let role = match *kind {
+                    "work" => "the work queue",
+                    "retry" => "a retry queue",
+                    _ => "the dead-letter queue",
+                };
+                write!(f, "queue {:?} ({role}; {properties})", spec.name)
+            }
+            Needed::Exchange(binding) => write!(
+                f,
+                "exchange {:?} (of queue.bindings; {properties})",
+                binding.exchange
+            ),
+        }
+    }
+}
+
+/// The one line that stops warren when the broker lacks some of what it needs and
+/// `queue.declare = false` forbids declaring it.
+pub fn lacking(missing: &[Needed<'_>]) -> String {
+    let missing: Vec<String> = missing.iter().map(ToString::to_string).collect();
+    format!(
+        "queue.declare = false, and the broker lacks: {}",
+        missing.join("; ")
+    )
+}
+
+/// A configured argument as the broker gets it.
+fn argument(value: &ArgValue) -> Arg {
+    match value {
+        ArgValue::Str(s) => Arg::Str(s.clone()),
+        ArgValue::Int(i) => Arg::Int(*i),
+        ArgValue::Bool(b) => Arg::Bool(*b),
     }
 }
 
@@ -404,6 +497,90 @@ mod tests {
                 Some(Arg::Str("at-least-once".into()))
             );
         }
+    }
+
+    #[test]
+    fn every_argument_warren_sets_on_a_work_queue_is_refused_in_queue_arguments() {
+        for kind in [QueueType::Classic, QueueType::Quorum] {
+            let queue = Queue {
+                kind,
+                ..Queue::classic("jobs")
+            };
+            for (name, _) in &Topology::new(&queue, &retry(5)).work.arguments {
+                assert!(
+                    crate::config::owned_argument(name, kind).is_some(),
+                    "{name} on a {kind:?} work queue"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn queue_arguments_go_on_the_work_queue_alone() {
+        let mut queue = Queue::classic("jobs");
+        queue.arguments = [
+            ("x-max-length".to_string(), ArgValue::Int(2)),
+            (
+                "x-overflow".to_string(),
+                ArgValue::Str("reject-publish".into()),
+            ),
+        ]
+        .into();
+        let topology = Topology::new(&queue, &retry(3));
+        assert_eq!(argument(&topology.work, "x-max-length"), Some(Arg::Int(2)));
+        assert_eq!(
+            argument(&topology.work, "x-overflow"),
+            Some(Arg::Str("reject-publish".into()))
+        );
+        for spec in topology.all().skip(1) {
+            assert_eq!(argument(spec, "x-max-length"), None, "{}", spec.name);
+        }
+    }
+
+    #[test]
+    fn what_is_missing_is_named_with_the_arguments_warren_would_declare() {
+        let mut queue = Queue {
+            kind: QueueType::Quorum,
+            ..Queue::classic("jobs")
+        };
+        queue.declare = false;
+        queue.bindings = vec![crate::config::Binding {
+            exchange: "orders".into(),
+            kind: crate::config::ExchangeType::Topic,
+            durable: true,
+            routing_keys: vec!["a.*".into(), "b.*".into()],
+            arguments: Default::default(),
+        }];
+        let topology = Topology::new(&queue, &retry(2));
+        assert!(
+            topology.bindings.iter().all(|b| b.passive),
+            "looked up, not declared"
+        );
+        let needed = topology.needed();
+        let names: Vec<String> = needed.iter().map(|n| n.lookup().to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "queue \"jobs\"",
+                "queue \"jobs.retry.1s\"",
+                "queue \"jobs.dead\"",
+                "exchange \"orders\""
+            ]
+        );
+        assert_eq!(
+            lacking(&needed[1..]),
+            "queue.declare = false, and the broker lacks: \
+             queue \"jobs.retry.1s\" (a retry queue; durable, x-queue-type = \"quorum\", \
+             x-message-ttl = 1000, x-dead-letter-exchange = \"\", x-dead-letter-routing-key = \"jobs\", \
+             x-dead-letter-strategy = \"at-least-once\", x-overflow = \"reject-publish\"); \
+             queue \"jobs.dead\" (the dead-letter queue; durable, x-queue-type = \"quorum\"); \
+             exchange \"orders\" (of queue.bindings; topic, durable)"
+        );
+        let classic = Topology::new(&Queue::classic("jobs"), &retry(2));
+        assert_eq!(
+            classic.needed()[0].to_string(),
+            "queue \"jobs\" (the work queue; durable)"
+        );
     }
 
     #[test]

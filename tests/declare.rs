@@ -7,7 +7,9 @@ mod util;
 
 use std::time::Duration;
 
-use util::{publish, publish_ok, queue_counts, ready_and_unacked, BrokerLock, ConfigFile, Warren};
+use util::{
+    publish, publish_ok, queue_counts, ready_and_unacked, BrokerLock, ConfigFile, Exchanges, Warren,
+};
 
 #[test]
 fn a_queue_declared_with_other_parameters_stops_warren_with_exit_78() {
@@ -63,19 +65,6 @@ fn a_classic_queue_cannot_become_a_quorum_queue_by_config() {
         1,
         "the message already queued is untouched"
     );
-}
-
-/// Deletes the exchanges named when dropped, as `Queues` does for queues.
-struct Exchanges(Vec<String>);
-
-impl Drop for Exchanges {
-    fn drop(&mut self) {
-        if let Ok(session) = util::try_session() {
-            for exchange in &self.0 {
-                let _ = session.delete_exchange(exchange);
-            }
-        }
-    }
 }
 
 #[test]

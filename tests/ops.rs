@@ -220,6 +220,7 @@ fn check_config_prints_every_key_with_defaults_and_no_password() {
         "durable = true",
         "type = \"classic\"",
         "dead_letter = \"jobs.dead\"",
+        "declare = true",
         "count = 4",
         "prefetch = 1",
         "kind = \"command\"",

@@ -200,7 +200,8 @@ impl Worker {
     }
 
     /// Opens both connections, declares the work queue, its retry queues and its dead-letter
-    /// queue, and binds the work queue to the exchanges of `queue.bindings`.
+    /// queue (or, with `queue.declare = false`, checks that they and the exchanges exist), and
+    /// binds the work queue to the exchanges of `queue.bindings`.
     fn connect(&self) -> Result<Link, Exit> {
         let config = &self.config;
         let name = self.name();
@@ -219,15 +220,32 @@ impl Worker {
                 }
             })
         };
-        let session = open("")?;
+        let mut session = open("")?;
         // Retried and dead-lettered copies go out on a connection of their own, so that a
         // broker alarm that blocks publishing does not also hold up this worker's acks.
         let publishing = open(" publisher")?;
         let topology = Topology::new(&config.queue, &config.retry);
-        topology
-            .all()
-            .try_for_each(|queue| session.declare(queue))
-            .and_then(|()| (topology.bindings.iter()).try_for_each(|binding| session.bind(binding)))
+        if config.queue.declare {
+            topology
+                .all()
+                .try_for_each(|queue| session.declare(queue))
+                .map_err(lost_or_fatal)?;
+        } else {
+            // Everything missing is named at once, so that one round with the operator fixes it.
+            let mut missing = Vec::new();
+            for needed in topology.needed() {
+                if !session.exists(needed.lookup()).map_err(lost_or_fatal)? {
+                    missing.push(needed);
+                }
+            }
+            if !missing.is_empty() {
+                return Err(Exit::Fatal(AmqpError::Missing(retry::lacking(&missing))));
+            }
+        }
+        // With queue.declare = false the bindings' exchanges are only looked up: binding needs
+        // write on the queue and read on the exchange, not configure.
+        (topology.bindings.iter())
+            .try_for_each(|binding| session.bind(binding))
             .map_err(lost_or_fatal)?;
         Ok(Link {
             session,
@@ -238,7 +256,11 @@ impl Worker {
     /// Starts consuming the work queue.
     fn subscribe<'a>(&self, session: &'a Session) -> Result<Subscription<'a>, AmqpError> {
         let config = &self.config;
-        let subscription = session.subscribe(&config.queue.name, config.workers.prefetch)?;
+        let subscription = session.subscribe(
+            &config.queue.name,
+            config.workers.prefetch,
+            config.queue.consumer_priority,
+        )?;
         log::debug!(
             "{} consuming queue {} on {}",
             self.name(),

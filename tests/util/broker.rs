@@ -1,7 +1,7 @@
 //! The system broker, as the tests share it: [`BrokerLock`] (a test's claim on the broker, with
 //! its unique queue names and scratch directory), sessions, queue counts, `rabbitmqctl` and what
-//! it lists, [`Queues`], and the vhosts, users and stopped app of a single test. Nothing here
-//! starts warren or writes its config.
+//! it lists, [`Queues`], [`Exchanges`], and the vhosts, users (with the permissions a test
+//! gives them) and stopped app of a single test. Nothing here starts warren or writes its config.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -405,25 +405,31 @@ impl User {
         );
         let password = format!("pw-{}", fastrand::u64(..));
         rabbitmqctl(&["add_user", &name, &password]);
-        let user = User { name, password };
-        let url = url::Url::parse(&amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
-        let vhost = match percent_encoding::percent_decode_str(url.path().trim_start_matches('/'))
-            .decode_utf8_lossy()
-            .into_owned()
-        {
-            vhost if vhost.is_empty() => "/".to_string(),
-            vhost => vhost,
-        };
+        User { name, password }.with_permissions(".*", ".*", ".*")
+    }
+
+    /// Gives the user only these permissions (regular expressions, `""` for none) in the test
+    /// broker's vhost, as `rabbitmqctl set_permissions` takes them.
+    pub fn with_permissions(self, configure: &str, write: &str, read: &str) -> User {
         rabbitmqctl(&[
             "set_permissions",
             "-p",
-            &vhost,
-            &user.name,
-            ".*",
-            ".*",
-            ".*",
+            &test_vhost(),
+            &self.name,
+            configure,
+            write,
+            read,
         ]);
-        user
+        self
+    }
+
+    /// The URL of the test broker, as this user.
+    pub fn url(&self) -> String {
+        let mut url = url::Url::parse(&amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
+        url.set_username(&self.name).expect("set the user");
+        url.set_password(Some(&self.password))
+            .expect("set the password");
+        url.to_string()
     }
 
     /// The URL of the test broker's port `port` on 127.0.0.1 (a [`Proxy`]'s), as this user.
@@ -454,6 +460,31 @@ impl Drop for User {
         let _ = Command::new("rabbitmqctl")
             .args(["delete_user", &self.name])
             .output();
+    }
+}
+
+/// The vhost of the test broker's URL.
+fn test_vhost() -> String {
+    let url = url::Url::parse(&amqp_url()).expect("WARREN_TEST_AMQP_URL parses");
+    match percent_encoding::percent_decode_str(url.path().trim_start_matches('/'))
+        .decode_utf8_lossy()
+        .into_owned()
+    {
+        vhost if vhost.is_empty() => "/".to_string(),
+        vhost => vhost,
+    }
+}
+
+/// Deletes the exchanges named when dropped, as [`BrokerLock`] does for its queues.
+pub struct Exchanges(pub Vec<String>);
+
+impl Drop for Exchanges {
+    fn drop(&mut self) {
+        if let Ok(session) = try_session() {
+            for exchange in &self.0 {
+                let _ = session.delete_exchange(exchange);
+            }
+        }
     }
 }
 

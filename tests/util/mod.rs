@@ -4,8 +4,8 @@
 //!   tests which stop the broker apart from the others, unique queue names deleted afterwards,
 //!   a scratch directory and the handler scripts written into it); sessions, queue counts (by
 //!   passive declare or `rabbitmqctl list_queues`), `rabbitmqctl` and the connections it lists,
-//!   [`Queues`] (a work queue with its retry and dead-letter queues), and vhosts, users and a
-//!   stopped app of a test's own.
+//!   [`Queues`] (a work queue with its retry and dead-letter queues), [`Exchanges`], and vhosts,
+//!   users (with the permissions a test gives them) and a stopped app of a test's own.
 //! - `config.rs`: [`ConfigFile`], the one way tests write a warren config file.
 //! - `warren.rs`: the `warren` binary as a child process: [`Warren`] (a running `warren run`
 //!   with its log collected line by line), other subcommands, processes going away, and
