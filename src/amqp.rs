@@ -861,6 +861,16 @@ impl Delivery {
         self.0.properties.headers().as_ref()?.get(name).map(header)
     }
 
+    /// The `reply_to` property: where the producer waits for an answer.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.0.properties.reply_to().as_deref()
+    }
+
+    /// The `correlation_id` property.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.0.properties.correlation_id().as_deref()
+    }
+
     /// The exchange and routing key it was published with, this time.
     pub fn route(&self) -> (&str, &str) {
         (&self.0.exchange, &self.0.routing_key)
@@ -1032,8 +1042,10 @@ pub enum PublishEvent {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Confirmed {
     Stored,
-    /// Nacked by the broker, or returned as unroutable.
+    /// Nacked by the broker.
     NotStored(String),
+    /// Returned as unroutable: no queue took it.
+    Returned(String),
     /// No answer within the timeout (time spent blocked by an alarm does not count), or the
     /// caller gave up waiting.
     TimedOut,
@@ -1108,6 +1120,25 @@ impl Publisher<'_> {
         self.wait_for(tag, timeout, give_up)
     }
 
+    /// Publishes `body` as the reply to a request: through the default exchange to `reply_to`
+    /// (a queue, or RabbitMQ's direct reply-to), persistent, with `correlation_id`, and waits
+    /// for the broker's confirm as [`Publisher::republish_and_wait`] does.
+    pub fn reply_and_wait<T>(
+        &mut self,
+        reply_to: &str,
+        correlation_id: Option<&str>,
+        body: &[u8],
+        timeout: Duration,
+        give_up: &Receiver<T>,
+    ) -> Result<Confirmed, AmqpError> {
+        let mut properties = AmqpProperties::default().with_delivery_mode(2);
+        if let Some(id) = correlation_id {
+            properties = properties.with_correlation_id(id.to_string());
+        }
+        let tag = self.send("", reply_to, body, properties)?;
+        self.wait_for(tag, timeout, give_up)
+    }
+
     /// Waits for the confirm of `tag`, the only message outstanding.
     fn wait_for<T>(
         &self,
@@ -1131,7 +1162,7 @@ impl Publisher<'_> {
                     if t == tag || (multiple && t > tag) =>
                 {
                     return Ok(match returned {
-                        Some(reason) => Confirmed::NotStored(reason),
+                        Some(reason) => Confirmed::Returned(reason),
                         None => Confirmed::Stored,
                     })
                 }

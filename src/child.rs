@@ -102,6 +102,8 @@ pub struct LineLog {
     line: Vec<u8>,
     logged: usize,
     limit: usize,
+    /// Instead of logging: the bytes kept (up to `limit`), or how many there were past it.
+    kept: Option<Result<Vec<u8>, usize>>,
 }
 
 impl LineLog {
@@ -111,10 +113,37 @@ impl LineLog {
             line: Vec::new(),
             logged: 0,
             limit: limit.unwrap_or(usize::MAX),
+            kept: None,
         }
     }
 
+    /// Keeps the stream's bytes, up to `limit`, instead of logging them (a command's reply).
+    pub fn keeping(prefix: String, limit: usize) -> LineLog {
+        LineLog {
+            kept: Some(Ok(Vec::new())),
+            ..LineLog::new(prefix, Some(limit))
+        }
+    }
+
+    /// What [`LineLog::keeping`] kept: the bytes, or how many there were when more than its
+    /// limit. `None` for a log.
+    pub fn take_kept(&mut self) -> Option<Result<Vec<u8>, usize>> {
+        self.kept.take()
+    }
+
     pub fn feed(&mut self, mut bytes: &[u8]) {
+        match &mut self.kept {
+            Some(Ok(kept)) if kept.len() + bytes.len() <= self.limit => {
+                return kept.extend_from_slice(bytes)
+            }
+            Some(Ok(kept)) => {
+                let total = kept.len() + bytes.len();
+                self.kept = Some(Err(total));
+                return;
+            }
+            Some(Err(total)) => return *total = total.saturating_add(bytes.len()),
+            None => {}
+        }
         while !bytes.is_empty() {
             let room = MAX_LOG_LINE - self.line.len();
             match bytes[..bytes.len().min(room)]
@@ -267,6 +296,9 @@ fn ready(fd: &PollFd<'_>) -> bool {
 /// How a task's program ended.
 pub struct Run {
     pub status: ExitStatus,
+    /// Its standard output, when [`Limits::keep_stdout`] asked for it: the bytes, or how many
+    /// there were when more than the limit.
+    pub stdout: Option<Result<Vec<u8>, usize>>,
     /// It ran past the timeout and was stopped.
     pub timed_out: bool,
     /// The abort fired and it was killed (it may have exited by itself just before).
@@ -278,6 +310,8 @@ pub struct Limits<'a> {
     pub timeout: Duration,
     pub kill_grace: Duration,
     pub abort: &'a Abort,
+    /// Keep up to this many bytes of standard output, instead of logging it.
+    pub keep_stdout: Option<usize>,
 }
 
 /// Starts `command`, writes `body` to its stdin and closes it, logs its stdout and stderr (each
@@ -292,7 +326,7 @@ pub fn run(
 ) -> Result<Run, RunError> {
     let mut child = command.spawn().map_err(RunError::Start)?;
     let pid = Pid::from_raw(child.id() as i32);
-    let run = Task::new(&mut child, worker)
+    let run = Task::new(&mut child, worker, limits.keep_stdout)
         .and_then(|mut task| task.run(&mut child, body, worker, limits));
     run.map_err(|e| {
         // Nothing may outlive a run that warren gave up on.
@@ -328,10 +362,12 @@ struct Task {
     stderr: Option<(ChildStderr, LineLog)>,
     /// Readable once the program has exited; `None` where the kernel has no pidfds.
     pidfd: Option<OwnedFd>,
+    /// What stdout kept, once it closed, when it keeps rather than logs.
+    kept_stdout: Option<Result<Vec<u8>, usize>>,
 }
 
 impl Task {
-    fn new(child: &mut Child, worker: &str) -> io::Result<Task> {
+    fn new(child: &mut Child, worker: &str, keep_stdout: Option<usize>) -> io::Result<Task> {
         let pid = Pid::from_raw(child.id() as i32);
         let pidfd = rustix::process::Pid::from_raw(pid.as_raw()).and_then(|pid| {
             rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
@@ -354,9 +390,13 @@ impl Task {
         Ok(Task {
             pid,
             stdin,
-            stdout: stdout.map(|p| (p, log("stdout"))),
+            stdout: stdout.map(|p| match keep_stdout {
+                Some(limit) => (p, LineLog::keeping(format!("{worker} stdout:"), limit)),
+                None => (p, log("stdout")),
+            }),
             stderr: stderr.map(|p| (p, log("stderr"))),
             pidfd,
+            kept_stdout: None,
         })
     }
 
@@ -421,6 +461,9 @@ impl Task {
         self.drain_output();
         Ok(Run {
             status,
+            // A descendant may still hold the pipe open: what came until now is the output.
+            stdout: (self.kept_stdout.take())
+                .or_else(|| self.stdout.as_mut().and_then(|(_, log)| log.take_kept())),
             timed_out,
             aborted,
         })
@@ -468,7 +511,9 @@ impl Task {
     /// Logs what the output pipes that are ready hold.
     fn read_output(&mut self, ready: &Ready) {
         if ready.stdout {
-            drain(&mut self.stdout);
+            if let Some(kept) = drain(&mut self.stdout) {
+                self.kept_stdout = Some(kept);
+            }
         }
         if ready.stderr {
             drain(&mut self.stderr);
@@ -529,13 +574,16 @@ impl Task {
 }
 
 /// Reads what an output pipe holds into its log; at end of file (or an error) closes it.
-fn drain<P: Read>(stream: &mut Option<(P, LineLog)>) {
-    if let Some((pipe, log)) = stream {
-        if log.read_from(pipe) {
-            log.finish();
-            *stream = None;
-        }
+/// Reads what `stream` holds; at its end, closes it and returns what it kept, if it keeps.
+fn drain<P: Read>(stream: &mut Option<(P, LineLog)>) -> Option<Result<Vec<u8>, usize>> {
+    let (pipe, log) = stream.as_mut()?;
+    if !log.read_from(pipe) {
+        return None;
     }
+    log.finish();
+    let kept = log.take_kept();
+    *stream = None;
+    kept
 }
 
 #[cfg(test)]

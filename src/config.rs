@@ -466,6 +466,9 @@ pub enum HandlerKind {
     Command {
         #[serde(rename = "command")]
         argv: Vec<String>,
+        /// Its standard output is the answer to a message that has `reply_to`.
+        #[serde(skip_serializing_if = "is_false")]
+        reply: bool,
     },
     /// Run one long-lived program per worker and stream messages to it (see `pipe.rs`).
     Pipe {
@@ -524,7 +527,7 @@ impl HandlerKind {
     pub fn argv(&self) -> Option<&[String]> {
         match self {
             HandlerKind::Dots => None,
-            HandlerKind::Command { argv } | HandlerKind::Pipe { argv, .. } => Some(argv),
+            HandlerKind::Command { argv, .. } | HandlerKind::Pipe { argv, .. } => Some(argv),
         }
     }
 
@@ -1276,10 +1279,21 @@ impl HandlerSection {
                 }
                 match kind {
                     Kind::Pipe => HandlerKind::Pipe { argv, recycle },
-                    _ => HandlerKind::Command { argv },
+                    _ => HandlerKind::Command {
+                        argv,
+                        reply: section.reply,
+                    },
                 }
             }
         };
+        if section.reply && !matches!(kind, HandlerKind::Command { .. }) {
+            return Err(text.key_or(
+                "handler",
+                "reply",
+                span,
+                "only kind = \"command\" takes reply (a pipe program answers with \"TAG reply SIZE\")",
+            ));
+        }
         if !matches!(kind, HandlerKind::Pipe { .. }) {
             if let Some(key) = recycle.first_set() {
                 return Err(text.key_or(
@@ -1438,6 +1452,8 @@ struct HandlerSection {
     timeout: Duration,
     #[serde(default = "default_kill_grace", deserialize_with = "duration")]
     kill_grace: Duration,
+    #[serde(default)]
+    reply: bool,
     #[serde(default, deserialize_with = "some_positive")]
     max_tasks: Option<u64>,
     #[serde(default, deserialize_with = "some_size")]
@@ -1520,6 +1536,9 @@ impl Default for Shutdown {
 
 fn yes() -> bool {
     true
+}
+fn is_false(value: &bool) -> bool {
+    !value
 }
 fn default_count() -> usize {
     4

@@ -29,8 +29,9 @@ pub fn from_config(
                 )
             })
         }
-        config::HandlerKind::Command { argv } => {
-            let command = CommandHandler::new(argv.clone(), queue, timeout, handler.kill_grace);
+        config::HandlerKind::Command { argv, reply } => {
+            let command = CommandHandler::new(argv.clone(), queue, timeout, handler.kill_grace)
+                .replying(*reply);
             Arc::new(move |_| Box::new(command.clone()))
         }
     }

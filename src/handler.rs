@@ -34,6 +34,9 @@ pub struct Task<'a> {
 pub enum Outcome {
     /// The work is done: ack.
     Done,
+    /// The work is done and this is its answer: publish it to the message's `reply_to`, and ack
+    /// once the broker has confirmed it (see `Worker::reply`).
+    Reply(Vec<u8>),
     /// The work failed and may succeed later: retry the message, unless it has had all its
     /// attempts. The text says how the attempt ended ("exit status 3", "timed out after 10m").
     Retry(String),
@@ -66,6 +69,9 @@ pub trait Handler: Send {
 
 /// Makes the handler of worker `n` (1…N). Called again when a worker is restarted.
 pub type HandlerFactory = Arc<dyn Fn(usize) -> Box<dyn Handler> + Send + Sync>;
+
+/// The largest answer a handler may give to a message with `reply_to`, in bytes.
+pub const MAX_REPLY: usize = 16 << 20;
 
 /// The exit status by which a command asks for a retry (sysexits' EX_TEMPFAIL).
 pub const EXIT_RETRY: i32 = 75;
@@ -104,6 +110,8 @@ pub struct CommandHandler {
     queue: String,
     timeout: Duration,
     kill_grace: Duration,
+    /// Its standard output answers a message that has `reply_to` (`handler.reply`).
+    reply: bool,
 }
 
 impl CommandHandler {
@@ -113,7 +121,14 @@ impl CommandHandler {
             queue: queue.to_string(),
             timeout,
             kill_grace,
+            reply: false,
         }
+    }
+
+    /// With `reply`, the program's standard output is the answer to a message that has
+    /// `reply_to`, instead of going to the log.
+    pub fn replying(self, reply: bool) -> Self {
+        CommandHandler { reply, ..self }
     }
 }
 
@@ -132,6 +147,7 @@ impl Handler for CommandHandler {
             timeout: self.timeout,
             kill_grace: self.kill_grace,
             abort,
+            keep_stdout: (self.reply && task.context.reply_to.is_some()).then_some(MAX_REPLY),
         };
         let worker = format!("worker-{}", task.worker);
         let run = match child::run(command, task.body, &worker, &limits) {
@@ -154,7 +170,13 @@ impl Handler for CommandHandler {
                 "timed out after {}",
                 humantime::format_duration(self.timeout)
             )),
-            status if status.success() => Outcome::Done,
+            status if status.success() => match run.stdout {
+                None => Outcome::Done,
+                Some(Ok(answer)) => Outcome::Reply(answer),
+                Some(Err(size)) => Outcome::Retry(format!(
+                    "wrote a reply of {size} bytes, more than the {MAX_REPLY} a reply may have"
+                )),
+            },
             status if status.code() == Some(EXIT_DEAD_LETTER) => Outcome::DeadLetter {
                 status: child::describe(status),
                 reason: None,
@@ -171,6 +193,7 @@ impl Handler for CommandHandler {
 mod tests {
     use super::*;
     use crate::context;
+    use crate::context::Context;
     use std::thread;
 
     fn task(body: &[u8]) -> Task<'_> {
@@ -191,6 +214,7 @@ mod tests {
             queue: "q".into(),
             timeout: Duration::from_secs(60),
             kill_grace: Duration::from_secs(5),
+            reply: false,
         }
     }
 
@@ -235,6 +259,41 @@ mod tests {
         let missing = command(&["/nonexistent/warren-job"]).handle(&task(b""), &never);
         assert!(
             matches!(missing, Outcome::Retry(ref why) if why.starts_with("cannot start /nonexistent/warren-job"))
+        );
+    }
+
+    #[test]
+    fn a_replying_command_answers_with_its_stdout_only_a_message_with_reply_to() {
+        let never = Abort::never();
+        let asking = Context {
+            reply_to: Some("replies"),
+            ..Context::default()
+        };
+        let mut shout = command(&["tr", "a-z", "A-Z"]).replying(true);
+        let ask = Task {
+            context: &asking,
+            ..task(b"hello")
+        };
+        assert_eq!(
+            shout.handle(&ask, &never),
+            Outcome::Reply(b"HELLO".to_vec())
+        );
+        assert_eq!(shout.handle(&task(b"hello"), &never), Outcome::Done);
+        let mut quiet = command(&["tr", "a-z", "A-Z"]);
+        assert_eq!(quiet.handle(&ask, &never), Outcome::Done, "replying is off");
+
+        let mut huge = command(&["head", "-c", "16777217", "/dev/zero"]).replying(true);
+        assert_eq!(
+            huge.handle(&ask, &never),
+            Outcome::Retry(
+                "wrote a reply of 16777217 bytes, more than the 16777216 a reply may have".into()
+            )
+        );
+        let mut failing = command(&["sh", "-c", "echo partial; exit 3"]).replying(true);
+        assert_eq!(
+            failing.handle(&ask, &never),
+            Outcome::Retry("exit status 3".into()),
+            "a failed attempt sends no answer"
         );
     }
 

@@ -160,7 +160,7 @@ impl Checks {
 fn effective(config: &Config, handler: &HandlerConfig) -> String {
     let mut shown = config.clone();
     let mut handler = handler.clone();
-    if let HandlerKind::Command { argv } | HandlerKind::Pipe { argv, .. } = &mut handler.kind {
+    if let HandlerKind::Command { argv, .. } | HandlerKind::Pipe { argv, .. } = &mut handler.kind {
         for arg in argv {
             *arg = mask(config, arg);
         }
@@ -665,7 +665,7 @@ fn move_back(
                 moved.count += 1;
                 moved.ids.insert(id);
             }
-            Confirmed::NotStored(why) => {
+            Confirmed::NotStored(why) | Confirmed::Returned(why) => {
                 message.requeue()?;
                 break Ended::NotStored(format!(
                     "the broker did not store the copy of {shown} in work queue {work}: {why}"

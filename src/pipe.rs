@@ -45,7 +45,7 @@ use crate::abort::Abort;
 use crate::child::{self, set_nonblocking, wait_ready, Waited};
 use crate::config::{size_text, Recycle};
 use crate::context::Context;
-use crate::handler::{Handler, Outcome, Task};
+use crate::handler::{Handler, Outcome, Task, MAX_REPLY};
 use crate::logging::preview;
 use crate::metrics::{Metrics, RecycleReason};
 
@@ -279,6 +279,40 @@ impl Program {
         }
     }
 
+    /// Reads the `size` bytes of a reply, which follow its answer line, waiting for them until
+    /// `deadline`.
+    fn read_exact(
+        &mut self,
+        size: usize,
+        deadline: Instant,
+        abort: &Abort,
+    ) -> Result<Vec<u8>, Answer> {
+        loop {
+            if let Some(body) = self.take_exact(size) {
+                return Ok(body);
+            }
+            if let Some(end) = waited(wait_ready(
+                self.stdout.as_fd(),
+                PollFlags::POLLIN,
+                deadline,
+                abort,
+            )) {
+                return Err(end);
+            }
+            match self.fill() {
+                Ok(0) => return Err(Answer::Closed),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Answer::Failed(e)),
+            }
+        }
+    }
+
+    /// The first `size` bytes read so far, once there are that many.
+    fn take_exact(&mut self, size: usize) -> Option<Vec<u8>> {
+        (self.pending.len() >= size).then(|| self.pending.drain(..size).collect())
+    }
+
     /// The next complete line read so far, without its newline; or everything read so far once
     /// that is longer than an answer can be.
     fn take_line(&mut self) -> Option<Vec<u8>> {
@@ -358,8 +392,16 @@ fn waited(waited: Waited) -> Option<Answer> {
     }
 }
 
+/// What a valid answer line means.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    Settle(Outcome),
+    /// `T reply N`: the work is done, and its answer is the N bytes after the line.
+    Reply(usize),
+}
+
 /// What a program's answer line to the message tagged `tag` means, or why it means nothing.
-fn parse_answer(line: &[u8], tag: u64) -> Result<Outcome, String> {
+fn parse_answer(line: &[u8], tag: u64) -> Result<Verdict, String> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let text = String::from_utf8_lossy(line);
     let (named, rest) = text.split_once(' ').unwrap_or((&*text, ""));
@@ -377,7 +419,7 @@ fn parse_answer(line: &[u8], tag: u64) -> Result<Outcome, String> {
                 preview(line)
             ))
         }
-        "ack" | "retry" | "dead" => {
+        "ack" | "retry" | "dead" | "reply" => {
             return Err(format!(
                 "answered {} without a tag; pipe protocol {PROTOCOL} answers begin with the message's tag, as in \"{tag} {named}\"",
                 preview(line)
@@ -385,23 +427,34 @@ fn parse_answer(line: &[u8], tag: u64) -> Result<Outcome, String> {
         }
         _ => {
             return Err(format!(
-                "answered {}, which is not \"{tag} ack|retry|dead\"",
+                "answered {}, which is not \"{tag} ack|retry|dead|reply SIZE\"",
                 preview(line)
             ))
         }
     }
+    let settle = |outcome| Ok(Verdict::Settle(outcome));
     match verb {
-        "ack" => Ok(Outcome::Done),
-        "retry" => Ok(Outcome::Retry(match reason {
+        "ack" => settle(Outcome::Done),
+        "retry" => settle(Outcome::Retry(match reason {
             Some(reason) => format!("answered retry: {reason}"),
             None => "answered retry".to_string(),
         })),
-        "dead" => Ok(Outcome::DeadLetter {
+        "dead" => settle(Outcome::DeadLetter {
             status: "answered dead".to_string(),
             reason: reason.map(str::to_string),
         }),
+        "reply" => match reason.map(|size| size.parse::<usize>()) {
+            Some(Ok(size)) if size <= MAX_REPLY => Ok(Verdict::Reply(size)),
+            Some(Ok(size)) => Err(format!(
+                "answered a reply of {size} bytes, more than the {MAX_REPLY} a reply may have"
+            )),
+            _ => Err(format!(
+                "answered {}, which is not \"{tag} reply SIZE\"",
+                preview(line)
+            )),
+        },
         _ => Err(format!(
-            "answered {}, which is not \"{tag} ack|retry|dead\"",
+            "answered {}, which is not \"{tag} ack|retry|dead|reply SIZE\"",
             preview(line)
         )),
     }
@@ -636,14 +689,29 @@ impl Handler for PipeHandler {
             }
             Err(outcome) => return outcome,
         };
-        match answer {
+        let answer = match answer {
             Answer::Line(line) => match parse_answer(&line, tag) {
-                Ok(outcome) => {
+                Ok(Verdict::Settle(outcome)) => {
                     self.failures = 0;
-                    outcome
+                    return outcome;
                 }
-                Err(why) => self.fail(why),
+                Ok(Verdict::Reply(size)) => {
+                    let program = self.program.as_mut().expect("invariant: running");
+                    match program.read_exact(size, deadline, abort) {
+                        Ok(body) => {
+                            self.failures = 0;
+                            return Outcome::Reply(body);
+                        }
+                        // How the wait for the rest of the reply ended.
+                        Err(end) => end,
+                    }
+                }
+                Err(why) => return self.fail(why),
             },
+            other => other,
+        };
+        match answer {
+            Answer::Line(_) => self.fail("answered a reply whose body was not read".into()),
             Answer::Closed => self.died(),
             // A broken pipe: it has exited, or closed its stdin.
             Answer::Failed(e) if e.kind() == io::ErrorKind::BrokenPipe => self.died(),
@@ -653,9 +721,15 @@ impl Handler for PipeHandler {
                 let program = self.program.as_mut().expect("invariant: running");
                 program.kill();
                 let _ = program.fill();
-                match program.take_line().map(|line| parse_answer(&line, tag)) {
+                let verdict = program.take_line().map(|line| parse_answer(&line, tag));
+                let finished = match verdict {
+                    Some(Ok(Verdict::Settle(outcome))) => Some(outcome),
+                    Some(Ok(Verdict::Reply(size))) => program.take_exact(size).map(Outcome::Reply),
+                    _ => None,
+                };
+                match finished {
                     // It finished just before the kill landed: its answer stands.
-                    Some(Ok(outcome)) => {
+                    Some(outcome) => {
                         self.program = None;
                         outcome
                     }
@@ -685,27 +759,35 @@ impl Drop for PipeHandler {
 mod tests {
     use super::*;
 
+    /// What `parse_answer` makes of an answer that settles the message at once.
+    fn settled(line: &[u8], tag: u64) -> Result<Outcome, String> {
+        parse_answer(line, tag).map(|verdict| match verdict {
+            Verdict::Settle(outcome) => outcome,
+            Verdict::Reply(size) => panic!("a reply of {size} bytes"),
+        })
+    }
+
     #[test]
     fn answers_are_the_tag_then_ack_retry_or_dead_with_an_optional_reason() {
-        assert_eq!(parse_answer(b"7 ack", 7), Ok(Outcome::Done));
-        assert_eq!(parse_answer(b"7 ack\r", 7), Ok(Outcome::Done));
+        assert_eq!(settled(b"7 ack", 7), Ok(Outcome::Done));
+        assert_eq!(settled(b"7 ack\r", 7), Ok(Outcome::Done));
         assert_eq!(
-            parse_answer(b"7 retry", 7),
+            settled(b"7 retry", 7),
             Ok(Outcome::Retry("answered retry".into()))
         );
         assert_eq!(
-            parse_answer(b"7 retry database is down", 7),
+            settled(b"7 retry database is down", 7),
             Ok(Outcome::Retry("answered retry: database is down".into()))
         );
         assert_eq!(
-            parse_answer(b"7 dead no such invoice", 7),
+            settled(b"7 dead no such invoice", 7),
             Ok(Outcome::DeadLetter {
                 status: "answered dead".into(),
                 reason: Some("no such invoice".into())
             })
         );
         assert_eq!(
-            parse_answer(b"7 dead ", 7),
+            settled(b"7 dead ", 7),
             Ok(Outcome::DeadLetter {
                 status: "answered dead".into(),
                 reason: None
@@ -721,9 +803,28 @@ mod tests {
             b" 7 ack",
             b"x7 ack",
         ] {
-            let why = parse_answer(bad, 7).unwrap_err();
-            assert!(why.contains("which is not \"7 ack|retry|dead\""), "{why}");
+            let why = settled(bad, 7).unwrap_err();
+            assert!(
+                why.contains("which is not \"7 ack|retry|dead|reply SIZE\""),
+                "{why}"
+            );
         }
+    }
+
+    #[test]
+    fn a_reply_answer_gives_the_size_of_the_body_that_follows_it() {
+        assert_eq!(parse_answer(b"7 reply 5", 7), Ok(Verdict::Reply(5)));
+        assert_eq!(parse_answer(b"7 reply 0\r", 7), Ok(Verdict::Reply(0)));
+        for bad in [&b"7 reply"[..], b"7 reply x", b"7 reply -1", b"7 reply 5 6"] {
+            let why = parse_answer(bad, 7).unwrap_err();
+            assert!(why.contains("which is not \"7 reply SIZE\""), "{why}");
+        }
+        let too_big = format!("7 reply {}", MAX_REPLY + 1);
+        let why = parse_answer(too_big.as_bytes(), 7).unwrap_err();
+        assert!(
+            why.contains("more than the 16777216 a reply may have"),
+            "{why}"
+        );
     }
 
     #[test]
@@ -734,7 +835,7 @@ mod tests {
             (b"0 dead", "0"),
             (b"07 ack", "07"),
         ] {
-            let why = parse_answer(line, 7).unwrap_err();
+            let why = settled(line, 7).unwrap_err();
             assert!(
                 why.contains(&format!("for tag {tag} while tag 7 was in flight")),
                 "{why}"
@@ -749,7 +850,7 @@ mod tests {
             (b"retry later", "retry"),
             (b"dead", "dead"),
         ] {
-            let why = parse_answer(line, 7).unwrap_err();
+            let why = settled(line, 7).unwrap_err();
             assert!(why.contains("without a tag"), "{why}");
             assert!(why.contains(&format!("as in \"7 {verb}\"")), "{why}");
         }

@@ -294,7 +294,7 @@ fn an_answer_that_is_not_ack_retry_or_dead_fails_the_attempt_and_restarts_the_pr
         &dead,
         &queues.work,
         "failed all 3 attempts",
-        "the pipe program answered \"3 hello\", which is not \"3 ack|retry|dead\"",
+        "the pipe program answered \"3 hello\", which is not \"3 ack|retry|dead|reply SIZE\"",
         3,
     );
     let mut pids: Vec<String> = seen_of(&broker, "garbage")

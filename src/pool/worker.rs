@@ -381,7 +381,7 @@ impl Worker {
         };
         let took = started.elapsed();
         let verdict = match &outcome {
-            Outcome::Done => Probe::Succeeded,
+            Outcome::Done | Outcome::Reply(_) => Probe::Succeeded,
             Outcome::Retry(status) => {
                 if !probe {
                     let _ = self.events.send(Event::Failed {
@@ -408,6 +408,21 @@ impl Worker {
                         log::debug!(target: logging::TASKS, "{name} done {id} (attempt {attempt}) in {took:.2?}")
                     })
             }
+            Outcome::Reply(answer) => match self.reply(publisher, session, delivery, &answer) {
+                Ok(true) => {
+                    counted = Some(TaskOutcome::Ack);
+                    log::debug!(target: logging::TASKS, "{name} done {id} (attempt {attempt}) in {took:.2?}, answered");
+                    Ok(())
+                }
+                Ok(false) => {
+                    counted = None;
+                    Ok(())
+                }
+                Err(e) => {
+                    counted = None;
+                    Err(e)
+                }
+            },
             Outcome::Retry(status) => {
                 match retry::after_failure(attempt, &config.queue, &config.retry) {
                     Decision::Retry { queue, delay, next } => {
@@ -548,6 +563,55 @@ impl Worker {
             self.abort.receiver(),
         ) {
             Ok(Confirmed::Stored) => return session.ack(delivery),
+            Ok(Confirmed::NotStored(why) | Confirmed::Returned(why)) => why,
+            Ok(Confirmed::TimedOut) => format!("no confirm within {CONFIRM_TIMEOUT:?}"),
+            Err(e) => {
+                let _ = session.requeue(delivery);
+                return Err(e);
+            }
+        };
+        self.requeue_refused(
+            session,
+            delivery,
+            &format!("move {id} to queue {queue}: {problem}"),
+        )
+    }
+
+    /// Publishes a handler's `answer` to the message's `reply_to`, with the message's correlation
+    /// id (its message id if it has none), and acks the message once the broker has confirmed
+    /// the answer. An answer that no queue takes (the requester is gone) is dropped with a
+    /// warning and the message acked all the same: its work is done, and doing it again would
+    /// not bring the requester back. An answer the broker refused, or did not confirm, sends the
+    /// message back to the queue, to be done and answered again. True once the message is acked.
+    fn reply(
+        &self,
+        publisher: &mut Publisher<'_>,
+        session: &Session,
+        delivery: Delivery,
+        answer: &[u8],
+    ) -> Result<bool, AmqpError> {
+        let Some(reply_to) = delivery.reply_to().map(str::to_string) else {
+            return session.ack(delivery).map(|()| true);
+        };
+        let id = delivery.message_id().unwrap_or("-").to_string();
+        let correlation_id = (delivery.correlation_id())
+            .or(delivery.message_id())
+            .map(str::to_string);
+        let problem = match publisher.reply_and_wait(
+            &reply_to,
+            correlation_id.as_deref(),
+            answer,
+            CONFIRM_TIMEOUT,
+            self.abort.receiver(),
+        ) {
+            Ok(Confirmed::Stored) => return session.ack(delivery).map(|()| true),
+            Ok(Confirmed::Returned(why)) => {
+                log::warn!(
+                    "{} dropped the reply to {id}: {why} (nothing waits at reply_to {reply_to:?} any more); the message is done and acked",
+                    self.name()
+                );
+                return session.ack(delivery).map(|()| true);
+            }
             Ok(Confirmed::NotStored(why)) => why,
             Ok(Confirmed::TimedOut) => format!("no confirm within {CONFIRM_TIMEOUT:?}"),
             Err(e) => {
@@ -555,12 +619,25 @@ impl Worker {
                 return Err(e);
             }
         };
+        self.requeue_refused(
+            session,
+            delivery,
+            &format!("reply to {id} at {reply_to:?}: {problem}"),
+        )
+        .map(|()| false)
+    }
+
+    /// The broker did not store what settling `delivery` needed (`what` says which copy and
+    /// why): requeue it after a pause, so that a broker that keeps refusing is not hammered; a
+    /// stop cuts the pause short.
+    fn requeue_refused(
+        &self,
+        session: &Session,
+        delivery: Delivery,
+        what: &str,
+    ) -> Result<(), AmqpError> {
         let pause = REFUSED_PAUSE;
-        log::warn!(
-            "{} could not move {id} to queue {queue}: {problem}; requeued in {pause:.1?}",
-            self.name()
-        );
-        // A pause, so that a broker that keeps refusing is not hammered; a stop cuts it short.
+        log::warn!("{} could not {what}; requeued in {pause:.1?}", self.name());
         let _ = self.stop.recv_timeout(pause);
         session.requeue(delivery)
     }
