@@ -445,26 +445,40 @@ impl Session {
     /// no permission. It goes on a channel of its own, as in [`Session::inspect`]: the broker
     /// closes the channel of a passive declare that names something missing.
     pub fn exists(&mut self, lookup: Lookup<'_>) -> Result<bool, AmqpError> {
+        let found = self.passive(
+            &format!("a passive declare of {lookup}"),
+            |channel| match lookup {
+                Lookup::Queue(name) => channel.queue_declare_passive(name).map(drop),
+                Lookup::Exchange(name) => channel.exchange_declare_passive(name).map(drop),
+            },
+        )?;
+        Ok(found.is_some())
+    }
+
+    /// Runs the passive declare `declare` on a channel of its own, which the broker closes when
+    /// it names something missing (`None` then); the session's own channel, and anything held
+    /// on it, stays open. `what` names the declare in an error.
+    fn passive<T>(
+        &mut self,
+        what: &str,
+        declare: impl FnOnce(&Channel) -> amiquip::Result<T>,
+    ) -> Result<Option<T>, AmqpError> {
         let channel = self
             .connection
             .open_channel(None)
             .map_err(|e| lost(&self.url, e))?;
-        let found = match lookup {
-            Lookup::Queue(name) => channel.queue_declare_passive(name).map(drop),
-            Lookup::Exchange(name) => channel.exchange_declare_passive(name).map(drop),
-        };
-        match found {
-            Ok(()) => {
+        match declare(&channel) {
+            Ok(found) => {
                 channel.close().map_err(|e| lost(&self.url, e))?;
-                Ok(true)
+                Ok(Some(found))
             }
             // The broker has closed the channel already; dropping it only frees its id.
             Err(amiquip::Error::ServerClosedChannel {
                 code: NOT_FOUND,
                 ref message,
                 ..
-            }) if !home_node_down(message) => Ok(false),
-            Err(e) => Err(self.channel_error(e, format!("a passive declare of {lookup}"))),
+            }) if !home_node_down(message) => Ok(None),
+            Err(e) => Err(self.channel_error(e, what.to_string())),
         }
     }
 
@@ -714,15 +728,9 @@ impl Fetched {
 }
 
 fn header(value: &AmqpValue) -> Header {
-    match value {
-        AmqpValue::ShortShortInt(i) => Header::Int((*i).into()),
-        AmqpValue::ShortShortUInt(i) => Header::Int((*i).into()),
-        AmqpValue::ShortInt(i) => Header::Int((*i).into()),
-        AmqpValue::ShortUInt(i) => Header::Int((*i).into()),
-        AmqpValue::LongInt(i) => Header::Int((*i).into()),
-        AmqpValue::LongUInt(i) => Header::Int((*i).into()),
-        AmqpValue::LongLongInt(i) => Header::Int(*i),
-        AmqpValue::LongString(s) => Header::Str(s.clone()),
+    match context_value(value) {
+        Value::Int(i) => Header::Int(i),
+        Value::Str(s) => Header::Str(s.to_string()),
         other => Header::Other(format!("{other:?}")),
     }
 }
@@ -871,19 +879,18 @@ impl Delivery {
         self.0.properties.correlation_id().as_deref()
     }
 
-    /// The exchange and routing key it was published with, this time.
-    pub fn route(&self) -> (&str, &str) {
-        (&self.0.exchange, &self.0.routing_key)
-    }
-
     /// What a handler program sees of the message beside its body. A copy that warren
     /// republished (a retry) shows where the producer published it, from the headers
-    /// [`context::EXCHANGE_HEADER`] and [`context::ROUTING_KEY_HEADER`].
+    /// [`context::EXCHANGE_HEADER`] and [`context::ROUTING_KEY_HEADER`]; they count only on a
+    /// message that came through the default exchange, as warren's copies do, and only as long
+    /// as AMQP allows an exchange name or routing key (255 bytes).
     pub fn context(&self) -> Context<'_> {
         let properties = &self.0.properties;
         let headers = properties.headers().as_ref();
         let kept = |name: &str| match headers.and_then(|h| h.get(name)) {
-            Some(AmqpValue::LongString(s)) => Some(s.as_str()),
+            Some(AmqpValue::LongString(s)) if self.0.exchange.is_empty() && s.len() <= 255 => {
+                Some(s.as_str())
+            }
             _ => None,
         };
         Context {
@@ -1325,29 +1332,16 @@ impl Session {
     /// channel of a passive declare that names a missing queue: the session's own channel, and
     /// anything held on it, stays open.
     pub fn inspect(&mut self, queue: &str) -> Result<Option<QueueState>, AmqpError> {
-        let channel = self
-            .connection
-            .open_channel(None)
-            .map_err(|e| lost(&self.url, e))?;
-        match channel.queue_declare_passive(queue) {
-            Ok(declared) => {
-                let state = QueueState {
+        self.passive(
+            &format!("a passive declare of queue {queue:?}"),
+            |channel| {
+                let declared = channel.queue_declare_passive(queue)?;
+                Ok(QueueState {
                     ready: declared.declared_message_count().unwrap_or(0),
                     consumers: declared.declared_consumer_count().unwrap_or(0),
-                };
-                channel.close().map_err(|e| lost(&self.url, e))?;
-                Ok(Some(state))
-            }
-            // The broker has closed the channel already; dropping it only frees its id.
-            Err(amiquip::Error::ServerClosedChannel {
-                code: NOT_FOUND,
-                ref message,
-                ..
-            }) if !home_node_down(message) => Ok(None),
-            Err(other) => {
-                Err(self.channel_error(other, format!("a passive declare of queue {queue:?}")))
-            }
-        }
+                })
+            },
+        )
     }
 
     /// Takes the next message of `queue` without acking it (`basic.get` with `no_ack = false`),

@@ -33,19 +33,19 @@ pub enum Command {
     /// Publish persistent messages to the queue, with publisher confirms.
     Publish {
         /// The queue to publish to, overriding queue.name.
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", value_parser = short_string)]
         queue: Option<String>,
         /// Publish to this exchange instead of a queue, with --routing-key.
-        #[arg(long, value_name = "NAME", conflicts_with = "queue")]
+        #[arg(long, value_name = "NAME", conflicts_with = "queue", value_parser = short_string)]
         exchange: Option<String>,
         /// The routing key for --exchange [default: empty]
-        #[arg(long, value_name = "KEY", requires = "exchange")]
+        #[arg(long, value_name = "KEY", requires = "exchange", value_parser = short_string)]
         routing_key: Option<String>,
         /// Give every message the header NAME with the string VALUE; repeatable.
         #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
         headers: Vec<(String, String)>,
         /// Give every message this correlation_id.
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", value_parser = short_string)]
         correlation_id: Option<String>,
         /// Publish each line of standard input as one message.
         #[arg(long, conflicts_with = "message")]
@@ -142,13 +142,18 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
 }
 
+/// A queue or exchange name, a routing key, a property: AMQP holds them in at most 255 bytes.
+fn short_string(text: &str) -> Result<String, String> {
+    match text.len() {
+        0..=255 => Ok(text.to_string()),
+        n => Err(format!("{n} bytes, more than the 255 AMQP allows")),
+    }
+}
+
 fn parse_header(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         // An AMQP field name is a short string.
-        Some((name, _)) if name.len() > 255 => Err(format!(
-            "the header name {name:?} is longer than AMQP's 255 bytes"
-        )),
-        Some((name, value)) => Ok((name.to_string(), value.to_string())),
+        Some((name, value)) => Ok((short_string(name)?, value.to_string())),
         None => Err(format!("{text:?} is not NAME=VALUE")),
     }
 }

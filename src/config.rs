@@ -373,9 +373,9 @@ impl Queue {
     }
 }
 
-/// Which setting owns the work queue argument `name`, when warren sets it itself and
-/// `queue.arguments` may not: the reason, for the error. `retry.rs` sets these arguments; its
-/// tests check that every one it sets on a work queue is named here.
+/// Why `queue.arguments` may not set the work queue argument `name`, if it may not: warren sets
+/// it itself (`retry.rs` does; its tests check that every one it sets on a work queue is named
+/// here), or it would lose messages.
 pub fn owned_argument(name: &str, kind: QueueType) -> Option<&'static str> {
     match name {
         "x-queue-type" => Some("queue.type sets it: use queue.type = \"quorum\" or \"classic\""),
@@ -388,6 +388,13 @@ pub fn owned_argument(name: &str, kind: QueueType) -> Option<&'static str> {
         "x-overflow" if kind == QueueType::Quorum => Some(
             "warren sets it to \"reject-publish\" on a quorum queue, which at-least-once dead-lettering needs",
         ),
+        // Not warren's, but they would lose messages, which warren promises never to do.
+        "x-expires" => Some(
+            "RabbitMQ would delete the work queue, and every message in it, once unused that long",
+        ),
+        "x-message-ttl" | "x-max-length" | "x-max-length-bytes" if kind == QueueType::Classic => {
+            Some("a classic queue drops the messages this removes, and the retried copies coming back to it when full, where no dead-letter queue sees them: use queue.type = \"quorum\", which dead-letters them")
+        }
         _ => None,
     }
 }
@@ -2355,7 +2362,7 @@ mod tests {
         assert!(config.queue.declare);
         assert_eq!(config.queue.consumer_priority, None);
         assert!(config.queue.arguments.is_empty());
-        let text = "[queue]\nname = \"q\"\nconsumer_priority = -3\narguments = { \"x-max-length\" = 2, \"x-overflow\" = \"reject-publish\", x-single-active-consumer = true }\n";
+        let text = "[queue]\nname = \"q\"\ntype = \"quorum\"\nconsumer_priority = -3\narguments = { \"x-max-length\" = 2, \"x-queue-leader-locator\" = \"balanced\", x-single-active-consumer = true }\n";
         let config = parse(text).unwrap();
         assert_eq!(config.queue.consumer_priority, Some(-3));
         assert_eq!(
@@ -2363,8 +2370,8 @@ mod tests {
             [
                 ("x-max-length".to_string(), ArgValue::Int(2)),
                 (
-                    "x-overflow".to_string(),
-                    ArgValue::Str("reject-publish".into())
+                    "x-queue-leader-locator".to_string(),
+                    ArgValue::Str("balanced".into())
                 ),
                 ("x-single-active-consumer".to_string(), ArgValue::Bool(true)),
             ]
@@ -2383,16 +2390,25 @@ mod tests {
             ("quorum", "x-dead-letter-routing-key", "queue.dead_letter"),
             ("classic", "x-dead-letter-strategy", "queue.dead_letter"),
             ("quorum", "x-overflow", "at-least-once dead-lettering"),
+            // And those that would lose messages.
+            ("quorum", "x-expires", "delete the work queue"),
+            ("classic", "x-message-ttl", "use queue.type = \"quorum\""),
+            ("classic", "x-max-length", "use queue.type = \"quorum\""),
+            (
+                "classic",
+                "x-max-length-bytes",
+                "use queue.type = \"quorum\"",
+            ),
         ] {
             // Inline, and as a table of its own with a bare key.
             let inline = format!(
-                "[queue]\nname = \"q\"\ntype = \"{kind}\"\narguments = {{ \"x-max-length\" = 5, \"{name}\" = \"1\" }}\n"
+                "[queue]\nname = \"q\"\ntype = \"{kind}\"\narguments = {{ \"x-max-priority\" = 5, \"{name}\" = \"1\" }}\n"
             );
             let err = parse(&inline).unwrap_err();
             let expected = format!("w.toml:4: queue.arguments.\"{name}\": ");
             assert!(err.starts_with(&expected) && err.contains(owner), "{err}");
             let table = format!(
-                "[queue]\nname = \"q\"\ntype = \"{kind}\"\n[queue.arguments]\nx-max-length = 5\n{name} = \"1\"\n"
+                "[queue]\nname = \"q\"\ntype = \"{kind}\"\n[queue.arguments]\nx-max-priority = 5\n{name} = \"1\"\n"
             );
             let err = parse(&table).unwrap_err();
             let expected = format!("w.toml:6: queue.arguments.\"{name}\": ");
@@ -2411,9 +2427,10 @@ mod tests {
                 && err.contains("start with \"x-\""),
             "{err}"
         );
-        let err =
-            parse("[queue]\nname = \"q\"\ndeclare = false\narguments = { \"x-max-length\" = 5 }\n")
-                .unwrap_err();
+        let err = parse(
+            "[queue]\nname = \"q\"\ndeclare = false\narguments = { \"x-max-priority\" = 5 }\n",
+        )
+        .unwrap_err();
         assert!(
             err.starts_with("w.toml:4: queue.arguments: queue.declare = false")
                 && err.contains("policy"),

@@ -235,7 +235,7 @@ impl Context<'_> {
             }
         }
         if !omitted.is_empty() {
-            vars.push((OMITTED.into(), json(&omitted)));
+            vars.push((OMITTED.into(), omitted_list(&omitted)));
         }
         Environment { vars, omitted }
     }
@@ -255,9 +255,24 @@ impl Context<'_> {
     }
 }
 
-/// A property's text as a variable can hold it: a NUL byte ends it.
+/// A property's text as a variable can hold it: a NUL byte ends it. Properties are AMQP short
+/// strings, at most 255 bytes.
 fn clean(value: &str) -> String {
     value.split('\0').next().unwrap_or("").to_string()
+}
+
+/// The JSON array of the `omitted` header names, cut to [`MAX_VALUE`] bytes: names past that are
+/// left out of it, and its last element is then `"..."`.
+fn omitted_list(omitted: &[String]) -> String {
+    let mut list = json(&omitted);
+    let mut kept = omitted.len();
+    while list.len() > MAX_VALUE && kept > 0 {
+        kept = kept * 3 / 4;
+        let mut shorter: Vec<&str> = omitted[..kept].iter().map(String::as_str).collect();
+        shorter.push("...");
+        list = json(&shorter);
+    }
+    list
 }
 
 /// The variable of the header `name`.
@@ -471,6 +486,26 @@ mod tests {
             .map(|(n, v)| n.len() + v.len() + 2)
             .sum();
         assert!(total <= MAX_TOTAL);
+    }
+
+    #[test]
+    fn the_list_of_headers_left_out_is_itself_capped() {
+        // Names that JSON escapes grow six-fold: a broker's frame of them would pass the cap.
+        let names: Vec<String> = (0..20_000).map(|i| format!("\u{1}{i}")).collect();
+        let big = "x".repeat(MAX_VALUE + 1);
+        let env = Context {
+            headers: names
+                .iter()
+                .map(|n| (n.as_str(), Value::Str(&big)))
+                .collect(),
+            ..Context::default()
+        }
+        .environment();
+        let list = var(&env, OMITTED).expect("some were left out");
+        assert!(list.len() <= MAX_VALUE, "{}", list.len());
+        let parsed: Vec<String> = serde_json::from_str(list).expect("a JSON array");
+        assert_eq!(parsed.last().map(String::as_str), Some("..."));
+        assert_eq!(env.omitted.len(), names.len());
     }
 
     #[test]

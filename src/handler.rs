@@ -63,7 +63,8 @@ pub trait Handler: Send {
 
     /// Called after each message is settled (acked, or its copy confirmed, or requeued), before
     /// the next is taken: where a handler may replace what it keeps running without holding up
-    /// a message or its ack (a `pipe` program that reached its limits is recycled here).
+    /// a message or its ack (a `pipe` program that reached its limits is recycled here). Not
+    /// called once warren is stopping.
     fn between(&mut self) {}
 }
 

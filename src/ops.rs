@@ -417,7 +417,7 @@ pub fn list(config: &Config, limit: u32, out: &mut dyn Write) -> Result<u8, Fail
     let dead = &config.queue.dead_letter;
     let (mut session, _) = open_any(config, "dead-letters list")?;
     let Some(state) = session.inspect(dead).map_err(broker)? else {
-        return Ok(missing(dead, "dead-letter"));
+        return Ok(missing(config, dead, "dead-letter"));
     };
     let mut text = String::new();
     let mut held = Vec::new();
@@ -524,10 +524,10 @@ pub fn requeue(
     let (dead, work) = (&topology.dead.name, &topology.work.name);
     let (mut source, node) = open_any(config, "dead-letters requeue")?;
     let Some(state) = source.inspect(dead).map_err(broker)? else {
-        return Ok(missing(dead, "dead-letter"));
+        return Ok(missing(config, dead, "dead-letter"));
     };
     if source.inspect(work).map_err(broker)?.is_none() {
-        return Ok(missing(work, "work"));
+        return Ok(missing(config, work, "work"));
     }
     // The copies go out on a connection of their own: a broker alarm blocks a connection that
     // publishes, and the acks that remove the originals must not wait behind it.
@@ -706,7 +706,7 @@ pub fn purge(config: &Config, yes: bool, out: &mut dyn Write) -> Result<u8, Fail
     }
     let (mut session, _) = open_any(config, "dead-letters purge")?;
     if session.inspect(dead).map_err(broker)?.is_none() {
-        return Ok(missing(dead, "dead-letter"));
+        return Ok(missing(config, dead, "dead-letter"));
     }
     let deleted = session.purge(dead).map_err(broker)?;
     close(session);
@@ -737,8 +737,13 @@ fn broker(e: AmqpError) -> Failure {
 }
 
 /// Logs that `queue` does not exist and returns the exit code for it.
-fn missing(queue: &str, kind: &str) -> u8 {
-    log::error!("{kind} queue {queue} does not exist; warren run declares it when it starts");
+fn missing(config: &Config, queue: &str, kind: &str) -> u8 {
+    let who = if config.queue.declare {
+        "warren run declares it when it starts"
+    } else {
+        "queue.declare = false: the operator must make it (warren check-config --connect says how)"
+    };
+    log::error!("{kind} queue {queue} does not exist; {who}");
     exit::CHECK_FAILED
 }
 
@@ -786,7 +791,7 @@ mod tests {
 
         // The keys of the topology: warren's declare, consumer priority and queue arguments.
         for text in [
-            "[queue]\nname = \"jobs\"\nconsumer_priority = -2\narguments = { \"x-max-length\" = 10, \"x-overflow\" = \"reject-publish\", \"x-single-active-consumer\" = true }\n\
+            "[queue]\nname = \"jobs\"\nconsumer_priority = -2\narguments = { \"x-single-active-consumer\" = true }\n\
              [[queue.bindings]]\nexchange = \"orders\"\ntype = \"topic\"\nrouting_keys = [\"a.*\"]\n[handler]\nkind = \"dots\"\n",
             "[queue]\nname = \"jobs\"\ndeclare = false\nconsumer_priority = 7\n[handler]\nkind = \"dots\"\n",
         ] {

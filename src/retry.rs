@@ -368,20 +368,18 @@ pub fn retry_headers(next: u32, failure: &str) -> Vec<(String, Header)> {
 }
 
 /// The headers that keep, on every copy warren republishes, where the producer published the
-/// message: added to the first copy, kept by the later ones (see [`Delivery::context`]).
+/// message, as [`Delivery::context`] sees it: the route of the first delivery, carried on by the
+/// later copies.
 pub fn origin_headers(delivery: &Delivery) -> Vec<(String, Header)> {
-    if delivery.header(context::EXCHANGE_HEADER).is_some() {
-        return Vec::new();
-    }
-    let (exchange, routing_key) = delivery.route();
+    let context = delivery.context();
     vec![
         (
             context::EXCHANGE_HEADER.into(),
-            Header::Str(exchange.into()),
+            Header::Str(context.exchange.into()),
         ),
         (
             context::ROUTING_KEY_HEADER.into(),
-            Header::Str(routing_key.into()),
+            Header::Str(context.routing_key.into()),
         ),
     ]
 }

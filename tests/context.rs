@@ -258,20 +258,30 @@ fn python_script(dir: &Path, name: &str, code: &str) -> String {
 fn every_header_shape_reaches_a_command_as_documented_and_a_retry_keeps_the_routing() {
     let broker = BrokerLock::shared();
     let queue = broker.queue("context-command");
+    // A routing key other than the queue's name, which is the key of a retried copy's way back.
+    let key = format!("{queue}.created");
     let dir = broker.dir.path();
     let script = python_script(dir, "command.py", COMMAND);
     let out = dir.display().to_string();
     let config = ConfigFile::new(&queue)
         .workers(1)
-        .binding("amq.direct", "direct", &[&queue])
+        .binding("amq.topic", "topic", &[&key])
         .fast_retries()
         .command_argv(&["python3", &script, &out])
         .write_in(dir);
     let warren = Warren::run(&config, &[]);
     warren.wait_consuming(&queue, 1);
     let url = util::amqp_url();
-    publish(&url, "amq.direct", &queue, "shapes", every_shape());
-    publish(&url, "amq.direct", &queue, "retry-me", every_shape());
+    publish(&url, "amq.topic", &key, "shapes", every_shape());
+    // Headers that claim another origin count only on a copy warren made itself.
+    let mut stale = every_shape();
+    for (name, value) in [
+        ("x-warren-exchange", "stale"),
+        ("x-warren-routing-key", "stale"),
+    ] {
+        stale.insert(name.into(), AmqpValue::LongString(value.into()));
+    }
+    publish(&url, "amq.topic", &key, "retry-me", stale);
 
     let env = variables(&written(dir, "shapes"));
     let headers: BTreeMap<String, String> = (env.iter())
@@ -279,7 +289,7 @@ fn every_header_shape_reaches_a_command_as_documented_and_a_retry_keeps_the_rout
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     assert_eq!(headers, every_shape_variables());
-    for (name, value) in property_variables("amq.direct", &queue, "shapes") {
+    for (name, value) in property_variables("amq.topic", &key, "shapes") {
         assert_eq!(env.get(&name), Some(&value), "{name}");
     }
     assert_eq!(
@@ -295,17 +305,17 @@ fn every_header_shape_reaches_a_command_as_documented_and_a_retry_keeps_the_rout
     assert_eq!(env.get("WARREN_HEADERS_OMITTED"), None);
 
     // The retry was republished to a retry queue through the default exchange, and came back
-    // to the work queue from there: the handler still sees where the producer published it.
+    // to the work queue from there with the queue's name as its key: the handler still sees
+    // where the producer published it.
     let retried = variables(&written(dir, "retry-me"));
-    assert_eq!(retried.get("WARREN_ATTEMPT").map(String::as_str), Some("2"));
+    let get = |name: &str| retried.get(name).map(String::as_str);
+    assert_eq!(get("WARREN_ATTEMPT"), Some("2"));
+    assert_eq!(get("WARREN_EXCHANGE"), Some("amq.topic"));
+    assert_eq!(get("WARREN_ROUTING_KEY"), Some(key.as_str()));
+    assert_eq!(get("WARREN_HEADER_X_WARREN_EXCHANGE"), Some("amq.topic"));
     assert_eq!(
-        retried.get("WARREN_EXCHANGE").map(String::as_str),
-        Some("amq.direct")
-    );
-    assert_eq!(retried.get("WARREN_ROUTING_KEY"), Some(&queue));
-    assert_eq!(
-        retried.get("WARREN_HEADER_X_WARREN_ROUTING_KEY"),
-        Some(&queue)
+        get("WARREN_HEADER_X_WARREN_ROUTING_KEY"),
+        Some(key.as_str())
     );
     warren.stop(WAIT);
 }

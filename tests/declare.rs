@@ -207,4 +207,11 @@ fn a_headers_exchange_routes_by_the_headers_warren_publish_sets() {
         "a header without = is a usage error: {log}"
     );
     assert!(log.contains("is not NAME=VALUE"), "{log}");
+    let long = "c".repeat(256);
+    let (status, log) = publish(&config, &["--correlation-id", &long, "x"]);
+    assert_eq!(status.code(), Some(64), "{log}");
+    assert!(
+        log.contains("256 bytes, more than the 255 AMQP allows"),
+        "{log}"
+    );
 }

@@ -13,8 +13,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use util::{
-    publish, publish_ok, rabbitmqctl, ready_and_unacked, session, BrokerLock, ConfigFile,
-    Exchanges, User, Warren,
+    publish, publish_ok, rabbitmqctl, ready_and_unacked, session, wait_until, BrokerLock,
+    ConfigFile, Exchanges, User, Warren,
 };
 use warren::retry::Topology;
 
@@ -217,8 +217,9 @@ fn queue_arguments_are_declared_on_the_work_queue_and_enforced_by_the_broker() {
     let queue = broker.queue("arguments");
     let mut arguments = toml::Table::new();
     arguments.insert("x-max-length".into(), 2_i64.into());
-    arguments.insert("x-overflow".into(), "reject-publish".into());
+    // On a quorum queue: on a classic one, x-max-length would lose messages and is refused.
     let config = ConfigFile::new(&queue)
+        .quorum()
         .set("queue.arguments", arguments)
         .workers(1)
         .dots()
@@ -242,13 +243,22 @@ fn queue_arguments_are_declared_on_the_work_queue_and_enforced_by_the_broker() {
         .unwrap_or_else(|| panic!("no row for {queue}: {listed}"));
     assert!(
         row.contains("{\"x-max-length\",2}") && row.contains("{\"x-overflow\",\"reject-publish\"}"),
-        "{row}"
+        "the argument, and warren's own overflow: {row}"
     );
-    // ...and kept by the broker: a third message is refused, not queued.
-    publish_ok(&config, &["one", "two"]);
-    let (status, log) = publish(&config, &["three"]);
-    assert_eq!(status.code(), Some(75), "the queue is full: {log}");
-    assert_eq!(ready_and_unacked(&queue), (2, 0));
+    // ...and kept by the broker: once it is full, a message is refused, not queued. A quorum
+    // queue counts its length as its leader applies each message, so fill it one at a time.
+    let mut accepted = 0;
+    let refused = loop {
+        let (status, log) = publish(&config, &[&format!("m{accepted}")]);
+        if status.code() == Some(75) {
+            break log;
+        }
+        assert!(status.success(), "{log}");
+        accepted += 1;
+        assert!(accepted <= 3, "x-max-length = 2 let {accepted} in");
+    };
+    assert!(refused.contains("nack"), "{refused}");
+    assert!(accepted >= 2, "only {accepted} accepted");
 }
 
 #[test]
@@ -259,6 +269,7 @@ fn a_work_queue_that_exists_with_other_arguments_stops_warren_with_78_naming_the
         let mut arguments = toml::Table::new();
         arguments.insert("x-max-length".into(), length.into());
         ConfigFile::new(&queue)
+            .quorum()
             .set("queue.arguments", arguments)
             .dots()
             .write_in(broker.dir.path())
@@ -275,11 +286,9 @@ fn a_work_queue_that_exists_with_other_arguments_stops_warren_with_78_naming_the
                 .contains("exists with x-max-length = 2, but the config wants x-max-length = 3"),
         "{errors:#?}"
     );
-    assert_eq!(
-        ready_and_unacked(&queue),
-        (1, 0),
-        "the queued message is untouched"
-    );
+    wait_until(WAIT, "the queued message to be counted, untouched", || {
+        ready_and_unacked(&queue) == (1, 0)
+    });
 }
 
 #[test]
@@ -310,5 +319,44 @@ fn consumer_priority_is_the_x_priority_of_every_worker_consumer() {
     for row in rows {
         assert!(row.contains("{\"x-priority\",5}"), "{row}");
     }
+    running.stop(WAIT);
+}
+
+/// A queue that goes missing while warren runs (an operator recreating it) stops nothing: the
+/// worker that reconnects meanwhile waits for it, as for a broker that is down; only a start
+/// without it is a configuration error.
+#[test]
+fn with_declare_false_a_queue_missing_at_a_reconnect_is_waited_for_not_fatal() {
+    let broker = BrokerLock::shared();
+    let queue = broker.queue("owned-gone");
+    let config = ConfigFile::new(&queue)
+        .set("queue.declare", false)
+        .workers(1)
+        .dots();
+    let topology = make_queues(&config, &[]);
+    let path = config.write_in(broker.dir.path());
+    let running = Warren::run(&path, &[]);
+    running.wait_consuming(&queue, 1);
+
+    let retry = topology.retries[0].name.clone();
+    session()
+        .delete_queue(&retry)
+        .expect("delete a retry queue");
+    for connection in util::connections_of(running.pid()) {
+        rabbitmqctl(&["close_connection", &connection, "warren test"]);
+    }
+    running.wait_for_log(
+        &format!("the broker lacks: queue {retry:?} (a retry queue"),
+        WAIT,
+    );
+    assert!(
+        running.lines_with("ERROR").is_empty() && !util::gone(running.pid().as_raw()),
+        "a reconnect without the queue is not fatal: {:#?}",
+        running.log()
+    );
+    make_queues(&config, &[]);
+    running.wait_consuming(&queue, 1);
+    publish_ok(&path, &["after"]);
+    running.wait_for_log(" done ", WAIT);
     running.stop(WAIT);
 }

@@ -349,6 +349,7 @@ impl Supervisor {
             paused: !self.taking(),
             abort: self.abort_signal.clone(),
             metrics: Arc::clone(&self.metrics),
+            reconnect: self.slots[id - 1].consumed,
         };
         let slot = &mut self.slots[id - 1];
         slot.orders = Some(orders);

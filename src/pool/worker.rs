@@ -14,7 +14,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select_biased, Receiver, Sender};
+use crossbeam_channel::{select_biased, Receiver, Sender, TryRecvError};
 
 use super::breaker::Probe;
 use super::{Event, Exit, Order};
@@ -48,6 +48,9 @@ pub(super) struct Worker {
     pub paused: bool,
     pub abort: Abort,
     pub metrics: Arc<Metrics>,
+    /// This worker's slot has consumed before: a topology found missing now was there before
+    /// (an operator recreating it), so it is waited for rather than fatal.
+    pub reconnect: bool,
 }
 
 /// A worker's two connections: one consumes and settles, one publishes copies.
@@ -239,7 +242,12 @@ impl Worker {
                 }
             }
             if !missing.is_empty() {
-                return Err(Exit::Fatal(AmqpError::Missing(retry::lacking(&missing))));
+                let missing = AmqpError::Missing(retry::lacking(&missing));
+                return Err(if self.reconnect {
+                    Exit::Lost(missing)
+                } else {
+                    Exit::Fatal(missing)
+                });
             }
         }
         // With queue.declare = false the bindings' exchanges are only looked up: binding needs
@@ -484,8 +492,11 @@ impl Worker {
                 if probe {
                     self.report_probe(verdict);
                 }
-                // Only now, with the message settled, may the handler take its time.
-                handler.between();
+                // Only now, with the message settled, may the handler take its time; not when
+                // warren is stopping, which would start a pipe program only to stop it.
+                if matches!(self.stop.try_recv(), Err(TryRecvError::Empty)) {
+                    handler.between();
+                }
                 Ok(Taken::Settled)
             }
             Err(e) => {
