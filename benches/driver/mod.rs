@@ -311,9 +311,6 @@ fn warren_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_warren")))
 }
 
-/// The `--count` given to amqp-consume: the most it takes, and more than a run's messages.
-const AMQP_CONSUME_COUNT: usize = 65_535;
-
 /// Names another `warren` binary to measure instead of this build's.
 pub const BIN_ENV: &str = "WARREN_BENCH_BIN";
 
@@ -544,18 +541,11 @@ impl Run {
                 (command, "warren run")
             }
             Consumer::AmqpConsume { command } => {
-                // amqp-consume 0.11 sends its --prefetch-count only together with a --count
-                // above it (and at most 65535); the count is never reached in a run.
-                if prefill >= AMQP_CONSUME_COUNT {
-                    return Err(failed(format!(
-                        "amqp-consume runs take fewer than {AMQP_CONSUME_COUNT} messages"
-                    )));
-                }
+                // "--": the program's own arguments are not amqp-consume's options.
                 let amqp_consume = || {
                     let mut consume = Command::new("amqp-consume");
                     consume
                         .args(["--url", &amqp_url(), "--queue", &setup.queue])
-                        .args(["--count", &AMQP_CONSUME_COUNT.to_string()])
                         .args(["--prefetch-count", &scenario.prefetch.to_string()])
                         .arg("--")
                         .args(command);
