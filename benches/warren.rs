@@ -476,33 +476,32 @@ const CONSUME_WARREN: &str = "warren `command` `/bin/cat`";
 const CONSUME_AMQP: &str = "amqp-consume `/bin/cat`";
 
 /// warren's `command` handler against amqp-consume, each running `/bin/cat` per message: the
-/// ratio of their medians, and the ratio in each round (the two ran next to each other).
+/// ratio of their medians, and the ratio in each round (the two ran next to each other) with its
+/// median, which a sitting whose load drifts moves less.
 fn consume_table(rows: &[Row]) {
     println!(
         "\nwarren's `command` handler against amqp-consume, both running `/bin/cat` per message \
          (every body passed through and every message acked, checked):\n"
     );
-    println!("| workers | prefetch | warren (median) | amqp-consume (median) | warren / amqp-consume | per round |");
-    println!("|---|---|---|---|---|---|");
+    println!("| workers | prefetch | warren (median) | amqp-consume (median) | warren / amqp-consume | per round | median per round |");
+    println!("|---|---|---|---|---|---|---|");
     let find = |label: &str, pair| rows.iter().find(|r| r.label == label && r.pair() == pair);
     for row in rows.iter().filter(|r| r.label == CONSUME_WARREN) {
         let Some(amqp) = find(CONSUME_AMQP, row.pair()) else {
             continue;
         };
         let (warren, amqp) = (row.rates(), amqp.rates());
-        let rounds: Vec<String> = warren
-            .iter()
-            .zip(&amqp)
-            .map(|(w, a)| format!("{:.2}", w / a))
-            .collect();
+        let rounds: Vec<f64> = warren.iter().zip(&amqp).map(|(w, a)| w / a).collect();
+        let listed: Vec<String> = rounds.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "| {} | {} | {} msg/s | {} msg/s | {:.2} | {} |",
+            "| {} | {} | {} msg/s | {} msg/s | {:.2} | {} | {:.2} |",
             row.workers,
             row.prefetch,
             thousands(median(warren.clone())),
             thousands(median(amqp.clone())),
             median(warren) / median(amqp),
-            rounds.join(", ")
+            listed.join(", "),
+            median(rounds)
         );
     }
 }
