@@ -1,12 +1,13 @@
 //! The full benchmark: `warren run` measured from the outside, as a separate process with its
 //! log in a file, the way it runs in production; and, in the same sitting and the same way, a
 //! baseline that is nothing but an amiquip consume loop, so that every figure can be read as a
-//! ratio to what the client library and the broker allow on this machine. `benches/driver/`
-//! does the measuring; this file picks the scenarios, interleaves their runs round by round,
-//! and prints the report. BENCHMARKS.md says what each figure means and holds the results.
+//! ratio to what the client library and the broker allow on this machine. The `consume` part
+//! also holds the `command` handler against amqp-consume running the same program per message,
+//! the stock tool for the job. `benches/driver/` does the measuring; this file picks the
+//! scenarios, interleaves their runs round by round, and prints the report. BENCHMARKS.md says what each figure means and holds the results.
 //!
 //! Run: `cargo bench --bench warren` (all parts, about five minutes), or some of them with
-//! `cargo bench --bench warren -- --messages 20000 --runs 3 --only drain,command,pipe,publish,memory,idle,tls`.
+//! `cargo bench --bench warren -- --messages 20000 --runs 3 --only drain,command,consume,pipe,publish,memory,idle,tls`.
 //! The report is Markdown on standard output; progress goes to standard error.
 
 mod driver;
@@ -35,6 +36,7 @@ const DOTS: &str = "kind = \"dots\"";
 enum Part {
     Drain,
     Command,
+    Consume,
     Pipe,
     Publish,
     Memory,
@@ -42,9 +44,10 @@ enum Part {
     Tls,
 }
 
-const PARTS: [(&str, Part); 7] = [
+const PARTS: [(&str, Part); 8] = [
     ("drain", Part::Drain),
     ("command", Part::Command),
+    ("consume", Part::Consume),
     ("pipe", Part::Pipe),
     ("publish", Part::Publish),
     ("memory", Part::Memory),
@@ -74,7 +77,10 @@ fn run() -> Result<(), String> {
     let flags = flags()?;
     println!("{}\n", machine()?);
     let wants = |part| flags.only.contains(&part);
-    if wants(Part::Drain) || wants(Part::Command) || wants(Part::Pipe) {
+    if [Part::Drain, Part::Command, Part::Consume, Part::Pipe]
+        .into_iter()
+        .any(wants)
+    {
         drain_table(&flags)?;
     }
     if wants(Part::Publish) {
@@ -93,7 +99,8 @@ fn run() -> Result<(), String> {
 }
 
 fn flags() -> Result<Flags, String> {
-    let usage = "use --messages N, --runs N, --only drain,command,pipe,publish,memory,idle,tls";
+    let usage =
+        "use --messages N, --runs N, --only drain,command,consume,pipe,publish,memory,idle,tls";
     let mut flags = Flags {
         messages: 20_000,
         runs: 3,
@@ -167,14 +174,26 @@ fn machine() -> Result<String, String> {
     ))
 }
 
-/// One line of the drain table: warren with one handler, or the baseline.
+/// What a line of the drain table runs.
+#[derive(Clone, PartialEq)]
+enum Kind {
+    /// The bare amiquip loop.
+    Baseline,
+    /// `warren run` with these `[handler]` keys.
+    Warren(String),
+    /// amqp-consume with this program per message.
+    AmqpConsume(Vec<String>),
+}
+
+/// One line of the drain table: warren with one handler, amqp-consume, or the baseline.
 struct Row {
     /// For queue names and progress lines.
     name: &'static str,
     /// For the table.
     label: String,
-    /// The `[handler]` keys, or `None` for the baseline.
-    handler: Option<String>,
+    kind: Kind,
+    /// Its program copies each body to its stdout: the log must show every body once.
+    echoes: bool,
     workers: usize,
     prefetch: u16,
     messages: usize,
@@ -193,7 +212,8 @@ impl Row {
         Row {
             name,
             label: label.to_string(),
-            handler: Some(handler),
+            kind: Kind::Warren(handler),
+            echoes: false,
             workers,
             prefetch: 1,
             messages,
@@ -202,14 +222,21 @@ impl Row {
         }
     }
 
+    fn is_baseline(&self) -> bool {
+        self.kind == Kind::Baseline
+    }
+
     fn scenario(&self) -> Scenario {
         Scenario {
             name: self.name.to_string(),
-            consumer: match &self.handler {
-                Some(handler) => Consumer::Warren {
+            consumer: match &self.kind {
+                Kind::Warren(handler) => Consumer::Warren {
                     handler: handler.clone(),
                 },
-                None => Consumer::Baseline { args: Vec::new() },
+                Kind::AmqpConsume(command) => Consumer::AmqpConsume {
+                    command: command.clone(),
+                },
+                Kind::Baseline => Consumer::Baseline { args: Vec::new() },
             },
             workers: self.workers,
             prefetch: self.prefetch,
@@ -268,6 +295,33 @@ fn drain_table(flags: &Flags) -> Result<(), String> {
             ..Row::warren("command", "command `/bin/true`", handler, 1, m / 10)
         });
     }
+    if wants(Part::Consume) {
+        // The same program per message under warren and under amqp-consume, which share the
+        // ceiling of one fork and exec per message; /bin/cat also makes both pass each body
+        // through, which the runs check in the log.
+        let cat = || vec!["/bin/cat".to_string()];
+        let handler = "kind = \"command\"\ncommand = [\"/bin/cat\"]".to_string();
+        for (workers, prefetch) in [(1, 1), (1, 10), (4, 1)] {
+            rows.push(Row {
+                prefetch,
+                echoes: true,
+                ..Row::warren(
+                    "consume-warren",
+                    CONSUME_WARREN,
+                    handler.clone(),
+                    workers,
+                    m / 10,
+                )
+            });
+            rows.push(Row {
+                label: CONSUME_AMQP.into(),
+                kind: Kind::AmqpConsume(cat()),
+                prefetch,
+                echoes: true,
+                ..Row::warren("consume-amqp", "", String::new(), workers, m / 10)
+            });
+        }
+    }
     let mut notes = Vec::new();
     if wants(Part::Pipe) {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/pipe_handler.py");
@@ -295,12 +349,13 @@ fn drain_table(flags: &Flags) -> Result<(), String> {
         let (workers, prefetch) = rows[i].pair();
         if !rows
             .iter()
-            .any(|r| r.handler.is_none() && r.pair() == (workers, prefetch))
+            .any(|r| r.is_baseline() && r.pair() == (workers, prefetch))
         {
             rows.push(Row {
                 name: "baseline",
                 label: "baseline (amiquip loop)".into(),
-                handler: None,
+                kind: Kind::Baseline,
+                echoes: false,
                 workers,
                 prefetch,
                 messages: m,
@@ -312,7 +367,13 @@ fn drain_table(flags: &Flags) -> Result<(), String> {
     }
 
     for round in 1..=flags.runs {
-        for &i in &order {
+        // Every other round runs in the opposite order, so that no row always comes first.
+        let this_round: Vec<usize> = if round % 2 == 1 {
+            order.clone()
+        } else {
+            order.iter().rev().copied().collect()
+        };
+        for &i in &this_round {
             let row = &mut rows[i];
             if row.skipped {
                 continue;
@@ -332,6 +393,13 @@ fn drain_table(flags: &Flags) -> Result<(), String> {
                         ms(measured.startup.as_secs_f64()),
                         ms(measured.shutdown.as_secs_f64()),
                     );
+                    if row.echoes && measured.echoed != row.messages {
+                        return Err(format!(
+                            "{} with {} workers, prefetch {}: the log shows {} of the {} bodies \
+                             (not one program run per message?)",
+                            row.name, row.workers, row.prefetch, measured.echoed, row.messages
+                        ));
+                    }
                     row.runs.push(measured);
                 }
                 Err(Error::Misconfigured(why)) if row.name == "pipe" => {
@@ -368,11 +436,11 @@ fn drain_table(flags: &Flags) -> Result<(), String> {
     for pair in pairs {
         let base = rows
             .iter()
-            .find(|r| r.handler.is_none() && r.pair() == pair)
+            .find(|r| r.is_baseline() && r.pair() == pair)
             .expect("invariant: every pair has its baseline row");
         let warren = rows
             .iter()
-            .filter(|r| r.handler.is_some() && r.pair() == pair && !r.skipped);
+            .filter(|r| !r.is_baseline() && r.pair() == pair && !r.skipped);
         for row in std::iter::once(base).chain(warren) {
             let rates = row.rates();
             let (low, high) = min_max(&rates);
@@ -394,11 +462,48 @@ fn drain_table(flags: &Flags) -> Result<(), String> {
             );
         }
     }
+    if wants(Part::Consume) {
+        consume_table(&rows);
+    }
     for note in notes {
         println!("\n{note}");
     }
     println!();
     Ok(())
+}
+
+const CONSUME_WARREN: &str = "warren `command` `/bin/cat`";
+const CONSUME_AMQP: &str = "amqp-consume `/bin/cat`";
+
+/// warren's `command` handler against amqp-consume, each running `/bin/cat` per message: the
+/// ratio of their medians, and the ratio in each round (the two ran next to each other) with its
+/// median, which a sitting whose load drifts moves less.
+fn consume_table(rows: &[Row]) {
+    println!(
+        "\nwarren's `command` handler against amqp-consume, both running `/bin/cat` per message \
+         (every body passed through and every message acked, checked):\n"
+    );
+    println!("| workers | prefetch | warren (median) | amqp-consume (median) | warren / amqp-consume | per round | median per round |");
+    println!("|---|---|---|---|---|---|---|");
+    let find = |label: &str, pair| rows.iter().find(|r| r.label == label && r.pair() == pair);
+    for row in rows.iter().filter(|r| r.label == CONSUME_WARREN) {
+        let Some(amqp) = find(CONSUME_AMQP, row.pair()) else {
+            continue;
+        };
+        let (warren, amqp) = (row.rates(), amqp.rates());
+        let rounds: Vec<f64> = warren.iter().zip(&amqp).map(|(w, a)| w / a).collect();
+        let listed: Vec<String> = rounds.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "| {} | {} | {} msg/s | {} msg/s | {:.2} | {} | {:.2} |",
+            row.workers,
+            row.prefetch,
+            thousands(median(warren.clone())),
+            thousands(median(amqp.clone())),
+            median(warren) / median(amqp),
+            listed.join(", "),
+            median(rounds)
+        );
+    }
 }
 
 /// `warren publish --stdin` with [`PUBLISH_LINES`] lines, `--runs` times.
@@ -512,7 +617,7 @@ fn memory() -> Result<(), String> {
     let measure = |consumer: Consumer, workers: usize, messages: usize| {
         let name = match consumer {
             Consumer::Warren { .. } => "memory",
-            Consumer::Baseline { .. } => "memory-baseline",
+            Consumer::Baseline { .. } | Consumer::AmqpConsume { .. } => "memory-baseline",
         };
         let memory = driver::memory(&Scenario {
             name: name.to_string(),

@@ -5,7 +5,9 @@
 //! A task runs without a thread of its own: the worker writes the body, reads the program's
 //! stdout and stderr, and learns of its exit (through a pidfd) in one `poll` loop that also
 //! watches the abort's pipe and the deadline. Starting and joining threads per task would cost
-//! more than a short program's whole run.
+//! more than a short program's whole run. For the first `QUIET` of a run the loop leaves the
+//! output pipes out and reads them once the program exits: most programs a queue runs are
+//! short, and each wake-up is a trip through the scheduler on the path of every message.
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
@@ -36,6 +38,13 @@ pub const MAX_LOGGED_OUTPUT: usize = 64 * 1024;
 const OUTPUT_DRAIN: Duration = Duration::from_millis(250);
 /// Without a pidfd (Linux before 5.3), how often the loop checks whether the program exited.
 const EXIT_CHECK: Duration = Duration::from_millis(10);
+/// How long after its start a program's output pipes are left out of the `poll`. A program that
+/// exits within it wakes the worker once, for its exit, rather than also for each write and for
+/// each pipe it closes: running `/bin/cat` per message, the worker thread went to sleep 3 times
+/// per message (the spawn, the exit, the next delivery) instead of 5.3 (BENCHMARKS.md). Its
+/// output is read when it exits or once this has passed; a program that fills a pipe (64 KiB)
+/// sooner waits for the rest of it, once.
+const QUIET: Duration = Duration::from_millis(10);
 
 /// The command that starts `argv` for a worker: never through a shell, with the environment
 /// every handler program gets, all three standard streams piped, in a process group of its own.
@@ -407,10 +416,16 @@ impl Task {
         worker: &str,
         limits: &Limits<'_>,
     ) -> io::Result<Run> {
+        let started = Instant::now();
         if body.is_empty() {
             self.stdin = None;
+        } else {
+            // A body that fits the pipe goes in at once, without a `poll` first.
+            body = self.feed(body);
         }
-        let mut deadline = Some(Instant::now() + limits.timeout);
+        let mut deadline = Some(started + limits.timeout);
+        // Only the exit is seen without waking for it: no quiet start without a pidfd.
+        let mut quiet = self.pidfd.is_some().then_some(started + QUIET);
         let mut timed_out = false;
         let mut aborted = false;
         let status = loop {
@@ -419,10 +434,18 @@ impl Task {
                 let check = Instant::now() + EXIT_CHECK;
                 wait = Some(wait.map_or(check, |d| d.min(check)));
             }
+            if let Some(until) = quiet {
+                if Instant::now() >= until {
+                    quiet = None;
+                } else {
+                    wait = Some(wait.map_or(until, |d| d.min(until)));
+                }
+            }
             let timeout = poll_timeout(wait).unwrap_or(PollTimeout::ZERO);
             let ready = self.poll(
                 self.pidfd.as_ref().map(|p| p.as_fd()),
                 (!aborted).then_some(limits.abort),
+                quiet.is_none(),
                 timeout,
             )?;
             if ready.stdin {
@@ -469,11 +492,13 @@ impl Task {
         })
     }
 
-    /// One `poll` over the open pipes, and the pidfd and the abort if given.
+    /// One `poll` over stdin if it is open, the output pipes if `output` and they are open,
+    /// and the pidfd and the abort if given.
     fn poll(
         &self,
         pidfd: Option<BorrowedFd<'_>>,
         abort: Option<&Abort>,
+        output: bool,
         timeout: PollTimeout,
     ) -> io::Result<Ready> {
         let mut fds = Vec::with_capacity(5);
@@ -484,12 +509,18 @@ impl Task {
         );
         let stdout = slot(
             &mut fds,
-            self.stdout.as_ref().map(|(p, _)| p.as_fd()),
+            self.stdout
+                .as_ref()
+                .filter(|_| output)
+                .map(|(p, _)| p.as_fd()),
             PollFlags::POLLIN,
         );
         let stderr = slot(
             &mut fds,
-            self.stderr.as_ref().map(|(p, _)| p.as_fd()),
+            self.stderr
+                .as_ref()
+                .filter(|_| output)
+                .map(|(p, _)| p.as_fd()),
             PollFlags::POLLIN,
         );
         let exited = slot(&mut fds, pidfd, PollFlags::POLLIN);
@@ -555,12 +586,25 @@ impl Task {
     /// passes, so that the task's output comes before its outcome.
     fn drain_output(&mut self) {
         let deadline = Instant::now() + OUTPUT_DRAIN;
-        while self.stdout.is_some() || self.stderr.is_some() {
+        // Usually the program took its ends of the pipes with it: read to their end without a
+        // `poll` first.
+        let mut ready = Ready {
+            stdin: false,
+            stdout: true,
+            stderr: true,
+            exited: false,
+            abort: false,
+        };
+        loop {
+            self.read_output(&ready);
+            if self.stdout.is_none() && self.stderr.is_none() {
+                break;
+            }
             let Some(timeout) = poll_timeout(Some(deadline)) else {
                 break;
             };
-            match self.poll(None, None, timeout) {
-                Ok(ready) => self.read_output(&ready),
+            match self.poll(None, None, true, timeout) {
+                Ok(now) => ready = now,
                 Err(_) => break,
             }
         }
@@ -602,6 +646,31 @@ mod tests {
         assert_eq!(log.line, b"xx", "the rest waits for its end");
         log.finish();
         assert!(log.line.is_empty());
+    }
+
+    #[test]
+    fn a_program_that_fills_its_pipes_before_they_are_watched_still_runs_to_its_end() {
+        let never = Abort::never();
+        let limits = Limits {
+            timeout: Duration::from_secs(30),
+            kill_grace: Duration::from_secs(1),
+            abort: &never,
+        };
+        // Far more than a pipe holds, on both streams, at once.
+        let argv = [
+            "sh",
+            "-c",
+            "head -c 1000000 /dev/zero; head -c 1000000 /dev/zero >&2",
+        ]
+        .map(String::from);
+        let started = Instant::now();
+        let run = run(program(&argv, "q", 1), b"", "worker-1", &limits)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(run.status.success() && !run.timed_out && !run.aborted);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no pipe stayed full"
+        );
     }
 
     #[test]

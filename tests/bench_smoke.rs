@@ -33,6 +33,7 @@ fn the_driver_measures_warren_and_the_baseline_and_deletes_their_queues() {
         let what = match consumer {
             Consumer::Warren { .. } => "warren",
             Consumer::Baseline { .. } => "the baseline",
+            Consumer::AmqpConsume { .. } => "amqp-consume",
         };
         let scenario = Scenario {
             name: "smoke".into(),

@@ -1,6 +1,8 @@
 //! The benchmark driver: measures a consumer process from the outside, as an operator sees it,
-//! against the real broker. The consumer is `warren run` or the baseline, a bare amiquip consume
-//! loop that does nothing but ack, which tells how much of a figure is warren's own cost.
+//! against the real broker. The consumer is `warren run`; the baseline, a bare amiquip consume
+//! loop that does nothing but ack, which tells how much of a figure is warren's own cost; or
+//! `amqp-consume` (rabbitmq-c's amqp-tools), the stock tool that runs a program per message, to
+//! hold the `command` handler against.
 //!
 //! Each run has a fresh durable queue of its own, prefilled with persistent messages through
 //! warren's publish path (publisher confirms, collected asynchronously). The consumer runs as a
@@ -18,8 +20,9 @@
 //! part of the warren crate.
 
 use std::fmt;
-use std::fs::{self, File};
+use std::fs::{self, OpenOptions};
 use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -79,6 +82,11 @@ pub enum Consumer {
     Warren { handler: String },
     /// The baseline: the current executable, run with `args` and [`BASELINE_ENV`].
     Baseline { args: Vec<String> },
+    /// `amqp-consume` running `command` per message: one process (and connection) per worker,
+    /// each with `basic.qos` of the scenario's prefetch; it writes the body to the program's
+    /// stdin, waits for it to exit, and acks if it exited with 0. Its programs' output goes to
+    /// the run's log.
+    AmqpConsume { command: Vec<String> },
 }
 
 /// One configuration to measure.
@@ -103,6 +111,10 @@ pub struct Measurement {
     pub startup: Duration,
     pub drain: Duration,
     pub shutdown: Duration,
+    /// How many bodies (`task N`) the consumer's log shows once it stopped: every one, once,
+    /// when each message's program copies its stdin to its stdout, as `/bin/cat` does (warren
+    /// logs a program's stdout; amqp-consume's programs write to the log directly).
+    pub echoed: usize,
 }
 
 /// `VmRSS` and `VmHWM` of a process, in KiB.
@@ -197,6 +209,7 @@ pub fn measure(scenario: &Scenario) -> Result<Measurement, Error> {
         startup,
         drain,
         shutdown,
+        echoed: run.setup.bodies_in_log()?,
     })
 }
 
@@ -356,9 +369,13 @@ impl Setup {
             .map_err(|e| failed(format!("cannot connect the driver: {e}")))
     }
 
-    /// Starts `command` with its standard output and error in the run's log file.
+    /// Starts `command` with its standard output and error appended to the run's log file.
     fn spawn(&self, mut command: Command, stdin: Stdio) -> Result<Process, Error> {
-        let log = File::create(&self.log_path)
+        // Appended, for several processes of one run write to it.
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
             .map_err(|e| failed(format!("cannot create {}: {e}", self.log_path.display())))?;
         let stdout = log
             .try_clone()
@@ -396,6 +413,17 @@ impl Setup {
             ))
         })?;
         Ok(Process { child, spawned })
+    }
+
+    /// How many message bodies, `task` and a number, the run's log holds.
+    fn bodies_in_log(&self) -> Result<usize, Error> {
+        let log = fs::read(&self.log_path)
+            .map_err(|e| failed(format!("cannot read {}: {e}", self.log_path.display())))?;
+        let body = b"task ";
+        Ok(log
+            .windows(body.len() + 1)
+            .filter(|w| w.starts_with(body) && w[body.len()].is_ascii_digit())
+            .count())
     }
 
     /// `why`, with the last line of the run's log and where the log is; the log is kept.
@@ -481,8 +509,10 @@ impl Drop for Process {
 
 /// One consumer process on a queue of its own, watched on the driver's own connection.
 struct Run {
-    // Drop order is field order: the process goes before its queues are deleted.
+    // Drop order is field order: the processes go before their queues are deleted.
     process: Process,
+    /// amqp-consume's processes past the first, one per worker.
+    more: Vec<Process>,
     session: Session,
     setup: Setup,
     /// The consumer, for messages: "warren run" or "the baseline".
@@ -497,17 +527,34 @@ impl Run {
     fn start(scenario: &Scenario, prefill: usize) -> Result<Run, Error> {
         let handler = match &scenario.consumer {
             Consumer::Warren { handler } => handler.as_str(),
-            // Unused by the baseline, but it makes the config one warren would accept.
-            Consumer::Baseline { .. } => "kind = \"dots\"",
+            // Unused by the others, but it makes the config one warren would accept.
+            Consumer::Baseline { .. } | Consumer::AmqpConsume { .. } => "kind = \"dots\"",
         };
         let setup = Setup::new(&scenario.name, scenario.workers, scenario.prefetch, handler)?;
         fill(&setup.config, prefill)?;
         let session = setup.session()?;
+        let mut more = Vec::new();
         let (command, what) = match &scenario.consumer {
             Consumer::Warren { .. } => {
                 let mut command = Command::new(warren_bin());
                 command.arg("run").arg("--config").arg(&setup.config_path);
                 (command, "warren run")
+            }
+            Consumer::AmqpConsume { command } => {
+                // "--": the program's own arguments are not amqp-consume's options.
+                let amqp_consume = || {
+                    let mut consume = Command::new("amqp-consume");
+                    consume
+                        .args(["--url", &amqp_url(), "--queue", &setup.queue])
+                        .args(["--prefetch-count", &scenario.prefetch.to_string()])
+                        .arg("--")
+                        .args(command);
+                    consume
+                };
+                for _ in 1..scenario.workers {
+                    more.push(setup.spawn(amqp_consume(), Stdio::null())?);
+                }
+                (amqp_consume(), "amqp-consume")
             }
             Consumer::Baseline { args } => {
                 let exe = std::env::current_exe()
@@ -529,6 +576,7 @@ impl Run {
         let process = setup.spawn(command, Stdio::null())?;
         Ok(Run {
             process,
+            more,
             session,
             setup,
             what,
@@ -567,10 +615,16 @@ impl Run {
     }
 
     fn check_running(&mut self, waiting_for: &str) -> Result<(), Error> {
-        let status = match self.process.child.try_wait() {
-            Ok(None) => return Ok(()),
-            Ok(Some(status)) => status,
-            Err(e) => return Err(failed(format!("cannot wait for {}: {e}", self.what))),
+        let mut exited = None;
+        for process in std::iter::once(&mut self.process).chain(&mut self.more) {
+            match process.child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(status)) => exited = Some(status),
+                Err(e) => return Err(failed(format!("cannot wait for {}: {e}", self.what))),
+            }
+        }
+        let Some(status) = exited else {
+            return Ok(());
         };
         let why = self.setup.with_log(format!(
             "{} exited with {status} while the driver waited for {waiting_for}",
@@ -615,26 +669,44 @@ impl Run {
         proc_memory(self.process.pid())
     }
 
-    /// Sends SIGTERM and returns how long the consumer took to exit, which it must with 0.
+    /// Sends SIGTERM and returns how long the consumer took to exit, which it must with 0
+    /// (amqp-consume, which has no handler for it, by the signal).
     fn stop(&mut self) -> Result<Duration, Error> {
-        let pid = i32::try_from(self.process.pid())
-            .map_err(|_| failed(format!("pid {} does not fit a pid_t", self.process.pid())))?;
-        kill(Pid::from_raw(pid), Signal::SIGTERM)
-            .map_err(|e| failed(format!("cannot send SIGTERM to {}: {e}", self.what)))?;
-        let sent = Instant::now();
-        let exited = self.process.wait_exit(SETTLE_TIMEOUT);
-        let took = sent.elapsed();
-        match exited {
-            Ok(status) if status.success() => Ok(took),
-            Ok(status) => Err(failed(
-                self.setup
-                    .with_log(format!("{} exited with {status} after SIGTERM", self.what)),
-            )),
-            Err(why) => Err(failed(
-                self.setup
-                    .with_log(format!("{} after SIGTERM: {why}", self.what)),
-            )),
+        let mut processes: Vec<&mut Process> = std::iter::once(&mut self.process)
+            .chain(&mut self.more)
+            .collect();
+        for process in &processes {
+            let pid = i32::try_from(process.pid())
+                .map_err(|_| failed(format!("pid {} does not fit a pid_t", process.pid())))?;
+            kill(Pid::from_raw(pid), Signal::SIGTERM)
+                .map_err(|e| failed(format!("cannot send SIGTERM to {}: {e}", self.what)))?;
         }
+        let sent = Instant::now();
+        let mut exits = Vec::new();
+        for process in &mut processes {
+            exits.push(process.wait_exit(SETTLE_TIMEOUT));
+        }
+        let took = sent.elapsed();
+        let by_sigterm = self.what == "amqp-consume";
+        for exited in exits {
+            match exited {
+                Ok(status) if status.success() => {}
+                Ok(status) if by_sigterm && status.signal() == Some(Signal::SIGTERM as i32) => {}
+                Ok(status) => {
+                    return Err(failed(self.setup.with_log(format!(
+                        "{} exited with {status} after SIGTERM",
+                        self.what
+                    ))))
+                }
+                Err(why) => {
+                    return Err(failed(
+                        self.setup
+                            .with_log(format!("{} after SIGTERM: {why}", self.what)),
+                    ))
+                }
+            }
+        }
+        Ok(took)
     }
 }
 
