@@ -655,6 +655,7 @@ mod tests {
             timeout: Duration::from_secs(30),
             kill_grace: Duration::from_secs(1),
             abort: &never,
+            keep_stdout: None,
         };
         // Far more than a pipe holds, on both streams, at once.
         let argv = [
