@@ -29,6 +29,16 @@ const RECORD: &str = "#!/bin/sh\n\
     body=$(cat)\n\
     echo \"$body\" >>/var/lib/warren/bodies\n";
 
+/// The broker URL of the config files: a port where nothing listens. The real URL comes from the
+/// credential (or the environment file), which overrides it, so a warren that works shows that
+/// the credential reached it.
+const DECOY_URL: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
+
+/// The text of `config` as the container gets it: with [`DECOY_URL`].
+fn file_text(config: ConfigFile) -> String {
+    config.url(DECOY_URL).text()
+}
+
 /// A container with the package installed.
 fn installed(what: &str) -> Container {
     let container = Container::boot(what);
@@ -36,11 +46,11 @@ fn installed(what: &str) -> Container {
     container
 }
 
-/// Writes `config` as /etc/warren/NAME.toml without its broker URL, and that URL as the systemd
-/// credential /etc/warren/NAME.broker-url (root only), loaded by a drop-in for `unit`, as
-/// docs/deployment.md says to.
+/// Writes `config` as /etc/warren/NAME.toml with [`DECOY_URL`], and the test broker's URL as the
+/// systemd credential /etc/warren/NAME.broker-url (root only), loaded by a drop-in for `unit`,
+/// as docs/deployment.md says to.
 fn configure(container: &Container, unit: &str, name: &str, config: ConfigFile) {
-    let text = config.unset("broker.url").text();
+    let text = file_text(config);
     container.write(&format!("/etc/warren/{name}.toml"), text.as_bytes(), 0o644);
     container.write(
         &format!("/etc/warren/{name}.broker-url"),
@@ -113,6 +123,11 @@ fn start_reaches_active_with_the_workers_in_its_status_and_tasks_flow() {
         "STATUS shows the workers: {status}"
     );
     assert_eq!(queue_counts(&queue).1, 2, "both workers consume");
+    let (_, starting) = container.wait_journal(UNIT, "starting 2 workers", START);
+    assert!(
+        starting.contains(&format!("@{}/", util::broker_address())),
+        "warren took the broker URL from its credential, not the file: {starting}"
+    );
 
     publish_ok(&host_config, &["one", "two", "three"]);
     container.wait_show(UNIT, "StatusText", START, |s| s.contains(" 3 done,"));
@@ -432,11 +447,7 @@ fn an_instance_of_the_template_runs_beside_warren_service() {
         ConfigFile::new(&jobs).workers(1).command(record),
     );
     // The instance takes its broker URL from its environment file instead of a credential.
-    let text = ConfigFile::new(&orders)
-        .workers(2)
-        .command(record)
-        .unset("broker.url")
-        .text();
+    let text = file_text(ConfigFile::new(&orders).workers(2).command(record));
     container.write("/etc/warren/orders.toml", text.as_bytes(), 0o644);
     container.write(
         "/etc/warren/orders.env",
@@ -486,11 +497,7 @@ fn reload_applies_a_new_worker_count_and_refuses_a_bad_file() {
     start(&container, UNIT);
     let pid = container.show(UNIT, "MainPID");
 
-    let text = ConfigFile::new(&queue)
-        .workers(3)
-        .dots()
-        .unset("broker.url")
-        .text();
+    let text = file_text(ConfigFile::new(&queue).workers(3).dots());
     container.write("/etc/warren/warren.toml", text.as_bytes(), 0o644);
     let out = container.systemctl(&["reload", UNIT]);
     assert!(out.status.success(), "{}", container.status(UNIT));

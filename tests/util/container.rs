@@ -150,11 +150,6 @@ impl Container {
         container
     }
 
-    /// The container's name (its hostname, and `$container` for its systemd).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Waits until unshare's child has exec'd systemd, and records who it is.
     fn wait_for_systemd(&mut self) {
         let deadline = Instant::now() + BOOT_WAIT;
