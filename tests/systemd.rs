@@ -41,8 +41,9 @@ fn file_text(config: ConfigFile) -> String {
 
 /// A container with the package installed.
 fn installed(what: &str) -> Container {
+    let package = container::package();
     let container = Container::boot(what);
-    container.install(&container::package());
+    container.install(&package);
     container
 }
 

@@ -195,7 +195,8 @@ impl Container {
         let deadline = Instant::now() + BOOT_WAIT;
         let mut last = String::new();
         while Instant::now() < deadline {
-            let out = self.run(&["systemctl", "is-system-running", "--wait"]);
+            // `--wait` waits for the boot to end, which a stuck boot would never do.
+            let out = self.run(&["timeout", "30", "systemctl", "is-system-running", "--wait"]);
             last = format!("{}{}", stdout(&out), stderr(&out))
                 .trim()
                 .to_string();
