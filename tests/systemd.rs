@@ -237,6 +237,12 @@ fn stop_outlasting_the_grace_kills_the_handler_group_and_requeues() {
             .any(|(priority, line)| *priority == 3 && line.contains("requeued unfinished messages")),
         "warren said what it requeued, as an error: {journal:#?}"
     );
+    assert!(
+        journal
+            .iter()
+            .any(|(priority, line)| *priority == 4 && line.contains("grace of 2s ran out")),
+        "warren warned that the grace ran out, as a warning: {journal:#?}"
+    );
     // Had warren left the handler's processes behind, systemd would have killed them once warren
     // exited, and said so.
     assert!(
