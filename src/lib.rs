@@ -105,6 +105,18 @@ pub fn load_config(path: &Path) -> Result<Config, Failure> {
     Ok(config)
 }
 
+/// The configuration for `warren pause`, `resume` and `reload`, which talk to the daemon's
+/// control socket and never to the broker: the file alone, without the broker URL of
+/// `WARREN_BROKER_URL` or the credential. The units' `ExecReload=` runs `warren reload` where
+/// the credential cannot be read: systemd (252 to 256 at least, systemd/systemd#35227) does not
+/// mount a unit's credentials in the namespace of its `ExecReload=` once the unit is sandboxed,
+/// and reading it would fail the reload. The daemon reads the file, and the credential, itself.
+pub fn load_control_config(path: &Path) -> Result<Config, Failure> {
+    let config = Config::load(path, None)?;
+    logging::set_format(config.log.format);
+    Ok(config)
+}
+
 /// What a signal handler may ask of a running daemon.
 #[derive(Clone)]
 pub struct Handle {

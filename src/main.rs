@@ -64,7 +64,11 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {
-    let config = warren::load_config(&warren::config_path(cli.config))?;
+    let path = warren::config_path(cli.config);
+    let config = match cli.command {
+        Command::Pause | Command::Resume | Command::Reload => warren::load_control_config(&path)?,
+        _ => warren::load_config(&path)?,
+    };
     match cli.command {
         Command::Run { workers, .. } => {
             let code = warren::daemon(config, workers.map(usize::from), |handle| {

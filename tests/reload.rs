@@ -132,3 +132,34 @@ fn a_reload_applies_workers_and_handler_without_dropping_a_task_and_refuses_a_ba
     warren.wait_for_log("worker-3 retired", Duration::from_secs(10));
     warren.stop(Duration::from_secs(10));
 }
+
+#[test]
+fn a_reload_needs_no_broker_url_only_the_file() {
+    // The units' ExecReload= runs where the unit's credential cannot be read
+    // (systemd/systemd#35227): `warren reload` must not read it, nor WARREN_BROKER_URL. Here the
+    // credential is a directory, which no one can read as a file, and the variable is no URL.
+    let broker = BrokerLock::shared();
+    let queue = broker.queue("reload-no-url");
+    let socket = broker.dir.path().join("control.sock");
+    let credentials = broker.dir.path().join("credentials");
+    fs::create_dir_all(credentials.join("broker-url")).unwrap();
+    let config = ConfigFile::new(&queue)
+        .workers(1)
+        .dots()
+        .control(&socket)
+        .write_in(broker.dir.path());
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 1);
+
+    let reloaded = warren_command(&["reload", "--config", config.to_str().unwrap()])
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .output()
+        .expect("run warren reload");
+    assert!(reloaded.status.success(), "{reloaded:?}");
+    let paused = warren_command(&["pause", "--config", config.to_str().unwrap()])
+        .env("WARREN_BROKER_URL", "not a url")
+        .output()
+        .expect("run warren pause");
+    assert!(paused.status.success(), "{paused:?}");
+    warren.stop(Duration::from_secs(10));
+}

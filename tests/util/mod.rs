@@ -20,9 +20,11 @@
 //!   fault and cluster suites.
 //! - `nodes.rs` (`util::nodes`): extra RabbitMQ nodes and clusters of them.
 //! - `certs.rs` (`util::certs`): certificates for TLS tests.
+//! - `container.rs` (`util::container`): a throwaway systemd booted in namespaces of its own,
+//!   with `boot-container.sh`, for the package's units (tests/systemd.rs).
 //!
 //! The first five are re-exported here, so a test names `util::Warren` or `util::publish_ok`;
-//! the last three are used by few suites and keep their module's name.
+//! the last four are used by few suites and keep their module's name.
 //!
 //! Every test talks to the RabbitMQ named by `WARREN_TEST_AMQP_URL` (default: the local guest
 //! account). A test that cannot reach it fails with a message that says so; none skip. Tests
@@ -32,6 +34,7 @@
 mod broker;
 pub mod certs;
 mod config;
+pub mod container;
 mod handlers;
 mod messages;
 pub mod nodes;
