@@ -66,6 +66,18 @@ fn configure(container: &Container, unit: &str, name: &str, config: ConfigFile) 
     container.text(&["systemctl", "daemon-reload"]);
 }
 
+/// A container with the package installed, the executable `scripts` (path, text) written,
+/// `config` as warren.service's configuration (see [`configure`]), and warren.service started.
+fn running(what: &str, scripts: &[(&str, &str)], config: ConfigFile) -> Container {
+    let container = installed(what);
+    for (path, text) in scripts {
+        script(&container, path, text);
+    }
+    configure(&container, UNIT, "warren", config);
+    start(&container, UNIT);
+    container
+}
+
 /// Writes an executable script at `path` in the container.
 fn script(container: &Container, path: &str, text: &str) {
     container.write(path, text.as_bytes(), 0o755);
@@ -155,19 +167,14 @@ const SLOW: &str = "#!/bin/sh\n\
 
 /// A container running warren.service with the SLOW handler, one worker and `grace`.
 fn slow_warren(what: &str, queue: &str, grace: &str) -> Container {
-    let container = installed(what);
-    script(&container, "/usr/local/bin/slow", SLOW);
-    configure(
-        &container,
-        UNIT,
-        "warren",
+    running(
+        what,
+        &[("/usr/local/bin/slow", SLOW)],
         ConfigFile::new(queue)
             .workers(1)
             .command(std::path::Path::new("/usr/local/bin/slow"))
             .set("shutdown.grace", grace),
-    );
-    start(&container, UNIT);
-    container
+    )
 }
 
 /// Waits until the SLOW handler began the task `body`.
@@ -259,17 +266,13 @@ fn a_hung_supervisor_is_killed_by_the_watchdog_and_restarted() {
     let broker = BrokerLock::shared();
     let queue = broker.queue("systemd-watchdog");
     let host_config = ConfigFile::new(&queue).write_in(broker.dir.path());
-    let container = installed("watchdog");
-    script(&container, "/usr/local/bin/record", RECORD);
-    configure(
-        &container,
-        UNIT,
-        "warren",
+    let container = running(
+        "watchdog",
+        &[("/usr/local/bin/record", RECORD)],
         ConfigFile::new(&queue)
             .workers(1)
             .command(std::path::Path::new("/usr/local/bin/record")),
     );
-    start(&container, UNIT);
     let hung = container.show(UNIT, "MainPID");
 
     // Every thread of warren stops, the supervisor's watchdog pings with them.
@@ -334,14 +337,7 @@ fn a_bad_config_fails_with_status_78_and_is_not_restarted() {
 fn the_journal_has_warren_s_lines_at_their_priorities() {
     let broker = BrokerLock::shared();
     let queue = broker.queue("systemd-journal");
-    let container = installed("journal");
-    configure(
-        &container,
-        UNIT,
-        "warren",
-        ConfigFile::new(&queue).workers(1).dots(),
-    );
-    start(&container, UNIT);
+    let container = running("journal", &[], ConfigFile::new(&queue).workers(1).dots());
     // A reload of a file that does not validate is refused with an error, and warren runs on.
     let config = container
         .read("/etc/warren/warren.toml")
@@ -373,17 +369,14 @@ fn the_hardened_unit_runs_the_python_pipe_example() {
     let broker = BrokerLock::shared();
     let queue = broker.queue("systemd-pipe");
     let host_config = ConfigFile::new(&queue).write_in(broker.dir.path());
-    let container = installed("pipe");
-    configure(
-        &container,
-        UNIT,
-        "warren",
+    let container = running(
+        "pipe",
+        &[],
         ConfigFile::new(&queue).workers(2).pipe(&[
             "/usr/bin/python3",
             "/usr/share/doc/warren/examples/pipe_handler.py",
         ]),
     );
-    start(&container, UNIT);
     publish_ok(&host_config, &["one.", "two", "three"]);
     container.wait_show(UNIT, "StatusText", START, |s| s.contains(" 3 done,"));
     assert_eq!(ready_and_unacked(&queue), (0, 0));
@@ -410,17 +403,13 @@ fn the_hardened_unit_runs_a_command_inside_its_sandbox() {
     let broker = BrokerLock::shared();
     let queue = broker.queue("systemd-sandbox");
     let host_config = ConfigFile::new(&queue).write_in(broker.dir.path());
-    let container = installed("sandbox");
-    script(&container, "/usr/local/bin/probe", PROBE);
-    configure(
-        &container,
-        UNIT,
-        "warren",
+    let container = running(
+        "sandbox",
+        &[("/usr/local/bin/probe", PROBE)],
         ConfigFile::new(&queue)
             .workers(1)
             .command(std::path::Path::new("/usr/local/bin/probe")),
     );
-    start(&container, UNIT);
     publish_ok(&host_config, &["probe"]);
     container.wait_show(UNIT, "StatusText", START, |s| s.contains(" 1 done,"));
     let probe = container
@@ -494,14 +483,7 @@ fn an_instance_of_the_template_runs_beside_warren_service() {
 fn reload_applies_a_new_worker_count_and_refuses_a_bad_file() {
     let broker = BrokerLock::shared();
     let queue = broker.queue("systemd-reload");
-    let container = installed("reload");
-    configure(
-        &container,
-        UNIT,
-        "warren",
-        ConfigFile::new(&queue).workers(1).dots(),
-    );
-    start(&container, UNIT);
+    let container = running("reload", &[], ConfigFile::new(&queue).workers(1).dots());
     let pid = container.show(UNIT, "MainPID");
 
     let text = file_text(ConfigFile::new(&queue).workers(3).dots());
@@ -529,14 +511,7 @@ fn reload_applies_a_new_worker_count_and_refuses_a_bad_file() {
 fn pause_and_resume_reach_the_service_through_its_control_socket() {
     let broker = BrokerLock::shared();
     let queue = broker.queue("systemd-pause");
-    let container = installed("pause");
-    configure(
-        &container,
-        UNIT,
-        "warren",
-        ConfigFile::new(&queue).workers(2).dots(),
-    );
-    start(&container, UNIT);
+    let container = running("pause", &[], ConfigFile::new(&queue).workers(2).dots());
 
     container.text(&["warren", "pause", "--config", "/etc/warren/warren.toml"]);
     container.wait_show(UNIT, "StatusText", START, |s| s.starts_with("paused:"));
