@@ -84,20 +84,26 @@ fn replies(queue: &str) -> Vec<(Vec<u8>, Option<String>)> {
     replies
 }
 
+/// `warren run` with one worker and the [`SHOUTER`] pipe program on `queue`, consuming.
+fn shouter(broker: &BrokerLock, queue: &str) -> Warren {
+    let program = broker.dir.path().join("shouter.py");
+    std::fs::write(&program, SHOUTER).expect("write the program");
+    let config = ConfigFile::new(queue)
+        .workers(1)
+        .pipe(&["python3", &program.display().to_string()])
+        .write_in(broker.dir.path());
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(queue, 1);
+    warren
+}
+
 #[test]
 fn a_pipe_programs_reply_goes_to_reply_to_with_the_correlation_id_before_the_ack() {
     let broker = BrokerLock::shared();
     let queue = broker.queue("rpc-pipe");
     let answers = broker.queue("rpc-pipe-replies");
-    let program = broker.dir.path().join("shouter.py");
-    std::fs::write(&program, SHOUTER).expect("write the program");
-    let config = ConfigFile::new(&queue)
-        .workers(1)
-        .pipe(&["python3", &program.display().to_string()])
-        .write_in(broker.dir.path());
     reply_queue(&answers, &[]);
-    let warren = Warren::run(&config, &[]);
-    warren.wait_consuming(&queue, 1);
+    let warren = shouter(&broker, &queue);
 
     request(&queue, b"hello", Some(&answers), Some("c-1"));
     // Without a correlation id, the reply carries the request's message id.
@@ -124,12 +130,6 @@ fn a_reply_the_broker_refuses_sends_the_request_back_and_one_no_queue_takes_is_d
     let broker = BrokerLock::shared();
     let queue = broker.queue("rpc-refused");
     let full = broker.queue("rpc-refused-full");
-    let program = broker.dir.path().join("shouter.py");
-    std::fs::write(&program, SHOUTER).expect("write the program");
-    let config = ConfigFile::new(&queue)
-        .workers(1)
-        .pipe(&["python3", &program.display().to_string()])
-        .write_in(broker.dir.path());
     // A reply queue that takes nothing: every reply is nacked.
     reply_queue(
         &full,
@@ -141,8 +141,7 @@ fn a_reply_the_broker_refuses_sends_the_request_back_and_one_no_queue_takes_is_d
             ),
         ],
     );
-    let warren = Warren::run(&config, &[]);
-    warren.wait_consuming(&queue, 1);
+    let warren = shouter(&broker, &queue);
 
     request(&queue, b"refused", Some(&full), Some("c-2"));
     warren.wait_for_count("could not reply to request-refused", 2, WAIT);
