@@ -270,17 +270,12 @@ fn publish_on(
         } else {
             // What a worker checks, less the retry and dead-letter queues, which publishing
             // never declared.
-            let mut missing = Vec::new();
-            for needed in topology.needed() {
-                let checked = !matches!(needed, Needed::Queue { kind, .. } if kind != "work");
-                if checked && !session.exists(needed.lookup()).map_err(stop)? {
-                    missing.push(needed);
-                }
-            }
-            if !missing.is_empty() {
-                return Err(Stop::Failed(PublishError::Misconfigured(retry::lacking(
-                    &missing,
-                ))));
+            let needed = (topology.needed().into_iter())
+                .filter(|needed| !matches!(needed, Needed::Queue { kind, .. } if *kind != "work"));
+            if let Some(lacking) =
+                retry::lacking(needed, |lookup| session.exists(lookup)).map_err(stop)?
+            {
+                return Err(Stop::Failed(PublishError::Misconfigured(lacking)));
             }
         }
         for binding in &topology.bindings {

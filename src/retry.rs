@@ -242,14 +242,26 @@ impl std::fmt::Display for Needed<'_> {
     }
 }
 
-/// The one line that stops warren when the broker lacks some of what it needs and
-/// `queue.declare = false` forbids declaring it.
-pub fn lacking(missing: &[Needed<'_>]) -> String {
-    let missing: Vec<String> = missing.iter().map(ToString::to_string).collect();
-    format!(
-        "queue.declare = false, and the broker lacks: {}",
-        missing.join("; ")
-    )
+/// The one line that stops warren when the broker lacks some of `needed` and `queue.declare =
+/// false` forbids declaring it, or `None` when it has all of it. `exists` looks each up (a
+/// passive declare); everything missing is named at once, so that one round with the operator
+/// fixes it.
+pub fn lacking<'a, E>(
+    needed: impl IntoIterator<Item = Needed<'a>>,
+    mut exists: impl FnMut(Lookup<'_>) -> Result<bool, E>,
+) -> Result<Option<String>, E> {
+    let mut missing = Vec::new();
+    for needed in needed {
+        if !exists(needed.lookup())? {
+            missing.push(needed.to_string());
+        }
+    }
+    Ok((!missing.is_empty()).then(|| {
+        format!(
+            "queue.declare = false, and the broker lacks: {}",
+            missing.join("; ")
+        )
+    }))
 }
 
 /// A configured argument as the broker gets it.
@@ -565,8 +577,11 @@ mod tests {
                 "exchange \"orders\""
             ]
         );
+        // The broker has the work queue only.
+        let has = |lookup: Lookup<'_>| Ok::<_, ()>(lookup.to_string() == "queue \"jobs\"");
+        assert_eq!(lacking(needed.iter().copied().take(1), has), Ok(None));
         assert_eq!(
-            lacking(&needed[1..]),
+            lacking(needed, has).unwrap().unwrap(),
             "queue.declare = false, and the broker lacks: \
              queue \"jobs.retry.1s\" (a retry queue; durable, x-queue-type = \"quorum\", \
              x-message-ttl = 1000, x-dead-letter-exchange = \"\", x-dead-letter-routing-key = \"jobs\", \

@@ -234,15 +234,10 @@ impl Worker {
                 .try_for_each(|queue| session.declare(queue))
                 .map_err(lost_or_fatal)?;
         } else {
-            // Everything missing is named at once, so that one round with the operator fixes it.
-            let mut missing = Vec::new();
-            for needed in topology.needed() {
-                if !session.exists(needed.lookup()).map_err(lost_or_fatal)? {
-                    missing.push(needed);
-                }
-            }
-            if !missing.is_empty() {
-                let missing = AmqpError::Missing(retry::lacking(&missing));
+            let lacking = retry::lacking(topology.needed(), |lookup| session.exists(lookup))
+                .map_err(lost_or_fatal)?;
+            if let Some(lacking) = lacking {
+                let missing = AmqpError::Missing(lacking);
                 return Err(if self.reconnect {
                     Exit::Lost(missing)
                 } else {
