@@ -258,25 +258,8 @@ impl Program {
 
     /// Reads the next answer line, waiting for it until `deadline`.
     fn read_line(&mut self, deadline: Instant, abort: &Abort) -> Answer {
-        loop {
-            if let Some(line) = self.take_line() {
-                return Answer::Line(line);
-            }
-            if let Some(end) = waited(wait_ready(
-                self.stdout.as_fd(),
-                PollFlags::POLLIN,
-                deadline,
-                abort,
-            )) {
-                return end;
-            }
-            match self.fill() {
-                Ok(0) => return Answer::Closed,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Answer::Failed(e),
-            }
-        }
+        self.read_until(deadline, abort, Program::take_line)
+            .map_or_else(|end| end, Answer::Line)
     }
 
     /// Reads the `size` bytes of a reply, which follow its answer line, waiting for them until
@@ -287,9 +270,20 @@ impl Program {
         deadline: Instant,
         abort: &Abort,
     ) -> Result<Vec<u8>, Answer> {
+        self.read_until(deadline, abort, |program| program.take_exact(size))
+    }
+
+    /// Reads stdout until `take` finds what it wants in what was read, waiting until
+    /// `deadline`; or says how the wait ended.
+    fn read_until<T>(
+        &mut self,
+        deadline: Instant,
+        abort: &Abort,
+        mut take: impl FnMut(&mut Program) -> Option<T>,
+    ) -> Result<T, Answer> {
         loop {
-            if let Some(body) = self.take_exact(size) {
-                return Ok(body);
+            if let Some(found) = take(self) {
+                return Ok(found);
             }
             if let Some(end) = waited(wait_ready(
                 self.stdout.as_fd(),
