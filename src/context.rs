@@ -15,6 +15,7 @@
 //! the headers left out are in `WARREN_HEADERS_OMITTED`. The JSON header line has no such cap.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 
 use base64::Engine;
 use serde::ser::{SerializeMap, SerializeSeq};
@@ -220,14 +221,15 @@ impl Context<'_> {
         }
         let mut omitted = Vec::new();
         let mut total = 0;
-        let first_header = vars.len();
+        // The header variables set so far: a message may carry thousands of headers.
+        let mut taken = HashSet::new();
         for (name, value) in &self.headers {
             let var = variable(name);
             let fits = value.text().filter(|text| {
                 text.len() <= MAX_VALUE && total + var.len() + text.len() + 2 <= MAX_TOTAL
             });
             match fits {
-                Some(text) if !vars[first_header..].iter().any(|(v, _)| *v == var) => {
+                Some(text) if taken.insert(var.clone()) => {
                     total += var.len() + text.len() + 2;
                     vars.push((var, text.into_owned()));
                 }
