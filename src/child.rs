@@ -9,20 +9,22 @@
 //! output pipes out and reads them once the program exits: most programs a queue runs are
 //! short, and each wake-up is a trip through the scheduler on the path of every message.
 
-use std::ffi::OsString;
+use std::ffi::{CStr, CString, OsString};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use nix::spawn::{posix_spawnp, PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags};
+use nix::sys::signal::{killpg, SigSet, Signal};
+use nix::unistd::{pipe2, Pid};
+use rustix::process::WaitOptions;
 
 use crate::abort::Abort;
 use crate::config;
@@ -48,47 +50,155 @@ const QUIET: Duration = Duration::from_millis(10);
 
 /// The command that starts `argv` for a worker: never through a shell, with the environment
 /// every handler program gets, all three standard streams piped, in a process group of its own.
+/// A `pipe` program starts this way; a `command` one, once per message, through [`Program`].
 pub fn program(argv: &[String], queue: &str, worker: usize) -> Command {
     let mut command = Command::new(&argv[0]);
     command
         .args(&argv[1..])
-        .env("WARREN_QUEUE", queue)
-        .env("WARREN_WORKER", worker.to_string())
-        // It may hold the broker password; tasks have no business with it.
-        .env_remove(config::BROKER_URL_ENV)
-        // systemd's notify socket and watchdog are warren's, not its tasks'.
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
+        .env_clear()
+        .envs(environment(queue, worker))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own process group: a Ctrl+C at the terminal does not reach the task, which
         // should finish within the grace, and a kill reaches all of its descendants.
         .process_group(0);
-    // A message's variables are the message's: none comes from warren's own environment.
-    for name in inherited_message_vars() {
-        command.env_remove(name);
-    }
     command
 }
 
-/// The variables of warren's environment that a program could take for a message's: any
-/// `WARREN_HEADER_*`, the headers left out, the trace context.
-fn inherited_message_vars() -> &'static [OsString] {
-    static INHERITED: OnceLock<Vec<OsString>> = OnceLock::new();
-    INHERITED.get_or_init(|| {
-        std::env::vars_os()
-            .map(|(name, _)| name)
-            .filter(|name| {
-                let name = name.as_encoded_bytes();
-                name.starts_with(context::HEADER_PREFIX.as_bytes())
-                    || [context::OMITTED, context::TRACEPARENT, context::TRACESTATE]
-                        .iter()
-                        .any(|var| name == var.as_bytes())
-            })
-            .collect()
-    })
+/// The environment every handler program of `worker` starts with: warren's own, without what
+/// is warren's alone or could pass for a message's, and with the queue and the worker's number.
+fn environment(queue: &str, worker: usize) -> Vec<(OsString, OsString)> {
+    let mut vars: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(name, _)| {
+            let name = name.as_encoded_bytes();
+            // A message's variables are the message's: none comes from warren's own
+            // environment.
+            !(name.starts_with(context::HEADER_PREFIX.as_bytes())
+                || [
+                    // It may hold the broker password; tasks have no business with it.
+                    config::BROKER_URL_ENV,
+                    // systemd's notify socket and watchdog are warren's, not its tasks'.
+                    "NOTIFY_SOCKET",
+                    "WATCHDOG_USEC",
+                    "WATCHDOG_PID",
+                    context::OMITTED,
+                    context::TRACEPARENT,
+                    context::TRACESTATE,
+                    "WARREN_QUEUE",
+                    "WARREN_WORKER",
+                ]
+                .iter()
+                .any(|var| name == var.as_bytes()))
+        })
+        .collect();
+    vars.push(("WARREN_QUEUE".into(), queue.into()));
+    vars.push(("WARREN_WORKER".into(), worker.to_string().into()));
+    vars
+}
+
+/// How a worker starts a `command` program for each message, made once: its arguments and the
+/// environment it inherits as C strings, so that a start copies only the message's variables.
+/// The start is a `posix_spawn` that std's `Command` also makes, without `Command`'s copy of
+/// the whole environment into a map and back on every start.
+#[derive(Clone)]
+pub struct Program {
+    argv: Vec<CString>,
+    /// The inherited variables no message can set.
+    environment: Vec<CString>,
+    /// The inherited variables named `WARREN_*`, which a message's variable of the same name
+    /// replaces.
+    overridable: Vec<(Vec<u8>, CString)>,
+}
+
+impl Program {
+    /// The program `argv` (no argument holds a NUL byte: the configuration refuses one) for
+    /// `worker` of `queue`.
+    pub fn new(argv: &[String], queue: &str, worker: usize) -> Program {
+        let c = |text: Vec<u8>| CString::new(text).expect("invariant: no NUL byte");
+        let mut program = Program {
+            argv: argv.iter().map(|arg| c(arg.clone().into_bytes())).collect(),
+            environment: Vec::new(),
+            overridable: Vec::new(),
+        };
+        for (name, value) in environment(queue, worker) {
+            let name = name.into_encoded_bytes();
+            let var = c([&name[..], b"=", value.as_encoded_bytes()].concat());
+            if name.starts_with(b"WARREN_") {
+                program.overridable.push((name, var));
+            } else {
+                program.environment.push(var);
+            }
+        }
+        program
+    }
+
+    /// The program's name, for messages.
+    pub fn name(&self) -> std::borrow::Cow<'_, str> {
+        self.argv[0].to_string_lossy()
+    }
+
+    /// Starts the program with the message's `vars` on top of its environment, its three
+    /// standard streams piped (warren's ends non-blocking) and in a process group of its own.
+    fn spawn(&self, vars: &[(String, String)]) -> io::Result<Spawned> {
+        let message = vars
+            .iter()
+            .map(|(name, value)| CString::new(format!("{name}={value}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let inherited = self.overridable.iter().filter_map(|(name, var)| {
+            let replaced = vars
+                .iter()
+                .any(|(set, _)| set.as_bytes() == name.as_slice());
+            (!replaced).then_some(var)
+        });
+        let envp: Vec<&CStr> = self
+            .environment
+            .iter()
+            .chain(inherited)
+            .chain(&message)
+            .map(CString::as_c_str)
+            .collect();
+        // Every end is close-on-exec; the three the program gets are duplicated onto 0, 1 and
+        // 2, which clears it. Each end is an open file of its own: warren's are made
+        // non-blocking, the program's stay blocking.
+        let (stdin, stdin_writer) = pipe2(OFlag::O_CLOEXEC)?;
+        let (stdout_reader, stdout) = pipe2(OFlag::O_CLOEXEC)?;
+        let (stderr_reader, stderr) = pipe2(OFlag::O_CLOEXEC)?;
+        for end in [&stdin_writer, &stdout_reader, &stderr_reader] {
+            fcntl(end, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+        }
+        let mut actions = PosixSpawnFileActions::init()?;
+        actions.add_dup2(stdin.as_raw_fd(), 0)?;
+        actions.add_dup2(stdout.as_raw_fd(), 1)?;
+        actions.add_dup2(stderr.as_raw_fd(), 2)?;
+        let mut attributes = PosixSpawnAttr::init()?;
+        attributes.set_flags(
+            PosixSpawnFlags::POSIX_SPAWN_SETPGROUP
+                | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+                | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+        )?;
+        // Its own process group: a Ctrl+C at the terminal does not reach the task, which
+        // should finish within the grace, and a kill reaches all of its descendants.
+        attributes.set_pgroup(Pid::from_raw(0))?;
+        // No signal blocked, and SIGPIPE's default action, which Rust's runtime ignores.
+        attributes.set_sigmask(&SigSet::empty())?;
+        attributes.set_sigdefault(&SigSet::from(Signal::SIGPIPE))?;
+        let pid = posix_spawnp(&self.argv[0], &actions, &attributes, &self.argv, &envp)?;
+        Ok(Spawned {
+            pid,
+            stdin: File::from(stdin_writer),
+            stdout: File::from(stdout_reader),
+            stderr: File::from(stderr_reader),
+        })
+    }
+}
+
+/// A program [`Program::spawn`] started: its pid and warren's ends of its pipes.
+struct Spawned {
+    pid: Pid,
+    stdin: File,
+    stdout: File,
+    stderr: File,
 }
 
 /// How a program ended, for the log and the dead-letter headers.
@@ -328,19 +438,18 @@ pub struct Limits<'a> {
 /// timeout its process group gets SIGTERM, and SIGKILL after the kill grace; when the abort
 /// fires it gets SIGKILL at once.
 pub fn run(
-    mut command: Command,
+    program: &Program,
+    vars: &[(String, String)],
     body: &[u8],
     worker: &str,
     limits: &Limits<'_>,
 ) -> Result<Run, RunError> {
-    let mut child = command.spawn().map_err(RunError::Start)?;
-    let pid = Pid::from_raw(child.id() as i32);
-    let run = Task::new(&mut child, worker, limits.keep_stdout)
-        .and_then(|mut task| task.run(&mut child, body, worker, limits));
-    run.map_err(|e| {
+    let spawned = program.spawn(vars).map_err(RunError::Start)?;
+    let mut task = Task::new(spawned, worker, limits.keep_stdout);
+    task.run(body, worker, limits).map_err(|e| {
         // Nothing may outlive a run that warren gave up on.
-        let _ = killpg(pid, Signal::SIGKILL);
-        let _ = child.wait();
+        let _ = killpg(task.pid, Signal::SIGKILL);
+        let _ = task.wait(WaitOptions::empty());
         RunError::Wait(e)
     })
 }
@@ -366,9 +475,9 @@ struct Ready {
 /// The pipes of a running task.
 struct Task {
     pid: Pid,
-    stdin: Option<ChildStdin>,
-    stdout: Option<(ChildStdout, LineLog)>,
-    stderr: Option<(ChildStderr, LineLog)>,
+    stdin: Option<File>,
+    stdout: Option<(File, LineLog)>,
+    stderr: Option<(File, LineLog)>,
     /// Readable once the program has exited; `None` where the kernel has no pidfds.
     pidfd: Option<OwnedFd>,
     /// What stdout kept, once it closed, when it keeps rather than logs.
@@ -376,46 +485,47 @@ struct Task {
 }
 
 impl Task {
-    fn new(child: &mut Child, worker: &str, keep_stdout: Option<usize>) -> io::Result<Task> {
-        let pid = Pid::from_raw(child.id() as i32);
+    fn new(spawned: Spawned, worker: &str, keep_stdout: Option<usize>) -> Task {
+        let Spawned {
+            pid,
+            stdin,
+            stdout,
+            stderr,
+        } = spawned;
         let pidfd = rustix::process::Pid::from_raw(pid.as_raw()).and_then(|pid| {
             rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
         });
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        for fd in [
-            stdin.as_ref().map(|p| p.as_fd()),
-            stdout.as_ref().map(|p| p.as_fd()),
-            stderr.as_ref().map(|p| p.as_fd()),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            set_nonblocking(fd)?;
-        }
         let log =
             |stream: &str| LineLog::new(format!("{worker} {stream}:"), Some(MAX_LOGGED_OUTPUT));
-        Ok(Task {
+        Task {
             pid,
-            stdin,
-            stdout: stdout.map(|p| match keep_stdout {
-                Some(limit) => (p, LineLog::keeping(format!("{worker} stdout:"), limit)),
-                None => (p, log("stdout")),
+            stdin: Some(stdin),
+            stdout: Some(match keep_stdout {
+                Some(limit) => (stdout, LineLog::keeping(format!("{worker} stdout:"), limit)),
+                None => (stdout, log("stdout")),
             }),
-            stderr: stderr.map(|p| (p, log("stderr"))),
+            stderr: Some((stderr, log("stderr"))),
             pidfd,
             kept_stdout: None,
-        })
+        }
     }
 
-    fn run(
-        &mut self,
-        child: &mut Child,
-        mut body: &[u8],
-        worker: &str,
-        limits: &Limits<'_>,
-    ) -> io::Result<Run> {
+    /// The program's exit status once it has exited: `NOHANG` returns `None` while it runs.
+    fn wait(&self, options: WaitOptions) -> io::Result<Option<ExitStatus>> {
+        use std::os::unix::process::ExitStatusExt;
+        let pid = rustix::process::Pid::from_raw(self.pid.as_raw());
+        loop {
+            match rustix::process::waitpid(pid, options) {
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+                Ok(waited) => {
+                    return Ok(waited.map(|(_, status)| ExitStatus::from_raw(status.as_raw())))
+                }
+            }
+        }
+    }
+
+    fn run(&mut self, mut body: &[u8], worker: &str, limits: &Limits<'_>) -> io::Result<Run> {
         let started = Instant::now();
         if body.is_empty() {
             self.stdin = None;
@@ -459,7 +569,7 @@ impl Task {
             }
             // Without a pidfd, every round checks for the exit.
             if ready.exited || self.pidfd.is_none() {
-                if let Some(status) = child.try_wait()? {
+                if let Some(status) = self.wait(WaitOptions::NOHANG)? {
                     break status;
                 }
             }
@@ -665,13 +775,97 @@ mod tests {
         ]
         .map(String::from);
         let started = Instant::now();
-        let run = run(program(&argv, "q", 1), b"", "worker-1", &limits)
+        let run = run(&Program::new(&argv, "q", 1), &[], b"", "worker-1", &limits)
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert!(run.status.success() && !run.timed_out && !run.aborted);
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "no pipe stayed full"
         );
+    }
+
+    /// What `argv` writes to stdout, run as `worker` 7's program for a message with `vars`,
+    /// after warren's own environment got `inherited`.
+    fn output(argv: &[&str], inherited: &[&str], vars: &[(String, String)]) -> String {
+        let never = Abort::never();
+        let limits = Limits {
+            timeout: Duration::from_secs(30),
+            kill_grace: Duration::from_secs(1),
+            abort: &never,
+            keep_stdout: Some(1 << 20),
+        };
+        let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+        let mut program = Program::new(&argv, "q", 7);
+        for var in inherited {
+            let name = var.split('=').next().unwrap().as_bytes().to_vec();
+            (program.overridable).push((name, CString::new(*var).unwrap()));
+        }
+        // Blocked here, as warren blocks the signals its signal thread waits for.
+        let blocked = SigSet::from(Signal::SIGUSR1);
+        blocked.thread_block().unwrap();
+        let run = run(&program, vars, b"", "worker-7", &limits);
+        blocked.thread_unblock().unwrap();
+        let run = run.unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(run.status.success());
+        String::from_utf8(run.stdout.unwrap().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_message_variable_replaces_an_inherited_one_of_the_same_name() {
+        let vars = [("WARREN_ATTEMPT".to_string(), "2".to_string())];
+        let inherited = ["WARREN_ATTEMPT=stale", "WARREN_CONFIG=/etc/w.toml"];
+        // env(1) prints the environment as it is, duplicates and all.
+        let out = output(&["env"], &inherited, &vars);
+        let mut lines: Vec<&str> = out.lines().collect();
+        let paths = lines.iter().filter(|l| l.starts_with("PATH=")).count();
+        lines.retain(|l| l.starts_with("WARREN_"));
+        lines.sort();
+        assert_eq!(
+            lines,
+            [
+                "WARREN_ATTEMPT=2",
+                "WARREN_CONFIG=/etc/w.toml",
+                "WARREN_QUEUE=q",
+                "WARREN_WORKER=7"
+            ],
+            "{out}"
+        );
+        assert_eq!(paths, 1, "{out}");
+    }
+
+    #[test]
+    fn a_program_runs_in_its_own_process_group_with_no_signal_blocked_or_ignored() {
+        // No shell between: one could reset what is checked.
+        let out = output(&["cat", "/proc/self/stat", "/proc/self/status"], &[], &[]);
+        let lines: Vec<&str> = out.lines().collect();
+        // pid (comm) state ppid pgrp ...
+        let (pid, rest) = lines[0].split_once(' ').unwrap();
+        let pgrp = rest.rsplit_once(')').unwrap().1.split_whitespace().nth(2);
+        assert_eq!(Some(pid), pgrp, "its pid is its process group: {out}");
+        let field = |name: &str| {
+            let line = lines.iter().find(|l| l.starts_with(name)).unwrap();
+            u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
+        };
+        assert_eq!(field("SigBlk:"), 0, "{out}");
+        let ignored = field("SigIgn:");
+        assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "SIGPIPE: {out}");
+    }
+
+    #[test]
+    fn a_program_that_does_not_exist_cannot_start() {
+        let never = Abort::never();
+        let limits = Limits {
+            timeout: Duration::from_secs(30),
+            kill_grace: Duration::from_secs(1),
+            abort: &never,
+            keep_stdout: None,
+        };
+        let program = Program::new(&["/nonexistent/job".to_string()], "q", 1);
+        match run(&program, &[], b"body", "worker-1", &limits) {
+            Err(RunError::Start(e)) => assert_eq!(e.kind(), io::ErrorKind::NotFound),
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("it ran"),
+        }
     }
 
     #[test]

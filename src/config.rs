@@ -1284,6 +1284,12 @@ impl HandlerSection {
                 if argv.is_empty() || argv[0].is_empty() {
                     return Err(text.error(Some(span), "the command must name a program"));
                 }
+                if argv.iter().any(|arg| arg.contains('\0')) {
+                    return Err(text.error(
+                        Some(span),
+                        "an argument of the command holds a NUL byte, which no program can be given",
+                    ));
+                }
                 match kind {
                     Kind::Pipe => HandlerKind::Pipe { argv, recycle },
                     _ => HandlerKind::Command {
@@ -2128,6 +2134,14 @@ mod tests {
         assert_eq!(
             err,
             "w.toml:5: handler.command: the command must name a program"
+        );
+        let err = parse(
+            "[queue]\nname = \"q\"\n[handler]\nkind = \"command\"\ncommand = [\"/bin/echo\", \"a\\u0000b\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            "w.toml:5: handler.command: an argument of the command holds a NUL byte, which no program can be given"
         );
     }
 

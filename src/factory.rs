@@ -30,9 +30,13 @@ pub fn from_config(
             })
         }
         config::HandlerKind::Command { argv, reply } => {
-            let command = CommandHandler::new(argv.clone(), queue, timeout, handler.kill_grace)
-                .replying(*reply);
-            Arc::new(move |_| Box::new(command.clone()))
+            let (argv, queue, kill_grace, reply) =
+                (argv.clone(), queue.to_string(), handler.kill_grace, *reply);
+            Arc::new(move |worker| {
+                Box::new(
+                    CommandHandler::new(&argv, &queue, worker, timeout, kill_grace).replying(reply),
+                )
+            })
         }
     }
 }

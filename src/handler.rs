@@ -107,8 +107,7 @@ impl Handler for Dots {
 /// Runs a program per message, with the body on stdin and never through a shell.
 #[derive(Clone)]
 pub struct CommandHandler {
-    argv: Vec<String>,
-    queue: String,
+    program: child::Program,
     timeout: Duration,
     kill_grace: Duration,
     /// Its standard output answers a message that has `reply_to` (`handler.reply`).
@@ -116,10 +115,16 @@ pub struct CommandHandler {
 }
 
 impl CommandHandler {
-    pub fn new(argv: Vec<String>, queue: &str, timeout: Duration, kill_grace: Duration) -> Self {
+    /// The handler of `worker`, which runs `argv` for each message of `queue`.
+    pub fn new(
+        argv: &[String],
+        queue: &str,
+        worker: usize,
+        timeout: Duration,
+        kill_grace: Duration,
+    ) -> Self {
         CommandHandler {
-            argv,
-            queue: queue.to_string(),
+            program: child::Program::new(argv, queue, worker),
             timeout,
             kill_grace,
             reply: false,
@@ -135,15 +140,18 @@ impl CommandHandler {
 
 impl Handler for CommandHandler {
     fn handle(&mut self, task: &Task<'_>, abort: &Abort) -> Outcome {
-        let mut command = child::program(&self.argv, &self.queue, task.worker);
-        command
-            .env("WARREN_MESSAGE_ID", task.message_id.unwrap_or(""))
-            .env(
-                "WARREN_REDELIVERED",
-                if task.redelivered { "1" } else { "0" },
-            )
-            .env("WARREN_ATTEMPT", task.attempt.to_string())
-            .envs(task.context.environment().vars);
+        let mut vars = vec![
+            (
+                "WARREN_MESSAGE_ID".to_string(),
+                task.message_id.unwrap_or("").to_string(),
+            ),
+            (
+                "WARREN_REDELIVERED".to_string(),
+                if task.redelivered { "1" } else { "0" }.to_string(),
+            ),
+            ("WARREN_ATTEMPT".to_string(), task.attempt.to_string()),
+        ];
+        vars.extend(task.context.environment().vars);
         let limits = child::Limits {
             timeout: self.timeout,
             kill_grace: self.kill_grace,
@@ -151,13 +159,13 @@ impl Handler for CommandHandler {
             keep_stdout: (self.reply && task.context.reply_to.is_some()).then_some(MAX_REPLY),
         };
         let worker = format!("worker-{}", task.worker);
-        let run = match child::run(command, task.body, &worker, &limits) {
+        let run = match child::run(&self.program, &vars, task.body, &worker, &limits) {
             Ok(run) => run,
             Err(child::RunError::Start(e)) => {
-                return Outcome::Retry(format!("cannot start {}: {e}", self.argv[0]))
+                return Outcome::Retry(format!("cannot start {}: {e}", self.program.name()))
             }
             Err(child::RunError::Wait(e)) => {
-                return Outcome::Retry(format!("cannot run {}: {e}", self.argv[0]))
+                return Outcome::Retry(format!("cannot run {}: {e}", self.program.name()))
             }
         };
         // When the grace is over the task is killed; one that exited successfully just before
@@ -210,13 +218,14 @@ mod tests {
     }
 
     fn command(argv: &[&str]) -> CommandHandler {
-        CommandHandler {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            queue: "q".into(),
-            timeout: Duration::from_secs(60),
-            kill_grace: Duration::from_secs(5),
-            reply: false,
-        }
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        CommandHandler::new(
+            &argv,
+            "q",
+            3,
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        )
     }
 
     #[test]
