@@ -744,6 +744,15 @@ fn drain<P: Read>(stream: &mut Option<(P, LineLog)>) -> Option<Result<Vec<u8>, u
 mod tests {
     use super::*;
 
+    fn limits(abort: &Abort, keep_stdout: Option<usize>) -> Limits<'_> {
+        Limits {
+            timeout: Duration::from_secs(30),
+            kill_grace: Duration::from_secs(1),
+            abort,
+            keep_stdout,
+        }
+    }
+
     #[test]
     fn long_lines_are_split_and_partial_lines_kept_until_their_end() {
         let mut log = LineLog::new("p:".into(), Some(10_000));
@@ -761,12 +770,7 @@ mod tests {
     #[test]
     fn a_program_that_fills_its_pipes_before_they_are_watched_still_runs_to_its_end() {
         let never = Abort::never();
-        let limits = Limits {
-            timeout: Duration::from_secs(30),
-            kill_grace: Duration::from_secs(1),
-            abort: &never,
-            keep_stdout: None,
-        };
+        let limits = limits(&never, None);
         // Far more than a pipe holds, on both streams, at once.
         let argv = [
             "sh",
@@ -788,12 +792,7 @@ mod tests {
     /// after warren's own environment got `inherited`.
     fn output(argv: &[&str], inherited: &[&str], vars: &[(String, String)]) -> String {
         let never = Abort::never();
-        let limits = Limits {
-            timeout: Duration::from_secs(30),
-            kill_grace: Duration::from_secs(1),
-            abort: &never,
-            keep_stdout: Some(1 << 20),
-        };
+        let limits = limits(&never, Some(1 << 20));
         let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
         let mut program = Program::new(&argv, "q", 7);
         for var in inherited {
@@ -854,12 +853,7 @@ mod tests {
     #[test]
     fn a_program_that_does_not_exist_cannot_start() {
         let never = Abort::never();
-        let limits = Limits {
-            timeout: Duration::from_secs(30),
-            kill_grace: Duration::from_secs(1),
-            abort: &never,
-            keep_stdout: None,
-        };
+        let limits = limits(&never, None);
         let program = Program::new(&["/nonexistent/job".to_string()], "q", 1);
         match run(&program, &[], b"body", "worker-1", &limits) {
             Err(RunError::Start(e)) => assert_eq!(e.kind(), io::ErrorKind::NotFound),
