@@ -41,7 +41,14 @@ pub enum Event {
     Exited { worker: usize, exit: Exit },
     /// A worker's attempt failed in a way the handler's dependency may be to blame for: the
     /// circuit breaker counts it. `message` tells messages apart (`worker::message_key`).
-    Failed { worker: usize, message: u64 },
+    /// `counted` is answered once it is counted, after the orders a trip sends: the worker
+    /// waits for that before it settles the message, so that it reads a pause its own failure
+    /// caused while its prefetch is still full (see `Worker::run`).
+    Failed {
+        worker: usize,
+        message: u64,
+        counted: Sender<()>,
+    },
     /// A worker tried one message for the circuit breaker, and this is how it went.
     Probed { worker: usize, probe: Probe },
     /// The operator asks something of the pool; the answer goes to `reply`.

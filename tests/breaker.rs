@@ -315,3 +315,54 @@ fn the_breaker_probes_with_one_message_backs_off_and_closes_when_one_succeeds() 
     }
     warren.stop(Duration::from_secs(10));
 }
+
+#[test]
+fn the_failure_that_trips_the_breaker_on_a_quorum_queue_spends_no_attempt_of_the_next_message() {
+    let broker = BrokerLock::shared();
+    let queue = broker.queue("trip-quorum");
+    let dependency = Dependency::new(&broker, "trip-quorum");
+    // The second failure (of two messages) trips it. One worker at prefetch 1: once the failed
+    // message is settled,
+    // the broker sends the next one at once; a pause read only then would cancel the consumer
+    // with that delivery in flight, and the quorum queue would count it as an attempt.
+    let config = ConfigFile::at(&util::amqp_url(), &queue)
+        .quorum()
+        .workers(1)
+        .command(&dependency.script)
+        .set("breaker.min_failures", 2)
+        .set("breaker.min_messages", 2)
+        .set("breaker.cooldown", "1s")
+        .write_in(broker.dir.path());
+    let warren = Warren::run(&config, &[]);
+    warren.wait_consuming(&queue, 1);
+    dependency.fail();
+    util::publish_numbered(&config, "t", 5);
+    warren.wait_for_log("breaker open: ", Duration::from_secs(20));
+    dependency.recover();
+    wait_until(Duration::from_secs(30), "every message", || {
+        dependency.done().len() == 5
+    });
+    // The worker read the pause before it settled the failure that tripped the breaker: its
+    // consumer was cancelled with the failed message still unacked, so nothing was in flight.
+    let lines = warren.log();
+    let paused = lines.iter().position(|l| l.contains("worker-1 paused"));
+    let tripping = (lines.iter().enumerate())
+        .filter(|(_, l)| l.contains("worker-1 failed "))
+        .nth(1)
+        .map(|(i, _)| i);
+    assert!(
+        paused.is_some() && tripping.is_some() && paused < tripping,
+        "paused before the failure that tripped the breaker was settled: {lines:#?}"
+    );
+    let calls = dependency.calls();
+    for i in 0..5 {
+        let body = format!("t-{i}");
+        let attempts: Vec<u32> = (calls.iter())
+            .filter(|call| call.body == body)
+            .map(|call| call.attempt)
+            .collect();
+        let expected: Vec<u32> = (1..=attempts.len() as u32).collect();
+        assert_eq!(attempts, expected, "{body}: {calls:#?}");
+    }
+    warren.stop(Duration::from_secs(10));
+}

@@ -266,7 +266,14 @@ impl Supervisor {
                     self.notifier.tick(&self.metrics);
                 }
                 Some(Event::Exited { worker, exit }) => self.on_exit(worker, exit),
-                Some(Event::Failed { worker, message }) => self.on_failed(worker, message),
+                Some(Event::Failed {
+                    worker,
+                    message,
+                    counted,
+                }) => {
+                    self.on_failed(worker, message);
+                    let _ = counted.send(());
+                }
                 Some(Event::Probed { worker, probe }) => self.on_probed(worker, probe),
                 Some(Event::Control { request, reply }) => {
                     let answer = self.on_request(request);

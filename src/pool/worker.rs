@@ -14,7 +14,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select_biased, Receiver, Sender, TryRecvError};
+use crossbeam_channel::{bounded, select_biased, Receiver, Sender, TryRecvError};
 
 use super::breaker::Probe;
 use super::{Event, Exit, Order};
@@ -26,6 +26,9 @@ use crate::logging::{self, preview};
 use crate::metrics::{Metrics, TaskOutcome};
 use crate::retry::{self, Decision, Topology};
 
+/// How long a worker waits for the supervisor to count a failed attempt before it settles the
+/// message anyway: the supervisor answers at once unless it is stopping.
+const COUNTED_WAIT: Duration = Duration::from_secs(1);
 /// How long a worker waits before requeueing a message whose copy the broker refused.
 const REFUSED_PAUSE: Duration = Duration::from_secs(1);
 /// How long a worker waits for the broker to confirm a retried or dead-lettered copy (time
@@ -387,10 +390,19 @@ impl Worker {
             Outcome::Done | Outcome::Reply(_) => Probe::Succeeded,
             Outcome::Retry(status) => {
                 if !probe {
-                    let _ = self.events.send(Event::Failed {
+                    let (counted, answer) = bounded(1);
+                    let sent = self.events.send(Event::Failed {
                         worker: self.id,
                         message: message_key(&delivery),
+                        counted,
                     });
+                    // Until the breaker has counted it: a trip it causes pauses this worker
+                    // before the settle, while the prefetch is full. A pause read after the
+                    // ack would cancel a consumer the broker may be sending the next message
+                    // to, and a quorum queue counts that bounced delivery as an attempt.
+                    if sent.is_ok() {
+                        let _ = answer.recv_timeout(COUNTED_WAIT);
+                    }
                 }
                 Probe::Failed(status.clone())
             }
