@@ -300,19 +300,8 @@ fn the_breaker_probes_with_one_message_backs_off_and_closes_when_one_succeeds() 
     wait_until(Duration::from_secs(20), "every message", || {
         dependency.done().len() == 30
     });
-    let calls = dependency.calls();
     assert_eq!(queue_counts(&format!("{queue}.dead")).0, 0);
-
-    // Honest attempt counts: every message's attempts are 1, 2, … with no gap.
-    for i in 0..30 {
-        let body = format!("p-{i}");
-        let attempts: Vec<u32> = (calls.iter())
-            .filter(|call| call.body == body)
-            .map(|call| call.attempt)
-            .collect();
-        let expected: Vec<u32> = (1..=attempts.len() as u32).collect();
-        assert_eq!(attempts, expected, "{body}");
-    }
+    assert_honest_attempts(&dependency, "p", 30);
     warren.stop(Duration::from_secs(10));
 }
 
@@ -354,9 +343,16 @@ fn the_failure_that_trips_the_breaker_on_a_quorum_queue_spends_no_attempt_of_the
         paused.is_some() && tripping.is_some() && paused < tripping,
         "paused before the failure that tripped the breaker was settled: {lines:#?}"
     );
+    assert_honest_attempts(&dependency, "t", 5);
+    warren.stop(Duration::from_secs(10));
+}
+
+/// Honest attempt counts: the attempts of each of the `count` messages `prefix-0`, `prefix-1`, …
+/// that `dependency` saw are 1, 2, … with no gap.
+fn assert_honest_attempts(dependency: &Dependency, prefix: &str, count: usize) {
     let calls = dependency.calls();
-    for i in 0..5 {
-        let body = format!("t-{i}");
+    for i in 0..count {
+        let body = format!("{prefix}-{i}");
         let attempts: Vec<u32> = (calls.iter())
             .filter(|call| call.body == body)
             .map(|call| call.attempt)
@@ -364,5 +360,4 @@ fn the_failure_that_trips_the_breaker_on_a_quorum_queue_spends_no_attempt_of_the
         let expected: Vec<u32> = (1..=attempts.len() as u32).collect();
         assert_eq!(attempts, expected, "{body}: {calls:#?}");
     }
-    warren.stop(Duration::from_secs(10));
 }
