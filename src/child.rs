@@ -101,7 +101,6 @@ fn environment(queue: &str, worker: usize) -> Vec<(OsString, OsString)> {
 /// environment it inherits as C strings, so that a start copies only the message's variables.
 /// The start is a `posix_spawn` that std's `Command` also makes, without `Command`'s copy of
 /// the whole environment into a map and back on every start.
-#[derive(Clone)]
 pub struct Program {
     argv: Vec<CString>,
     /// The inherited variables no message can set.

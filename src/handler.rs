@@ -105,7 +105,6 @@ impl Handler for Dots {
 }
 
 /// Runs a program per message, with the body on stdin and never through a shell.
-#[derive(Clone)]
 pub struct CommandHandler {
     program: child::Program,
     timeout: Duration,
